@@ -1,0 +1,21 @@
+"""attnkit: exact, fast and memory-lean self-attention, the modules built on it, and tools to see what it does."""
+
+from attnkit.backends import Backend, BackendChoice, available_backends, register_backend
+from attnkit.functional import attention, attention_weights, explain_backend
+from attnkit.masks import alibi_slopes, key_padding_mask
+from attnkit.spec import AttentionSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionSpec",
+    "Backend",
+    "BackendChoice",
+    "alibi_slopes",
+    "attention",
+    "attention_weights",
+    "available_backends",
+    "explain_backend",
+    "key_padding_mask",
+    "register_backend",
+]

@@ -1,0 +1,284 @@
+"""`attention()`: validate the arguments, normalise them into one `AttentionSpec`, pick a backend.
+
+Every other part of attnkit (modules, inspection, distributed) calls this function or
+the kernels beneath it with a spec built here; nothing else parses these arguments.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from attnkit.backends import BackendChoice, choose, get_backend, scores_bytes
+from attnkit.kernels import reference
+from attnkit.kernels.dropout import new_seed
+from attnkit.masks import alibi_slopes
+from attnkit.spec import AttentionSpec
+
+__all__ = ["attention", "attention_weights", "build_spec", "explain_backend"]
+
+Window = int | tuple[int | None, int | None] | None
+Alibi = bool | Tensor | Sequence[float] | None
+
+# attention_weights refuses to build a weight matrix larger than this (use attention_stats).
+WEIGHTS_LIMIT_BYTES = 4 * 2**30
+
+
+def _shape(x: Tensor) -> tuple[int, ...]:
+    return tuple(x.shape)
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor | None) -> None:
+    named = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
+    for name, x in named:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            layout = "(B, Hq, Lq, D)" if name == "q" else "(B, Hk, Lk, D)" if name == "k" else "(B, Hk, Lk, Dv)"
+            raise ValueError(f"attention: {name} must be 4-D {layout}, got shape {_shape(x)}")
+        if not x.is_floating_point():
+            raise TypeError(f"attention: {name} must be a floating-point tensor, got dtype {x.dtype}")
+        if min(x.shape) < 1:
+            raise ValueError(f"attention: every dimension of {name} must be >= 1, got shape {_shape(x)}")
+    for name, x in named[1:]:
+        if x.dtype != q.dtype:
+            raise TypeError(f"attention: q, k and v must share a dtype; q is {q.dtype}, {name} is {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"attention: q, k and v must be on one device; q is on {q.device}, {name} on {x.device}")
+    B, Hq, _, D = q.shape
+    if k.shape[0] != B or (v is not None and v.shape[0] != B):
+        shapes = f"q {_shape(q)}, k {_shape(k)}" + (f", v {_shape(v)}" if v is not None else "")
+        raise ValueError(f"attention: batch sizes differ: {shapes}")
+    if k.shape[-1] != D:
+        raise ValueError(f"attention: q and k head dims differ: q {_shape(q)} (D={D}), k {_shape(k)} (D={k.shape[-1]})")
+    if v is not None and (v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]):
+        raise ValueError(
+            f"attention: k and v must have the same heads and length (B, Hk, Lk, .); got k {_shape(k)}, v {_shape(v)}"
+        )
+    Hk = k.shape[1]
+    if Hq % Hk != 0:
+        raise ValueError(
+            f"attention: query heads Hq={Hq} must be a multiple of key/value heads Hk={Hk} "
+            f"(q {_shape(q)}, k {_shape(k)})"
+        )
+
+
+def _check_mask(mask: Tensor, q: Tensor, target: tuple[int, int, int, int]) -> Tensor:
+    """Validate a mask and return it as a 4-D view (no copy, no expansion)."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"attention: mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(
+            f"attention: mask must be bool (True = may attend) or floating point (added to scores), got {mask.dtype}"
+        )
+    if mask.device != q.device:
+        raise ValueError(f"attention: mask is on {mask.device} but q is on {q.device}")
+    if mask.dim() > 4:
+        raise ValueError(f"attention: mask must have at most 4 dims, broadcastable to {target}, got {_shape(mask)}")
+    m = mask.reshape((1,) * (4 - mask.dim()) + _shape(mask)) if mask.dim() < 4 else mask
+    for size, want, axis in zip(m.shape, target, ("B", "Hq", "Lq", "Lk"), strict=True):
+        if size not in (1, want):
+            raise ValueError(
+                f"attention: mask of shape {_shape(mask)} does not broadcast to (B, Hq, Lq, Lk) = {target}: "
+                f"its {axis} axis is {size}, expected 1 or {want}"
+            )
+    return m
+
+
+def _check_window(window: Window) -> tuple[int | None, int | None] | None:
+    if window is None:
+        return None
+    pair = (window, window) if isinstance(window, int) and not isinstance(window, bool) else window
+    if not isinstance(pair, tuple | list) or len(pair) != 2:
+        raise TypeError(f"attention: window must be an int, a (left, right) pair or None, got {window!r}")
+    for side in pair:
+        if side is not None and (not isinstance(side, int) or isinstance(side, bool) or side < 0):
+            raise ValueError(f"attention: window sides must be non-negative ints or None, got {window!r}")
+    return (pair[0], pair[1])
+
+
+def _check_alibi(alibi: Alibi, q_heads: int, device: torch.device, acc: torch.dtype) -> Tensor | None:
+    if alibi is None or alibi is False:
+        return None
+    if alibi is True:
+        return alibi_slopes(q_heads).to(device=device, dtype=acc)
+    slopes = torch.as_tensor(alibi)
+    if slopes.requires_grad:
+        raise ValueError("attention: alibi slopes are constants; pass a tensor that does not require grad")
+    if slopes.dim() != 1 or slopes.shape[0] != q_heads or not slopes.is_floating_point():
+        raise ValueError(
+            f"attention: alibi must be True or float slopes of shape (Hq,) = ({q_heads},), "
+            f"got {slopes.dtype} of shape {_shape(slopes)}"
+        )
+    return slopes.to(device=device, dtype=acc)
+
+
+def _check_number(name: str, value, *, positive: bool) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"attention: {name} must be a float or None, got {value!r}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        expected = "a finite number > 0" if positive else "a finite number"
+        raise ValueError(f"attention: {name} must be {expected} (None turns it off), got {value!r}")
+    return float(value)
+
+
+def build_spec(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor | None,
+    *,
+    causal: bool = False,
+    mask: Tensor | None = None,
+    window: Window = None,
+    alibi: Alibi = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> AttentionSpec:
+    """Validate `attention`'s arguments and normalise them into an `AttentionSpec`.
+
+    Public so that other entry points (statistics, ring attention) share one validation.
+    """
+    _check_qkv(q, k, v)
+    B, Hq, Lq, D = q.shape
+    _, Hk, Lk, _ = k.shape
+    if not isinstance(causal, bool):
+        raise TypeError(f"attention: causal must be a bool, got {causal!r}")
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    mask4 = None if mask is None else _check_mask(mask, q, (B, Hq, Lq, Lk))
+    softcap = _check_number("softcap", softcap, positive=True)
+    scale_f = _check_number("scale", scale, positive=False)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, int | float) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attention: dropout_p must lie in [0, 1), got {dropout_p!r}")
+    return AttentionSpec(
+        batch=B,
+        q_heads=Hq,
+        kv_heads=Hk,
+        q_len=Lq,
+        kv_len=Lk,
+        head_dim=D,
+        v_head_dim=v.shape[-1] if v is not None else D,
+        scale=scale_f if scale_f is not None else 1.0 / math.sqrt(D),
+        causal=causal,
+        window=_check_window(window),
+        alibi_slopes=_check_alibi(alibi, Hq, q.device, acc),
+        softcap=softcap,
+        mask=mask4,
+        dropout_p=float(dropout_p),
+        dropout_seed=new_seed() if dropout_p > 0 else None,
+        acc_dtype=acc,
+    )
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    mask: Tensor | None = None,
+    window: Window = None,
+    alibi: Alibi = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Exact scaled dot-product attention, with one set of semantics on every backend.
+
+    Args:
+        q: queries ``(B, Hq, Lq, D)``.
+        k: keys ``(B, Hk, Lk, D)``; ``Hk`` must divide ``Hq`` (grouped/multi-query attention:
+            query head ``h`` reads key head ``h // (Hq // Hk)``).
+        v: values ``(B, Hk, Lk, Dv)``; ``Dv`` may differ from ``D``.
+        causal: query ``i`` sees keys ``j <= i + Lk - Lq`` (bottom-right aligned, as
+            FlashAttention >= 2.1 and KV-cache decoding; see `attnkit.masks`).
+        mask: bool (True = may attend) or float (added to the scores), broadcastable to
+            ``(B, Hq, Lq, Lk)``. A ``(B, 1, 1, Lk)`` padding mask is never expanded.
+        window: ``(left, right)`` or an int for both: query ``i`` sees keys
+            ``i' - left <= j <= i' + right`` with ``i' = i + Lk - Lq``; None = unbounded side.
+        alibi: True for the standard slopes of Press et al., or slopes ``(Hq,)``; adds
+            ``-slope[h] * |i' - j|``.
+        softcap: ``softcap * tanh(s / softcap)`` on the scaled scores (Gemma 2, Grok).
+        scale: score scale; default ``1 / sqrt(D)``.
+        dropout_p: dropout on the attention weights; reproducible under ``torch.manual_seed``,
+            and the backward reuses the forward's pattern.
+        return_lse: also return the log-sum-exp.
+        backend: ``"auto"`` or a registered name (`attnkit.available_backends()`).
+
+    Order of operations: scale, softcap, + ALiBi + float mask, bool/causal/window masking,
+    softmax, dropout, weighted mix of ``v``. A query with no allowed key gets output 0,
+    ``lse = -inf`` and zero gradients. Accumulation is fp32 (fp64 for fp64 inputs).
+
+    Returns:
+        ``out (B, Hq, Lq, Dv)`` in ``q.dtype``; with ``return_lse`` also
+        ``lse (B, Hq, Lq)``, natural log, fp32 (fp64 for fp64 inputs).
+    """
+    spec = build_spec(
+        q, k, v, causal=causal, mask=mask, window=window, alibi=alibi,
+        softcap=softcap, scale=scale, dropout_p=dropout_p,
+    )  # fmt: skip
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"attention: return_lse must be a bool, got {return_lse!r}")
+    choice = choose(q, spec, return_lse, backend)
+    if choice.backend is None:
+        raise ValueError(f"attention: no backend can compute this request.\n{choice}\n{_advice(choice)}")
+    out, lse = get_backend(choice.backend).run(q, k, v, spec, return_lse)
+    return (out, lse) if return_lse else out
+
+
+def _advice(choice: BackendChoice) -> str:
+    if choice.requested != "auto":
+        return "Use backend='auto' (or 'tiled', which supports every feature) instead."
+    return "Register a backend that supports it, or drop the unsupported option."
+
+
+def explain_backend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    return_lse: bool = False,
+    backend: str = "auto",
+    **options,
+) -> BackendChoice:
+    """Which backend `attention` would use for these arguments, and why the others were refused.
+
+    Takes the same arguments as `attention`; computes nothing.
+    """
+    spec = build_spec(q, k, v, **options)
+    return choose(q, spec, return_lse, backend)
+
+
+def attention_weights(
+    q: Tensor,
+    k: Tensor,
+    *,
+    causal: bool = False,
+    mask: Tensor | None = None,
+    window: Window = None,
+    alibi: Alibi = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """The attention probabilities ``(B, Hq, Lq, Lk)`` (before dropout), from the reference kernel.
+
+    Same arguments and semantics as `attention`; rows with no allowed key are all zero.
+    Returned in fp32 (fp64 for fp64 inputs). For long inputs use `attnkit.attention_stats`,
+    which never materialises this matrix.
+    """
+    spec = build_spec(q, k, None, causal=causal, mask=mask, window=window, alibi=alibi, softcap=softcap, scale=scale)
+    if scores_bytes(spec) > WEIGHTS_LIMIT_BYTES:
+        raise ValueError(
+            f"attention_weights: the {(*q.shape[:3], k.shape[2])} weight matrix needs "
+            f"{scores_bytes(spec) / 2**30:.1f} GiB (limit {WEIGHTS_LIMIT_BYTES / 2**30:.0f} GiB); "
+            "use attnkit.attention_stats for pooled maps and statistics at this length"
+        )
+    p, _ = reference.attention_probs(q, k, spec)
+    return p

@@ -1,0 +1,58 @@
+"""Counter-based dropout: the keep/drop decision is a pure function of its coordinates.
+
+``keep(seed, b*H + h, i, j)`` hashes the coordinates of one attention weight with a
+32-bit integer mixer, so any backend evaluating any tile in any order draws the same
+pattern, and the backward pass reproduces the forward's pattern from the seed alone
+(the idea behind FlashAttention's Philox ``(seed, offset)``, with a simpler mixer).
+Only 32-bit arithmetic is used, so a Triton kernel computes the same bits with
+``uint32`` operations: products are kept below ``2**63`` so int64 never overflows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_M32 = 0xFFFFFFFF
+# The multiplier of the "hash32" integer mixer (an odd constant below 2**31, so the
+# product with a 32-bit value fits in int64).
+_MIX = 0x045D9F3B
+# Odd 31-bit constants that decorrelate the row, column and head counters.
+_ROW = 0x27D4EB2F
+_COL = 0x165667B1
+_HEAD = 0x61C88647
+
+
+def mix32(x: Tensor) -> Tensor:
+    """A bijective 32-bit integer hash of an int64 tensor holding values in ``[0, 2**32)``."""
+    x = x ^ (x >> 16)
+    x = (x * _MIX) & _M32
+    x = x ^ (x >> 16)
+    x = (x * _MIX) & _M32
+    return x ^ (x >> 16)
+
+
+def keep_mask(seed: int, heads: Tensor, rows: Tensor, cols: Tensor, dropout_p: float) -> Tensor:
+    """Which attention weights survive dropout.
+
+    Args:
+        seed: a 32-bit seed drawn once per call from torch's generator.
+        heads: ``(BH, 1, 1)`` int64 flattened ``b * Hq + h`` indices.
+        rows: ``(1, bq, 1)`` int64 query indices.
+        cols: ``(1, 1, bk)`` int64 key indices.
+        dropout_p: probability of dropping a weight.
+
+    Returns:
+        ``(BH, bq, bk)`` bool, True where the weight is kept (probability ``1 - p``).
+    """
+    head_key = mix32((heads * _HEAD + seed) & _M32)  # (BH, 1, 1)
+    row_key = mix32((head_key ^ mix32((rows * _ROW) & _M32)) & _M32)  # (BH, bq, 1)
+    col_key = mix32((cols * _COL + seed) & _M32)  # (1, 1, bk)
+    u = mix32(row_key ^ col_key)  # (BH, bq, bk), uniform on [0, 2**32)
+    threshold = int(dropout_p * 2**32)
+    return u >= threshold
+
+
+def new_seed() -> int:
+    """Draw a 32-bit seed from torch's default generator (reproducible under ``torch.manual_seed``)."""
+    return int(torch.randint(0, 2**32, (1,), dtype=torch.int64).item())

@@ -1,0 +1,338 @@
+"""The tiled kernel: exact attention that never holds an ``Lq x Lk`` tensor.
+
+Queries are processed in blocks of ``block_q`` rows; for each block only the keys
+that causal/window leave visible are visited (`AttentionSpec.key_range`), in tiles
+of ``block_k`` keys. Each tile yields a normalised partial output and its
+log-sum-exp, merged exactly (`attnkit.kernels.merge`). The backward pass recomputes
+each tile's probabilities from the saved log-sum-exp, as FlashAttention does, so it
+too holds one tile of scores at a time.
+
+Two tile engines compute the same thing:
+
+* ``torch``: the scores of the tile in plain PyTorch (`AttentionSpec.scores`), for
+  every feature (softcap, dropout, differentiable float masks) and every device;
+* ``fused``: on CPU, PyTorch's fused flash kernel
+  (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward) run on the
+  tile with the tile's bias as its mask. It returns the tile's log-sum-exp, so its
+  partial results merge exactly; tiles that causal/window leave fully open are
+  merged into one call with no mask at all.
+
+Memory: ``O(B * Hq * (Lq + Lk) * D + B * Hq * block_q * block_k)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from attnkit.kernels.merge import merge_partials
+from attnkit.spec import AttentionSpec
+
+BLOCK_Q = 256  # rows of queries per block: bounds a bias tile to Hq * 256 * BLOCK_K floats
+BLOCK_K = 512  # keys per tile in the torch engine and for biased tiles in the fused engine
+
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def fused_supported(q: Tensor, spec: AttentionSpec) -> bool:
+    """Whether the fused CPU tile engine computes this request exactly."""
+    return (
+        q.device.type == "cpu" and spec.softcap is None and spec.dropout_p == 0.0 and spec.head_dim == spec.v_head_dim
+    )
+
+
+# --------------------------------------------------------------------------- plan
+def _segments(spec: AttentionSpec, i0: int, i1: int, block_k: int, merge_open: bool) -> list[tuple[int, int]]:
+    """Key ranges ``[j0, j1)`` visited by query block ``[i0, i1)``.
+
+    Tiles of ``block_k`` keys; with ``merge_open`` consecutive tiles that causal/window
+    leave fully open become one range (the fused engine then runs them in one call).
+    """
+    lo, hi = spec.key_range(i0, i1)
+    tiles = [(j, min(j + block_k, hi)) for j in range(lo, hi, block_k)]
+    if not merge_open:
+        return tiles
+    merged: list[tuple[int, int]] = []
+    for j0, j1 in tiles:
+        if merged and spec.block_is_open(i0, i1, j0, j1) and spec.block_is_open(i0, i1, *merged[-1]):
+            merged[-1] = (merged[-1][0], j1)
+        else:
+            merged.append((j0, j1))
+    return merged
+
+
+def _tile_float_mask(spec: AttentionSpec, i0: int, i1: int, j0: int, j1: int, device: torch.device) -> Tensor | None:
+    """The additive mask for one tile: ALiBi + float mask, ``-inf`` where disallowed.
+
+    Shape broadcastable to ``(B, Hq, bq, bk)``; size-1 axes stay size 1.
+    """
+    mask = spec.alibi_tile(i0, i1, j0, j1, device)
+    m = spec.mask_tile(i0, i1, j0, j1)
+    if m is not None and m.dtype != torch.bool:
+        m = m.to(spec.acc_dtype)
+        mask = m if mask is None else mask + m
+    allowed = spec.structure_tile(i0, i1, j0, j1, device)
+    if m is not None and m.dtype == torch.bool:
+        allowed = m if allowed is None else allowed & m
+    if allowed is not None:
+        neg = torch.zeros(allowed.shape, dtype=spec.acc_dtype, device=device).masked_fill_(~allowed, float("-inf"))
+        mask = neg if mask is None else mask + neg
+    if mask is not None:
+        while mask.dim() < 4:
+            mask = mask.unsqueeze(0)
+    return mask
+
+
+def _empty_rows(mask: Tensor | None, shape: tuple[int, int, int]) -> Tensor | None:
+    """``(B, Hq, bq)`` bool rows of a tile mask that allow no key (None if none can be)."""
+    if mask is None:
+        return None
+    empty = torch.isneginf(mask).all(dim=-1)  # (B|1, Hq|1, bq|1)
+    return empty.expand(shape) if bool(empty.any()) else None
+
+
+# ----------------------------------------------------------------------- forward
+def _tile_forward_torch(
+    spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, i0: int, j0: int
+) -> tuple[Tensor, Tensor]:
+    """One tile in plain PyTorch: normalised ``out (B, Hq, bq, Dv)`` and ``lse (B, Hq, bq)``."""
+    s, _ = spec.scores(q, k, i0, j0)  # (B, Hq, bq, bk)
+    m = s.amax(dim=-1, keepdim=True)  # (B, Hq, bq, 1)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    p = s.sub_(m).exp_()  # unnormalised probabilities, in place over the scores
+    total = p.sum(dim=-1, keepdim=True)  # (B, Hq, bq, 1)
+    lse = torch.where(total == 0, float("-inf"), m + torch.log(total)).squeeze(-1)
+    if spec.dropout_p > 0:
+        keep = spec.dropout_tile(i0, i0 + q.shape[-2], j0, j0 + k.shape[-2], q.device)
+        p = p.mul_(keep).div_(1 - spec.dropout_p)
+    B, Hq, bq, bk = p.shape
+    p5 = p.view(B, spec.kv_heads, spec.group, bq, bk)  # (B, Hk, G, bq, bk)
+    out = torch.matmul(p5, v.to(spec.acc_dtype).unsqueeze(2)).reshape(B, Hq, bq, -1)  # (B, Hq, bq, Dv)
+    out = out / torch.where(total == 0, torch.ones_like(total), total)
+    return out, lse
+
+
+def _tile_forward_fused(
+    spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, i0: int, j0: int
+) -> tuple[Tensor, Tensor]:
+    """One tile through the fused CPU flash kernel; ``k``, ``v`` already have ``Hq`` heads."""
+    i1, j1 = i0 + q.shape[-2], j0 + k.shape[-2]
+    mask = _tile_float_mask(spec, i0, i1, j0, j1, q.device)
+    if mask is not None:
+        mask = mask.to(q.dtype)
+    out, lse = _flash_cpu(q, k, v, attn_mask=mask, scale=spec.scale)[:2]
+    empty = _empty_rows(mask, tuple(lse.shape))
+    if empty is not None:  # the fused kernel reports lse = 0 for a row with no key
+        lse = lse.masked_fill(empty, float("-inf"))
+        out = out.masked_fill(empty.unsqueeze(-1), 0)
+    return out, lse.to(spec.acc_dtype)
+
+
+def _expand_heads(x: Tensor, group: int) -> Tensor:
+    """``(B, Hk, L, D) -> (B, Hk * group, L, D)``: head ``h`` copies key head ``h // group``."""
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
+
+
+def forward(
+    q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, block_q: int = BLOCK_Q, block_k: int = BLOCK_K
+) -> tuple[Tensor, Tensor]:
+    """Tiled attention forward.
+
+    Args:
+        q: ``(B, Hq, Lq, D)``; k: ``(B, Hk, Lk, D)``; v: ``(B, Hk, Lk, Dv)``.
+
+    Returns:
+        ``out (B, Hq, Lq, Dv)`` in ``q.dtype`` and ``lse (B, Hq, Lq)`` in the accumulation dtype.
+    """
+    B, Hq, Lq, _ = q.shape
+    fused = fused_supported(q, spec)
+    if fused:
+        k, v = _expand_heads(k, spec.group), _expand_heads(v, spec.group)  # O(Lk) copies, once
+        tile = _tile_forward_fused
+        # One call may cover many open tiles unless a per-query bias must be built for it.
+        merge_open = spec.alibi_slopes is None and (spec.mask is None or spec.mask.shape[-2] == 1)
+    else:
+        tile, merge_open = _tile_forward_torch, False
+    out = q.new_zeros(B, Hq, Lq, spec.v_head_dim)
+    lse = torch.full((B, Hq, Lq), float("-inf"), dtype=spec.acc_dtype, device=q.device)
+    for i0 in range(0, Lq, block_q):
+        i1 = min(i0 + block_q, Lq)
+        q_blk = q[:, :, i0:i1]  # (B, Hq, bq, D)
+        acc, acc_lse = None, None
+        for j0, j1 in _segments(spec, i0, i1, block_k, merge_open):
+            o_t, lse_t = tile(spec, q_blk, k[:, :, j0:j1], v[:, :, j0:j1], i0, j0)
+            if acc is None:
+                acc, acc_lse = o_t.to(spec.acc_dtype), lse_t
+            else:
+                acc, acc_lse = merge_partials(acc, acc_lse, o_t, lse_t)
+        if acc is not None:
+            out[:, :, i0:i1] = acc.to(q.dtype)
+            lse[:, :, i0:i1] = acc_lse
+    return out, lse
+
+
+# ---------------------------------------------------------------------- backward
+def _reduce_to(x: Tensor, shape: torch.Size) -> Tensor:
+    """Sum ``x`` over the axes where ``shape`` has size 1 (the gradient of a broadcast)."""
+    dims = [d for d, n in enumerate(shape) if n == 1 and x.shape[d] != 1]
+    return x.sum(dim=dims, keepdim=True) if dims else x
+
+
+def backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    spec: AttentionSpec,
+    *,
+    dlse: Tensor | None = None,
+    mask_grad: bool = False,
+    block_q: int = BLOCK_Q,
+    block_k: int = BLOCK_K,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Gradients of tiled attention, recomputing each tile from the saved ``lse``.
+
+    ``out`` and ``lse`` must be those of the *whole* key range (this is also what lets
+    ring attention run the backward one key shard at a time).
+
+    Args:
+        dout: ``(B, Hq, Lq, Dv)``; q, k, v as in `forward`; out: ``(B, Hq, Lq, Dv)``;
+        lse: ``(B, Hq, Lq)``; dlse: optional gradient of ``lse``, ``(B, Hq, Lq)``.
+        mask_grad: also return the gradient of the float mask ``spec.mask``.
+
+    Returns:
+        ``dq, dk, dv`` in the inputs' dtypes and ``dmask`` (shape of ``spec.mask``) or None.
+    """
+    B, _, Lq, _ = q.shape
+    acc = spec.acc_dtype
+    # A row with no allowed key has lse = -inf; +inf makes exp(s - lse) = 0 there.
+    lse_bwd = torch.where(torch.isneginf(lse), float("inf"), lse.to(acc))  # (B, Hq, Lq)
+    delta = (dout.to(acc) * out.to(acc)).sum(-1)  # (B, Hq, Lq): rowsum(dO * O)
+    if dlse is not None:
+        delta = delta - dlse.to(acc)  # d lse / d s = p, folded into the same term
+    fused = fused_supported(q, spec) and dlse is None and not mask_grad
+    if fused:
+        k_e, v_e = _expand_heads(k, spec.group), _expand_heads(v, spec.group)
+        dk_e, dv_e = torch.zeros(k_e.shape, dtype=acc), torch.zeros(v_e.shape, dtype=acc)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    dmask = torch.zeros(spec.mask.shape, dtype=acc, device=q.device) if mask_grad else None
+    merge_open = fused and spec.alibi_slopes is None and (spec.mask is None or spec.mask.shape[-2] == 1)
+    for i0 in range(0, Lq, block_q):
+        i1 = min(i0 + block_q, Lq)
+        for j0, j1 in _segments(spec, i0, i1, block_k, merge_open):
+            if fused:
+                mask = _tile_float_mask(spec, i0, i1, j0, j1, q.device)
+                gq, gk, gv = _flash_cpu_backward(
+                    dout[:, :, i0:i1],
+                    q[:, :, i0:i1],
+                    k_e[:, :, j0:j1],
+                    v_e[:, :, j0:j1],
+                    out[:, :, i0:i1],
+                    lse_bwd[:, :, i0:i1].to(torch.float32 if q.dtype != torch.float64 else q.dtype),
+                    0.0,
+                    False,
+                    attn_mask=None if mask is None else mask.to(q.dtype),
+                    scale=spec.scale,
+                )
+                dq[:, :, i0:i1] += gq
+                dk_e[:, :, j0:j1] += gk
+                dv_e[:, :, j0:j1] += gv
+                continue
+            _tile_backward_torch(spec, dout, q, k, v, lse_bwd, delta, i0, i1, j0, j1, dq, dk, dv, dmask)
+    if fused:
+        G = spec.group
+        dk = dk_e.view(B, spec.kv_heads, G, *k.shape[2:]).sum(2)  # (B, Hk, Lk, D)
+        dv = dv_e.view(B, spec.kv_heads, G, *v.shape[2:]).sum(2)  # (B, Hk, Lk, Dv)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask
+
+
+def _tile_backward_torch(
+    spec: AttentionSpec,
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lse_bwd: Tensor,
+    delta: Tensor,
+    i0: int,
+    i1: int,
+    j0: int,
+    j1: int,
+    dq: Tensor,
+    dk: Tensor,
+    dv: Tensor,
+    dmask: Tensor | None,
+) -> None:
+    """Accumulate one tile's contribution to ``dq``, ``dk``, ``dv`` (and ``dmask``) in place."""
+    acc = spec.acc_dtype
+    B, Hk, G = spec.batch, spec.kv_heads, spec.group
+    bq, bk = i1 - i0, j1 - j0
+    q_t, k_t, v_t = q[:, :, i0:i1].to(acc), k[:, :, j0:j1].to(acc), v[:, :, j0:j1].to(acc)
+    do_t = dout[:, :, i0:i1].to(acc)  # (B, Hq, bq, Dv)
+    s, dcap = spec.scores(q_t, k_t, i0, j0, need_softcap_grad=spec.softcap is not None)
+    p = torch.exp(s - lse_bwd[:, :, i0:i1, None])  # (B, Hq, bq, bk): the exact global weights
+    do5 = do_t.view(B, Hk, G, bq, -1)  # (B, Hk, G, bq, Dv)
+    dp = torch.matmul(do5, v_t.unsqueeze(2).transpose(-1, -2)).view(B, Hk * G, bq, bk)  # dO v^T
+    if spec.dropout_p > 0:
+        keep = spec.dropout_tile(i0, i1, j0, j1, q.device)
+        p_used = p * keep / (1 - spec.dropout_p)
+        dp = dp * keep / (1 - spec.dropout_p)
+    else:
+        p_used = p
+    # dV_j = sum_i p_ij dO_i, summed over the query heads that share the key head.
+    dv[:, :, j0:j1] += torch.matmul(p_used.view(B, Hk, G, bq, bk).transpose(-1, -2), do5).sum(2)
+    ds = p * (dp - delta[:, :, i0:i1, None])  # (B, Hq, bq, bk): softmax backward
+    if dmask is not None:
+        m_t = spec.mask_tile(i0, i1, j0, j1)
+        sl_q = slice(None) if dmask.shape[-2] == 1 else slice(i0, i1)
+        sl_k = slice(None) if dmask.shape[-1] == 1 else slice(j0, j1)
+        dmask[..., sl_q, sl_k] += _reduce_to(ds, m_t.shape)
+    if dcap is not None:
+        ds = ds * dcap
+    ds = ds * spec.scale
+    ds5 = ds.view(B, Hk, G, bq, bk)  # (B, Hk, G, bq, bk)
+    dq[:, :, i0:i1] += torch.matmul(ds5, k_t.unsqueeze(2)).view(B, Hk * G, bq, -1)
+    dk[:, :, j0:j1] += torch.matmul(ds5.transpose(-1, -2), q_t.view(B, Hk, G, bq, -1)).sum(2)
+
+
+# ---------------------------------------------------------------------- autograd
+class TiledAttention(torch.autograd.Function):
+    """Autograd wrapper: saves ``out`` and ``lse``, never the scores."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, spec: AttentionSpec, block_q: int, block_k: int):
+        spec = dataclasses.replace(spec, mask=mask)
+        out, lse = forward(q, k, v, spec, block_q=block_q, block_k=block_k)
+        ctx.save_for_backward(q, k, v, mask, out, lse)
+        ctx.spec, ctx.blocks = spec, (block_q, block_k)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        spec = dataclasses.replace(ctx.spec, mask=mask)
+        mask_grad = mask is not None and mask.dtype != torch.bool and ctx.needs_input_grad[3]
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv, dmask = backward(
+            dout, q, k, v, out, lse, spec,
+            dlse=dlse if dlse is not None and bool(dlse.any()) else None,
+            mask_grad=mask_grad, block_q=ctx.blocks[0], block_k=ctx.blocks[1],
+        )  # fmt: skip
+        if dmask is not None:
+            dmask = dmask.to(mask.dtype)
+        return dq, dk, dv, dmask, None, None, None
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, block_q: int = BLOCK_Q, block_k: int = BLOCK_K
+) -> tuple[Tensor, Tensor]:
+    """Tiled attention with autograd. Shapes as in `forward`."""
+    return TiledAttention.apply(q, k, v, spec.mask, spec, block_q, block_k)

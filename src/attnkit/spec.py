@@ -1,0 +1,208 @@
+"""`AttentionSpec`: one validated, normalised description of an attention call.
+
+`attnkit.functional` builds it from the user's arguments; every kernel reads it and
+parses nothing. It also owns the one definition of how a tile of scores is formed,
+so the order of operations is written exactly once:
+
+    s = (q @ k^T) * scale                      # raw scores
+    s = softcap * tanh(s / softcap)            # if softcap
+    s = s + alibi(h, i, j) + float_mask        # additive biases
+    s = -inf where bool_mask / causal / window disallow
+    p = softmax(s)   (a row with no allowed key gives p = 0, lse = -inf)
+    p = dropout(p)   (counter-based, see kernels/dropout.py)
+    out = p @ v
+
+Shapes: ``q (B, Hq, Lq, D)``, ``k (B, Hk, Lk, D)``, ``v (B, Hk, Lk, Dv)``; query
+head ``h`` reads key/value head ``h // (Hq // Hk)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnkit.kernels.dropout import keep_mask
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionSpec:
+    """Everything a kernel needs besides ``q``, ``k`` and ``v``. Built by `attnkit.functional`."""
+
+    batch: int
+    q_heads: int
+    kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    v_head_dim: int
+    scale: float
+    causal: bool = False
+    window: tuple[int | None, int | None] | None = None
+    alibi_slopes: Tensor | None = None  # (Hq,) float32 or float64
+    softcap: float | None = None
+    mask: Tensor | None = None  # 4-D, each dim 1 or full: (B|1, Hq|1, Lq|1, Lk|1)
+    dropout_p: float = 0.0
+    dropout_seed: int | None = None
+    acc_dtype: torch.dtype = torch.float32
+
+    # ----------------------------------------------------------------- geometry
+    @property
+    def offset(self) -> int:
+        """``Lk - Lq``: query ``i`` is aligned to key position ``i + offset``."""
+        return self.kv_len - self.q_len
+
+    @property
+    def group(self) -> int:
+        """Query heads per key/value head (1 for MHA, ``Hq`` for MQA)."""
+        return self.q_heads // self.kv_heads
+
+    @property
+    def bounds(self) -> tuple[int | None, int | None]:
+        """``(left, right)``: query ``i`` sees keys ``i' - left .. i' + right`` (None = unbounded).
+
+        Causal is the window with ``right = 0``; both combine by taking the tighter side.
+        """
+        left, right = self.window if self.window is not None else (None, None)
+        if self.causal:
+            right = 0 if right is None else min(right, 0)
+        return left, right
+
+    @property
+    def has_structure_mask(self) -> bool:
+        """True when causal or a window restricts which keys a query sees."""
+        left, right = self.bounds
+        return left is not None or right is not None
+
+    @property
+    def mask_is_bool(self) -> bool:
+        return self.mask is not None and self.mask.dtype == torch.bool
+
+    @property
+    def has_bias(self) -> bool:
+        """True when scores get an additive term (ALiBi or a float mask)."""
+        return self.alibi_slopes is not None or (self.mask is not None and not self.mask_is_bool)
+
+    def key_range(self, i0: int, i1: int) -> tuple[int, int]:
+        """Keys ``[j_lo, j_hi)`` that some query in ``[i0, i1)`` may see by causal/window.
+
+        Keys outside are masked for every query of the block, so kernels skip them.
+        """
+        left, right = self.bounds
+        lo = 0 if left is None else max(0, i0 + self.offset - left)
+        hi = self.kv_len if right is None else min(self.kv_len, i1 - 1 + self.offset + right + 1)
+        return lo, max(lo, hi)
+
+    def block_is_open(self, i0: int, i1: int, j0: int, j1: int) -> bool:
+        """True when causal/window allow every pair of the tile (the user mask is not considered)."""
+        left, right = self.bounds
+        if left is not None and j0 < i1 - 1 + self.offset - left:
+            return False
+        if right is not None and j1 - 1 > i0 + self.offset + right:
+            return False
+        return True
+
+    def rows_without_keys(self, i0: int, i1: int, device: torch.device) -> Tensor:
+        """``(i1 - i0,)`` bool: rows whose causal/window range holds no key at all."""
+        i = torch.arange(i0, i1, device=device) + self.offset
+        left, right = self.bounds
+        lo = torch.zeros_like(i) if left is None else (i - left).clamp(min=0)
+        hi = torch.full_like(i, self.kv_len - 1) if right is None else (i + right).clamp(max=self.kv_len - 1)
+        return hi < lo
+
+    # ------------------------------------------------------------------ tiles
+    def mask_tile(self, i0: int, i1: int, j0: int, j1: int) -> Tensor | None:
+        """The user mask restricted to queries ``[i0, i1)`` and keys ``[j0, j1)``.
+
+        Broadcast (size-1) dimensions stay size 1: a key-padding mask stays ``(B, 1, 1, bk)``.
+        """
+        m = self.mask
+        if m is None:
+            return None
+        if m.shape[-2] != 1:
+            m = m[..., i0:i1, :]
+        if m.shape[-1] != 1:
+            m = m[..., j0:j1]
+        return m
+
+    def structure_tile(self, i0: int, i1: int, j0: int, j1: int, device: torch.device) -> Tensor | None:
+        """``(bq, bk)`` bool: which pairs causal/window allow, or None if all of them."""
+        if not self.has_structure_mask or self.block_is_open(i0, i1, j0, j1):
+            return None
+        i = torch.arange(i0, i1, device=device)[:, None] + self.offset  # (bq, 1) aligned positions
+        j = torch.arange(j0, j1, device=device)[None, :]  # (1, bk)
+        left, right = self.bounds
+        allowed = torch.ones(i1 - i0, j1 - j0, dtype=torch.bool, device=device)
+        if left is not None:
+            allowed &= j >= i - left
+        if right is not None:
+            allowed &= j <= i + right
+        return allowed
+
+    def alibi_tile(self, i0: int, i1: int, j0: int, j1: int, device: torch.device) -> Tensor | None:
+        """``(1, Hq, bq, bk)`` ALiBi bias ``-slope[h] * |i' - j|`` in the accumulation dtype."""
+        if self.alibi_slopes is None:
+            return None
+        i = torch.arange(i0, i1, device=device)[:, None] + self.offset  # (bq, 1)
+        j = torch.arange(j0, j1, device=device)[None, :]  # (1, bk)
+        dist = (i - j).abs().to(self.acc_dtype)  # (bq, bk)
+        slopes = self.alibi_slopes.to(device=device, dtype=self.acc_dtype)
+        return -slopes.view(1, -1, 1, 1) * dist  # (1, Hq, bq, bk)
+
+    def raw_scores(self, q: Tensor, k: Tensor) -> Tensor:
+        """``(B, Hq, bq, bk)`` scaled scores ``q k^T * scale`` in the accumulation dtype.
+
+        ``q (B, Hq, bq, D)``, ``k (B, Hk, bk, D)``; GQA is a broadcast over the group axis,
+        so key heads are never copied.
+        """
+        B, Hq, bq, D = q.shape
+        bk = k.shape[-2]
+        q5 = q.to(self.acc_dtype).reshape(B, self.kv_heads, self.group, bq, D)  # (B, Hk, G, bq, D)
+        k5 = k.to(self.acc_dtype).unsqueeze(2)  # (B, Hk, 1, bk, D)
+        s = torch.matmul(q5, k5.transpose(-1, -2))  # (B, Hk, G, bq, bk)
+        return s.reshape(B, Hq, bq, bk).mul_(self.scale)
+
+    def scores(
+        self, q: Tensor, k: Tensor, i0: int, j0: int, *, need_softcap_grad: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Scores of one tile with every modifier and mask applied (masked entries are ``-inf``).
+
+        Args:
+            q: ``(B, Hq, bq, D)`` queries ``i0 .. i0 + bq``.
+            k: ``(B, Hk, bk, D)`` keys ``j0 .. j0 + bk``.
+            need_softcap_grad: also return ``d softcap(s) / d s = 1 - tanh^2``.
+
+        Returns:
+            ``s (B, Hq, bq, bk)`` in the accumulation dtype, and the softcap derivative
+            ``(B, Hq, bq, bk)`` or None.
+        """
+        i1, j1 = i0 + q.shape[-2], j0 + k.shape[-2]
+        s = self.raw_scores(q, k)
+        dcap = None
+        if self.softcap is not None:
+            t = torch.tanh(s / self.softcap)
+            if need_softcap_grad:
+                dcap = 1 - t * t
+            s = t * self.softcap
+        alibi = self.alibi_tile(i0, i1, j0, j1, q.device)
+        if alibi is not None:
+            s = s + alibi
+        m = self.mask_tile(i0, i1, j0, j1)
+        if m is not None and m.dtype != torch.bool:
+            s = s + m.to(self.acc_dtype)
+        allowed = self.structure_tile(i0, i1, j0, j1, q.device)
+        if m is not None and m.dtype == torch.bool:
+            allowed = m if allowed is None else (allowed & m)
+        if allowed is not None:
+            s = s.masked_fill(~allowed, float("-inf"))
+        return s, dcap
+
+    def dropout_tile(self, i0: int, i1: int, j0: int, j1: int, device: torch.device) -> Tensor:
+        """``(B, Hq, bq, bk)`` bool keep-mask of the tile (see `attnkit.kernels.dropout`)."""
+        assert self.dropout_seed is not None
+        bh = torch.arange(self.batch * self.q_heads, device=device).view(-1, 1, 1)
+        rows = torch.arange(i0, i1, device=device).view(1, -1, 1)
+        cols = torch.arange(j0, j1, device=device).view(1, 1, -1)
+        keep = keep_mask(self.dropout_seed, bh, rows, cols, self.dropout_p)
+        return keep.view(self.batch, self.q_heads, i1 - i0, j1 - j0)

@@ -1,0 +1,17 @@
+"""Shared test helpers: inputs, the float64 reference, tolerances."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Two cores: keep intra-op threads at the machine's size and tests deterministic.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
