@@ -46,12 +46,16 @@ class AttentionSpec:
     dropout_p: float = 0.0
     dropout_seed: int | None = None
     acc_dtype: torch.dtype = torch.float32
+    # Where query 0 sits among the keys; None = ``Lk - Lq`` (bottom-right, the default).
+    # Set only by callers that compute a block of a larger problem (ring attention: a
+    # query shard against another rank's key shard, ``align = q_start - k_start``).
+    align: int | None = None
 
     # ----------------------------------------------------------------- geometry
     @property
     def offset(self) -> int:
-        """``Lk - Lq``: query ``i`` is aligned to key position ``i + offset``."""
-        return self.kv_len - self.q_len
+        """Query ``i`` is aligned to key position ``i + offset``: ``Lk - Lq`` unless ``align`` is set."""
+        return self.kv_len - self.q_len if self.align is None else self.align
 
     @property
     def group(self) -> int:

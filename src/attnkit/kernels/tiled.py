@@ -137,15 +137,24 @@ def _expand_heads(x: Tensor, group: int) -> Tensor:
 
 
 def forward(
-    q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, block_q: int = BLOCK_Q, block_k: int = BLOCK_K
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    spec: AttentionSpec,
+    *,
+    block_q: int = BLOCK_Q,
+    block_k: int = BLOCK_K,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Tiled attention forward.
 
     Args:
         q: ``(B, Hq, Lq, D)``; k: ``(B, Hk, Lk, D)``; v: ``(B, Hk, Lk, Dv)``.
+        out_dtype: dtype of ``out``; default ``q.dtype`` (ring attention asks for the
+            accumulation dtype, so that partial outputs merge without rounding).
 
     Returns:
-        ``out (B, Hq, Lq, Dv)`` in ``q.dtype`` and ``lse (B, Hq, Lq)`` in the accumulation dtype.
+        ``out (B, Hq, Lq, Dv)`` in ``out_dtype`` and ``lse (B, Hq, Lq)`` in the accumulation dtype.
     """
     B, Hq, Lq, _ = q.shape
     fused = fused_supported(q, spec)
@@ -156,7 +165,7 @@ def forward(
         merge_open = spec.alibi_slopes is None and (spec.mask is None or spec.mask.shape[-2] == 1)
     else:
         tile, merge_open = _tile_forward_torch, False
-    out = q.new_zeros(B, Hq, Lq, spec.v_head_dim)
+    out = q.new_zeros(B, Hq, Lq, spec.v_head_dim, dtype=out_dtype or q.dtype)
     lse = torch.full((B, Hq, Lq), float("-inf"), dtype=spec.acc_dtype, device=q.device)
     for i0 in range(0, Lq, block_q):
         i1 = min(i0 + block_q, Lq)
@@ -169,7 +178,7 @@ def forward(
             else:
                 acc, acc_lse = merge_partials(acc, acc_lse, o_t, lse_t)
         if acc is not None:
-            out[:, :, i0:i1] = acc.to(q.dtype)
+            out[:, :, i0:i1] = acc.to(out.dtype)
             lse[:, :, i0:i1] = acc_lse
     return out, lse
 

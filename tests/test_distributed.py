@@ -1,0 +1,272 @@
+"""Ring and Ulysses attention over gloo on loopback, against single-process float64 attention.
+
+The tests spawn ``P`` = 2, 3 and 4 worker processes (this file run as a script), one
+process group per world size running every case, so the cost of starting processes is
+paid once per world size. Every worker compares its own shard of the output and of the
+gradients of ``q``, ``k``, ``v`` with the same shard of `attnkit.attention` computed in
+float64 on the whole sequence, and writes the errors to a JSON file; the tests read them.
+
+Bounded in time three ways: the process group's ``timeout`` (``GROUP_TIMEOUT_S``), the
+``Popen.wait`` on each worker (``WORKER_TIMEOUT_S``, then killed) and pytest-timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import attnkit
+from attnkit.distributed import merge_shards, padded_length, ring_attention, segments, shard, ulysses_attention
+
+GROUP_TIMEOUT_S = 20  # init_process_group(timeout=...) in the workers
+FAULT_TIMEOUT_S = 3  # the group timeout in the fault tests: the survivor must fail about this fast
+WORKER_TIMEOUT_S = 120  # each worker process is killed after this
+TOL = 1e-5  # fp32 ring/Ulysses against the float64 single-process result
+
+# name -> options. Ring cases use Hq=4; Ulysses cases Hq=12 (divisible by 2, 3 and 4).
+CASES: dict[str, dict] = {
+    "ring-contiguous-full": dict(fn="ring", layout="contiguous", hk=4),
+    "ring-contiguous-causal-gqa": dict(fn="ring", layout="contiguous", hk=2, causal=True),
+    "ring-zigzag-causal-gqa": dict(fn="ring", layout="zigzag", hk=2, causal=True),
+    "ring-zigzag-full-mqa-dv": dict(fn="ring", layout="zigzag", hk=1, dv=6),
+    "ring-zigzag-causal-alibi": dict(fn="ring", layout="zigzag", hk=4, causal=True, alibi=True),
+    "ring-contiguous-alibi-softcap-scale": dict(
+        fn="ring", layout="contiguous", hk=2, alibi=True, softcap=2.0, scale=0.5
+    ),
+    "ring-contiguous-window": dict(fn="ring", layout="contiguous", hk=2, window=(5, 3)),
+    "ring-zigzag-causal-window": dict(fn="ring", layout="zigzag", hk=2, causal=True, window=(4, None)),
+    "ring-contiguous-causal-padded": dict(fn="ring", layout="contiguous", hk=2, causal=True, short=3),
+    "ring-zigzag-full-padded": dict(fn="ring", layout="zigzag", hk=2, short=5),
+    "ulysses-contiguous-causal-gqa": dict(fn="ulysses", layout="contiguous", hq=12, hk=6, causal=True),
+    "ulysses-zigzag-causal-alibi-mqa": dict(fn="ulysses", layout="zigzag", hq=12, hk=1, causal=True, alibi=True),
+    "ulysses-contiguous-window-padded": dict(fn="ulysses", layout="contiguous", hq=12, hk=3, window=(3, 2), short=3),
+    "ulysses-zigzag-full-padded": dict(fn="ulysses", layout="zigzag", hq=12, hk=12, short=5),
+}
+WORLDS = (2, 3, 4)
+
+
+# ------------------------------------------------------------------ the worker
+def _init(rank: int, world: int, port: int, timeout_s: float) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+
+
+def _run_case(opts: dict, rank: int, world: int) -> dict[str, float]:
+    """Errors of this rank's shard of ``out``, ``dq``, ``dk``, ``dv`` against float64 attention."""
+    layout = opts["layout"]
+    B, Hq, Hk, D, Dv = 2, opts.get("hq", 4), opts["hk"], 8, opts.get("dv", 8)
+    L = padded_length(6 * world, world, layout) - opts.get("short", 0)  # the true length
+    gen = torch.Generator().manual_seed(1234 + world)  # the same full inputs on every rank
+    q = torch.randn(B, Hq, L, D, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, Hk, L, D, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, Hk, L, Dv, generator=gen, dtype=torch.float64)
+    dout = torch.randn(B, Hq, L, Dv, generator=gen, dtype=torch.float64)
+    kw = {name: opts[name] for name in ("causal", "window", "alibi", "softcap", "scale") if name in opts}
+
+    # The single-process truth, in float64.
+    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    ref = attnkit.attention(qr, kr, vr, backend="reference", **kw)
+    ref.backward(dout)
+
+    # This rank's shards, in fp32, padded if L does not divide.
+    def sh(x):
+        return shard(x, rank, world, layout=layout)
+
+    qs, ks, vs = (sh(x).float().requires_grad_() for x in (q, k, v))
+    fn = ring_attention if opts["fn"] == "ring" else ulysses_attention
+    out = fn(qs, ks, vs, layout=layout, seq_len=L, **kw)
+    out.backward(sh(dout).float())  # zero at padded positions
+    n = qs.shape[2]
+    pos = torch.cat([torch.arange(g.start, g.start + g.length) for g in segments(rank, world, layout, n)])  # (n,)
+    real = pos < L  # the local rows that are not padding
+    return {
+        "out": (out[:, :, real].double() - sh(ref.detach())[:, :, real]).abs().max().item(),
+        "dq": (qs.grad.double() - sh(qr.grad)).abs().max().item(),
+        "dk": (ks.grad.double() - sh(kr.grad)).abs().max().item(),
+        "dv": (vs.grad.double() - sh(vr.grad)).abs().max().item(),
+        "scale": ref.abs().max().item(),
+    }
+
+
+def _worker(args: argparse.Namespace) -> int:
+    out_path = Path(args.out) / f"rank{args.rank}.json"
+    try:
+        _init(args.rank, args.world, args.port, args.group_timeout)
+    except Exception as e:
+        out_path.write_text(json.dumps({"init_error": repr(e)}))
+        return 1
+    results: dict = {}
+    if args.suite == "equal":
+        for name, opts in CASES.items():
+            try:
+                results[name] = _run_case(opts, args.rank, args.world)
+            except Exception as e:
+                results[name] = {"error": f"{type(e).__name__}: {e}"}
+    else:  # a fault: rank 1 dies or hangs, the others must fail with RingError in time
+        if args.rank == 1:
+            if args.suite == "dies":
+                os._exit(3)
+            time.sleep(WORKER_TIMEOUT_S)  # hangs (the test kills it)
+        x = torch.randn(1, 2, 4, 8)
+        start = time.monotonic()
+        try:
+            ring_attention(x, x, x)
+            results["fault"] = {"error": None}
+        except Exception as e:
+            results["fault"] = {"error": f"{type(e).__name__}: {e}", "elapsed": time.monotonic() - start}
+    out_path.write_text(json.dumps(results))
+    return 0
+
+
+# ------------------------------------------------------------- the spawning
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world: int, suite: str, tmp: Path, group_timeout: float) -> dict[int, dict]:
+    """Run ``world`` workers on loopback; return each rank's results (ranks that wrote none are absent)."""
+    src = str(Path(attnkit.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    port = _free_port()
+    cmd = [sys.executable, __file__, "--world", str(world), "--port", str(port), "--suite", suite, "--out", str(tmp)]
+    cmd += ["--group-timeout", str(group_timeout)]
+    procs = [subprocess.Popen([*cmd, "--rank", str(r)], env=env, stderr=subprocess.PIPE) for r in range(world)]
+    deadline = time.monotonic() + WORKER_TIMEOUT_S
+    for p in procs:
+        try:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    results = {}
+    for r in range(world):
+        path = tmp / f"rank{r}.json"
+        if path.exists():
+            results[r] = json.loads(path.read_text())
+    return results
+
+
+@pytest.fixture(scope="module")
+def equal_results(tmp_path_factory) -> dict[int, dict[int, dict]]:
+    out = {}
+    for world in WORLDS:
+        tmp = tmp_path_factory.mktemp(f"world{world}")
+        out[world] = _spawn(world, "equal", tmp, GROUP_TIMEOUT_S)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_single_process(equal_results, world, case):
+    ranks = equal_results[world]
+    assert sorted(ranks) == list(range(world)), f"workers that wrote no results: {set(range(world)) - set(ranks)}"
+    for rank, res in ranks.items():
+        assert "init_error" not in res, res
+        errs = res[case]
+        assert "error" not in errs, f"rank {rank}: {errs['error']}"
+        for name in ("out", "dq", "dk", "dv"):
+            assert errs[name] <= TOL, f"rank {rank} of {world}: {name} differs by {errs[name]:.2e} (> {TOL})"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("suite", ["dies", "hangs"])
+def test_dead_or_hung_peer_fails_fast(tmp_path, suite):
+    start = time.monotonic()
+    results = _spawn(2, suite, tmp_path, FAULT_TIMEOUT_S) if suite == "dies" else None
+    if suite == "hangs":  # do not wait WORKER_TIMEOUT_S for the sleeper: poll rank 0's file instead
+        results = _spawn_until(2, suite, tmp_path, rank=0, limit=30)
+    fault = results[0]["fault"]
+    assert fault["error"] is not None and fault["error"].startswith("RingError"), fault
+    assert "timeout" in fault["error"].lower()
+    assert fault["elapsed"] <= FAULT_TIMEOUT_S + 5, fault
+    assert time.monotonic() - start < 45
+
+
+def _spawn_until(world: int, suite: str, tmp: Path, *, rank: int, limit: float) -> dict[int, dict]:
+    """Like `_spawn`, but return as soon as ``rank`` has written its results; kill the rest."""
+    src = str(Path(attnkit.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    port = _free_port()
+    cmd = [sys.executable, __file__, "--world", str(world), "--port", str(port), "--suite", suite, "--out", str(tmp)]
+    cmd += ["--group-timeout", str(FAULT_TIMEOUT_S)]
+    procs = [subprocess.Popen([*cmd, "--rank", str(r)], env=env, stderr=subprocess.PIPE) for r in range(world)]
+    try:
+        procs[rank].wait(timeout=limit)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    path = tmp / f"rank{rank}.json"
+    assert path.exists(), f"rank {rank} wrote no result within {limit} s"
+    return {rank: json.loads(path.read_text())}
+
+
+# --------------------------------------------------------- in one process
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("L", [1, 7, 24, 25])
+def test_shard_and_merge_round_trip(layout, world, L):
+    x = torch.randn(2, 3, L, 5)
+    shards = [shard(x, r, world, layout=layout) for r in range(world)]
+    assert len({s.shape for s in shards}) == 1
+    assert shards[0].shape[2] * world == padded_length(L, world, layout)
+    assert torch.equal(merge_shards(shards, layout=layout, seq_len=L), x)
+    held = sorted(
+        p
+        for r in range(world)
+        for g in segments(r, world, layout, shards[0].shape[2])
+        for p in range(g.start, g.start + g.length)
+    )
+    assert held == list(range(padded_length(L, world, layout)))  # every position exactly once
+
+
+def test_zigzag_holds_an_early_and_a_late_chunk():
+    assert segments(0, 2, "zigzag", 6) == [(0, 0, 3), (3, 9, 3)]
+    assert segments(1, 2, "zigzag", 6) == [(0, 3, 3), (3, 6, 3)]
+    assert segments(2, 3, "contiguous", 4) == [(0, 8, 4)]
+
+
+def test_errors_name_the_argument():
+    x = torch.randn(1, 2, 3, 4)
+    with pytest.raises(ValueError, match="zigzag shard"):
+        ring_attention(x, x, x, layout="zigzag")
+    with pytest.raises(ValueError, match="layout"):
+        ring_attention(x, x, x, layout="striped")
+    with pytest.raises(RuntimeError, match="not initialised"):
+        ring_attention(x, x, x)
+    with pytest.raises(ValueError, match="multiple of 2"):
+        segments(0, 2, "zigzag", 5)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="one worker of tests/test_distributed.py")
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--suite", choices=["equal", "dies", "hangs"], required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--group-timeout", type=float, default=GROUP_TIMEOUT_S)
+    sys.exit(_worker(parser.parse_args()))
