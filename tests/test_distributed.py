@@ -52,6 +52,13 @@ CASES: dict[str, dict] = {
     "ulysses-contiguous-window-padded": dict(fn="ulysses", layout="contiguous", hq=12, hk=3, window=(3, 2), short=3),
     "ulysses-zigzag-full-padded": dict(fn="ulysses", layout="zigzag", hq=12, hk=12, short=5),
 }
+# Whole models made context-parallel by context_parallel(), in float64, against the same model in one process.
+MODEL_CASES: dict[str, dict] = {
+    "model-ring-zigzag-rope-gqa-padded": dict(method="ring", layout="zigzag", positions="rope", short=3),
+    "model-ring-contiguous-learned": dict(method="ring", layout="contiguous", positions="learned"),
+    "model-ulysses-zigzag-sinusoidal-window": dict(method="ulysses", layout="zigzag", positions="sinusoidal", window=4),
+}
+MODEL_TOL = 1e-9
 WORLDS = (2, 3, 4)
 
 
@@ -106,6 +113,41 @@ def _run_case(opts: dict, rank: int, world: int) -> dict[str, float]:
     }
 
 
+def _run_model_case(opts: dict, rank: int, world: int) -> dict[str, float]:
+    """A small LanguageModel: this rank's logits and the all-reduced parameter gradients against one process."""
+    import torch.distributed as dist
+
+    from attnkit.distributed import context_parallel
+    from attnkit.nn import LanguageModel
+
+    layout = opts["layout"]
+    L = padded_length(4 * world, world, layout) - opts.get("short", 0)
+    extra = {"window": opts["window"]} if "window" in opts else {}
+    torch.manual_seed(7)  # the same weights and tokens on every rank
+    model = LanguageModel(32, 24, 12, 2, kv_heads=6, positions=opts["positions"], max_len=64, **extra).double()
+    tokens = torch.randint(0, 32, (2, L))
+    weight = torch.randn(2, L, 32, dtype=torch.float64)  # loss = sum(logits * weight)
+
+    ref = model(tokens)  # (B, L, V)
+    (ref * weight).sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    with context_parallel(model, layout=layout, method=opts["method"], seq_len=L):
+        logits = model(shard(tokens, rank, world, layout=layout, dim=1))  # (B, L_pad / P, V)
+        (logits * shard(weight, rank, world, layout=layout, dim=1)).sum().backward()
+    for p in model.parameters():  # each rank holds a partial sum of the gradient
+        dist.all_reduce(p.grad)
+    n = logits.shape[1]
+    pos = torch.cat([torch.arange(g.start, g.start + g.length) for g in segments(rank, world, layout, n)])
+    real = pos < L
+    want = shard(ref.detach(), rank, world, layout=layout, dim=1)
+    return {
+        "out": (logits[:, real] - want[:, real]).abs().max().item(),
+        "grads": max((p.grad - ref_grads[n]).abs().max().item() for n, p in model.named_parameters()),
+    }
+
+
 def _worker(args: argparse.Namespace) -> int:
     out_path = Path(args.out) / f"rank{args.rank}.json"
     try:
@@ -118,6 +160,11 @@ def _worker(args: argparse.Namespace) -> int:
         for name, opts in CASES.items():
             try:
                 results[name] = _run_case(opts, args.rank, args.world)
+            except Exception as e:
+                results[name] = {"error": f"{type(e).__name__}: {e}"}
+        for name, opts in MODEL_CASES.items():
+            try:
+                results[name] = _run_model_case(opts, args.rank, args.world)
             except Exception as e:
                 results[name] = {"error": f"{type(e).__name__}: {e}"}
     else:  # a fault: rank 1 dies or hangs, the others must fail with RingError in time
@@ -188,6 +235,18 @@ def test_matches_single_process(equal_results, world, case):
         assert "error" not in errs, f"rank {rank}: {errs['error']}"
         for name in ("out", "dq", "dk", "dv"):
             assert errs[name] <= TOL, f"rank {rank} of {world}: {name} differs by {errs[name]:.2e} (> {TOL})"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("case", list(MODEL_CASES))
+def test_context_parallel_model_matches_single_process(equal_results, world, case):
+    for rank, res in equal_results[world].items():
+        errs = res[case]
+        assert "error" not in errs, f"rank {rank}: {errs['error']}"
+        assert errs["out"] <= MODEL_TOL, f"rank {rank} of {world}: logits differ by {errs['out']:.2e}"
+        assert errs["grads"] <= MODEL_TOL, f"rank {rank} of {world}: parameter gradients differ by {errs['grads']:.2e}"
 
 
 @pytest.mark.timeout(60)

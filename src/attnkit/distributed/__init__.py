@@ -11,6 +11,7 @@
 Both attention functions run on gloo (CPU) and NCCL (GPU). See ``docs/distributed.md``.
 """
 
+from attnkit.distributed.parallel import ContextParallel, context_parallel
 from attnkit.distributed.ring import RingError, ring_attention
 from attnkit.distributed.sharding import (
     LAYOUTS,
@@ -26,8 +27,10 @@ from attnkit.distributed.ulysses import ulysses_attention
 
 __all__ = [
     "LAYOUTS",
+    "ContextParallel",
     "Layout",
     "RingError",
+    "context_parallel",
     "merge_shards",
     "padded_length",
     "ring_attention",
