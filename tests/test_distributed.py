@@ -26,7 +26,15 @@ import pytest
 import torch
 
 import attnkit
-from attnkit.distributed import merge_shards, padded_length, ring_attention, segments, shard, ulysses_attention
+from attnkit.distributed import (
+    merge_shards,
+    overlap_block_length,
+    padded_length,
+    ring_attention,
+    segments,
+    shard,
+    ulysses_attention,
+)
 
 GROUP_TIMEOUT_S = 20  # init_process_group(timeout=...) in the workers
 FAULT_TIMEOUT_S = 3  # the group timeout in the fault tests: the survivor must fail about this fast
@@ -60,6 +68,11 @@ MODEL_CASES: dict[str, dict] = {
 }
 MODEL_TOL = 1e-9
 WORLDS = (2, 3, 4)
+# Each fault suite runs 4 ranks as two pairs: (what rank 1 does, method of pair 0), (rank 3, pair 1).
+FAULT_SUITES = {
+    "faults-a": (("dies", "ring"), ("hangs", "ulysses")),
+    "faults-b": (("hangs", "ring"), ("dies", "ulysses")),
+}
 
 
 # ------------------------------------------------------------------ the worker
@@ -99,8 +112,12 @@ def _run_case(opts: dict, rank: int, world: int) -> dict[str, float]:
 
     qs, ks, vs = (sh(x).float().requires_grad_() for x in (q, k, v))
     fn = ring_attention if opts["fn"] == "ring" else ulysses_attention
-    out = fn(qs, ks, vs, layout=layout, seq_len=L, **kw)
-    out.backward(sh(dout).float())  # zero at padded positions
+    sent = _count_sent_bytes()
+    try:
+        out = fn(qs, ks, vs, layout=layout, seq_len=L, **kw)
+        out.backward(sh(dout).float())  # zero at padded positions
+    finally:
+        sent.stop()
     n = qs.shape[2]
     pos = torch.cat([torch.arange(g.start, g.start + g.length) for g in segments(rank, world, layout, n)])  # (n,)
     real = pos < L  # the local rows that are not padding
@@ -109,8 +126,35 @@ def _run_case(opts: dict, rank: int, world: int) -> dict[str, float]:
         "dq": (qs.grad.double() - sh(qr.grad)).abs().max().item(),
         "dk": (ks.grad.double() - sh(kr.grad)).abs().max().item(),
         "dv": (vs.grad.double() - sh(vr.grad)).abs().max().item(),
-        "scale": ref.abs().max().item(),
+        "sent_bytes": sent.bytes,
+        "shape": [B, Hq, Hk, L, D, Dv],
     }
+
+
+class _count_sent_bytes:
+    """Count the bytes this process hands to ``batch_isend_irecv`` and ``all_to_all_single``."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.bytes = 0
+        self._batch, self._a2a = dist.batch_isend_irecv, dist.all_to_all_single
+
+        def batch(ops):
+            self.bytes += sum(op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.isend)
+            return self._batch(ops)
+
+        def a2a(output, input, *args, group=None, **kwargs):
+            world = dist.get_world_size(group)
+            self.bytes += (input.numel() - input.numel() // world) * input.element_size()  # own row stays
+            return self._a2a(output, input, *args, group=group, **kwargs)
+
+        dist.batch_isend_irecv, dist.all_to_all_single = batch, a2a
+
+    def stop(self) -> None:
+        import torch.distributed as dist
+
+        dist.batch_isend_irecv, dist.all_to_all_single = self._batch, self._a2a
 
 
 def _run_model_case(opts: dict, rank: int, world: int) -> dict[str, float]:
@@ -167,15 +211,22 @@ def _worker(args: argparse.Namespace) -> int:
                 results[name] = _run_model_case(opts, args.rank, args.world)
             except Exception as e:
                 results[name] = {"error": f"{type(e).__name__}: {e}"}
-    else:  # a fault: rank 1 dies or hangs, the others must fail with RingError in time
-        if args.rank == 1:
-            if args.suite == "dies":
+    else:  # faults: two pairs {0, 1} and {2, 3}; ranks 1 and 3 misbehave, ranks 0 and 2 must raise PeerError
+        import torch.distributed as dist
+
+        timeout = datetime.timedelta(seconds=args.group_timeout)  # a new group does not inherit the default's
+        pairs = [dist.new_group(pair, timeout=timeout) for pair in ([0, 1], [2, 3])]  # every rank creates both
+        pair = args.rank // 2
+        fault, method = FAULT_SUITES[args.suite][pair]
+        if args.rank % 2 == 1:
+            if fault == "dies":
                 os._exit(3)
             time.sleep(WORKER_TIMEOUT_S)  # hangs (the test kills it)
         x = torch.randn(1, 2, 4, 8)
+        fn = ring_attention if method == "ring" else ulysses_attention
         start = time.monotonic()
         try:
-            ring_attention(x, x, x)
+            fn(x, x, x, group=pairs[pair])
             results["fault"] = {"error": None}
         except Exception as e:
             results["fault"] = {"error": f"{type(e).__name__}: {e}", "elapsed": time.monotonic() - start}
@@ -190,14 +241,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(world: int, suite: str, tmp: Path, group_timeout: float) -> dict[int, dict]:
-    """Run ``world`` workers on loopback; return each rank's results (ranks that wrote none are absent)."""
+def _start(world: int, suite: str, tmp: Path, group_timeout: float) -> list[subprocess.Popen]:
+    """Start ``world`` workers (this file as a script) on a free loopback port."""
     src = str(Path(attnkit.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    port = _free_port()
-    cmd = [sys.executable, __file__, "--world", str(world), "--port", str(port), "--suite", suite, "--out", str(tmp)]
-    cmd += ["--group-timeout", str(group_timeout)]
-    procs = [subprocess.Popen([*cmd, "--rank", str(r)], env=env, stderr=subprocess.PIPE) for r in range(world)]
+    cmd = [sys.executable, __file__, "--world", str(world), "--port", str(_free_port()), "--suite", suite]
+    cmd += ["--out", str(tmp), "--group-timeout", str(group_timeout)]
+    return [subprocess.Popen([*cmd, "--rank", str(r)], env=env, stderr=subprocess.DEVNULL) for r in range(world)]
+
+
+def _spawn(world: int, suite: str, tmp: Path, group_timeout: float) -> dict[int, dict]:
+    """Run ``world`` workers to the end; return each rank's results (ranks that wrote none are absent)."""
+    procs = _start(world, suite, tmp, group_timeout)
     deadline = time.monotonic() + WORKER_TIMEOUT_S
     for p in procs:
         try:
@@ -205,12 +260,9 @@ def _spawn(world: int, suite: str, tmp: Path, group_timeout: float) -> dict[int,
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
-    results = {}
-    for r in range(world):
-        path = tmp / f"rank{r}.json"
-        if path.exists():
-            results[r] = json.loads(path.read_text())
-    return results
+    return {
+        r: json.loads((tmp / f"rank{r}.json").read_text()) for r in range(world) if (tmp / f"rank{r}.json").exists()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +292,20 @@ def test_matches_single_process(equal_results, world, case):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("case", [c for c in CASES if "padded" not in c and "-dv" not in c])
+def test_bytes_sent_match_the_formula(equal_results, world, case):
+    """What the benchmark and docs/distributed.md compute is what the ranks actually send."""
+    from attnkit.bench.distributed import computed_bytes
+
+    B, Hq, Hk, L, D, _ = equal_results[world][0][case]["shape"]
+    want = computed_bytes(CASES[case]["fn"], world, batch=B, heads=Hq, kv_heads=Hk, length=L, head_dim=D, itemsize=4)
+    for rank, res in equal_results[world].items():
+        assert res[case]["sent_bytes"] == want, f"rank {rank}: sent {res[case]['sent_bytes']} bytes, formula {want}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("case", list(MODEL_CASES))
 def test_context_parallel_model_matches_single_process(equal_results, world, case):
     for rank, res in equal_results[world].items():
@@ -250,37 +316,36 @@ def test_context_parallel_model_matches_single_process(equal_results, world, cas
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("suite", ["dies", "hangs"])
+@pytest.mark.parametrize("suite", list(FAULT_SUITES))
 def test_dead_or_hung_peer_fails_fast(tmp_path, suite):
     start = time.monotonic()
-    results = _spawn(2, suite, tmp_path, FAULT_TIMEOUT_S) if suite == "dies" else None
-    if suite == "hangs":  # do not wait WORKER_TIMEOUT_S for the sleeper: poll rank 0's file instead
-        results = _spawn_until(2, suite, tmp_path, rank=0, limit=30)
-    fault = results[0]["fault"]
-    assert fault["error"] is not None and fault["error"].startswith("RingError"), fault
-    assert "timeout" in fault["error"].lower()
-    assert fault["elapsed"] <= FAULT_TIMEOUT_S + 5, fault
-    assert time.monotonic() - start < 45
+    results = _spawn_until(4, suite, tmp_path, ranks=(0, 2), limit=40)
+    for rank, (fault, method) in zip((0, 2), FAULT_SUITES[suite]):
+        got = results[rank]["fault"]
+        assert got["error"] is not None, f"{method} returned although its peer {fault}"
+        assert got["error"].startswith(f"PeerError: {method}_attention"), got
+        assert f"Process-group timeout: {FAULT_TIMEOUT_S} s" in got["error"], got
+        assert got["elapsed"] <= FAULT_TIMEOUT_S + 5, f"{method}, peer {fault}: failed after {got['elapsed']:.1f} s"
+        if fault == "dies":  # a closed connection is noticed at once, not at the timeout
+            assert got["elapsed"] < FAULT_TIMEOUT_S, got
+    assert time.monotonic() - start < 60
 
 
-def _spawn_until(world: int, suite: str, tmp: Path, *, rank: int, limit: float) -> dict[int, dict]:
-    """Like `_spawn`, but return as soon as ``rank`` has written its results; kill the rest."""
-    src = str(Path(attnkit.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    port = _free_port()
-    cmd = [sys.executable, __file__, "--world", str(world), "--port", str(port), "--suite", suite, "--out", str(tmp)]
-    cmd += ["--group-timeout", str(FAULT_TIMEOUT_S)]
-    procs = [subprocess.Popen([*cmd, "--rank", str(r)], env=env, stderr=subprocess.PIPE) for r in range(world)]
+def _spawn_until(world: int, suite: str, tmp: Path, *, ranks: tuple[int, ...], limit: float) -> dict[int, dict]:
+    """Like `_spawn`, but return once ``ranks`` have finished (at most ``limit`` s); kill the others."""
+    procs = _start(world, suite, tmp, FAULT_TIMEOUT_S)
+    deadline = time.monotonic() + limit
     try:
-        procs[rank].wait(timeout=limit)
+        for r in ranks:
+            procs[r].wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
             p.wait()
-    path = tmp / f"rank{rank}.json"
-    assert path.exists(), f"rank {rank} wrote no result within {limit} s"
-    return {rank: json.loads(path.read_text())}
+    missing = [r for r in ranks if not (tmp / f"rank{r}.json").exists()]
+    assert not missing, f"ranks {missing} wrote no result within {limit} s"
+    return {r: json.loads((tmp / f"rank{r}.json").read_text()) for r in ranks}
 
 
 # --------------------------------------------------------- in one process
@@ -320,12 +385,33 @@ def test_errors_name_the_argument():
         segments(0, 2, "zigzag", 5)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("backward", [False, True])
+def test_overlap_model_balances_compute_and_transfer(causal, backward):
+    """At n*, one block's compute time equals one hop's transfer time (the docs' formulas, checked)."""
+    F, BW, H, Hk, D, B, e = 400e12, 50e9, 32, 8, 128, 2, 2
+    n = overlap_block_length(BW, F, heads=H, kv_heads=Hk, itemsize=e, causal=causal, backward=backward)
+    c = 0.5 if causal else 1.0
+    compute = (2.5 if backward else 1.0) * 4 * B * H * n * n * D * c / F
+    transfer = 2 * B * Hk * n * D * (e + (4 if backward else 0)) / BW
+    assert compute == pytest.approx(transfer, rel=1e-12)
+    assert overlap_block_length(450e9, 400e12) == pytest.approx(400e12 / 450e9)  # MHA, bf16, forward: F / BW
+    # A per-hop latency raises the threshold, and then compute = latency + transfer exactly.
+    alpha = 10e-6
+    m = overlap_block_length(BW, F, heads=H, kv_heads=Hk, causal=causal, backward=backward, latency_s=alpha,
+                             batch_heads_dim=B * H * D)  # fmt: skip
+    assert m > n
+    compute = (2.5 if backward else 1.0) * 4 * B * H * m * m * D * c / F
+    transfer = alpha + 2 * B * Hk * m * D * (e + (4 if backward else 0)) / BW
+    assert compute == pytest.approx(transfer, rel=1e-9)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="one worker of tests/test_distributed.py")
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--world", type=int, required=True)
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--suite", choices=["equal", "dies", "hangs"], required=True)
+    parser.add_argument("--suite", choices=["equal", *FAULT_SUITES], required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--group-timeout", type=float, default=GROUP_TIMEOUT_S)
     sys.exit(_worker(parser.parse_args()))

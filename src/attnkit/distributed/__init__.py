@@ -12,7 +12,7 @@ Both attention functions run on gloo (CPU) and NCCL (GPU). See ``docs/distribute
 """
 
 from attnkit.distributed.parallel import ContextParallel, context_parallel
-from attnkit.distributed.ring import RingError, ring_attention
+from attnkit.distributed.ring import PeerError, overlap_block_length, ring_attention
 from attnkit.distributed.sharding import (
     LAYOUTS,
     Layout,
@@ -29,9 +29,10 @@ __all__ = [
     "LAYOUTS",
     "ContextParallel",
     "Layout",
-    "RingError",
+    "PeerError",
     "context_parallel",
     "merge_shards",
+    "overlap_block_length",
     "padded_length",
     "ring_attention",
     "segments",

@@ -24,7 +24,7 @@ entirely are skipped without compute (the transfer still happens: every rank's s
 must reach every other rank).
 
 Failures: every wait is bounded by the process group's timeout (``timeout=`` of
-``init_process_group``); a peer that died or hangs raises `RingError` naming the step,
+``init_process_group``); a peer that died or hangs raises `PeerError` naming the step,
 the peers and the timeout instead of hanging. On NCCL the waits are asynchronous on the
 GPU; there the NCCL watchdog enforces the same timeout (it aborts the process).
 """
@@ -32,7 +32,6 @@ GPU; there the NCCL watchdog enforces the same timeout (it aborts the process).
 from __future__ import annotations
 
 import dataclasses
-import datetime
 from collections.abc import Sequence
 
 import torch
@@ -45,13 +44,13 @@ from attnkit.kernels import tiled
 from attnkit.kernels.merge import merge_partials
 from attnkit.spec import AttentionSpec
 
-__all__ = ["RingError", "ring_attention"]
+__all__ = ["PeerError", "overlap_block_length", "ring_attention"]
 
 _TAG_KV, _TAG_DKV = 11, 12  # gloo matches messages by (peer, tag): K/V and dK/dV never mix
 
 
-class RingError(RuntimeError):
-    """A peer of the ring did not deliver in time (it died, hung, or holds a different shape)."""
+class PeerError(RuntimeError):
+    """A peer of the group did not deliver in time (it died, hung, or holds a different shape)."""
 
 
 # --------------------------------------------------------------------- the ring
@@ -69,7 +68,7 @@ class _Ring:
         self.world = dist.get_world_size(self.group)
         self.next = dist.get_global_rank(self.group, (self.rank + 1) % self.world)
         self.prev = dist.get_global_rank(self.group, (self.rank - 1) % self.world)
-        self.timeout = _group_timeout(self.group)
+        self.timeout = group_timeout(self.group)
 
     def exchange(self, send: Tensor, tag: int) -> tuple[Tensor, list]:
         """Post "send ``send`` to next, receive the same shape from previous"; returns (buffer, works)."""
@@ -85,7 +84,7 @@ class _Ring:
             for w in works:
                 w.wait()
         except Exception as e:  # gloo raises RuntimeError; wrap it with what we were doing
-            raise RingError(
+            raise PeerError(
                 f"ring_attention: rank {self.rank} of {self.world} waited for {what} at step {step} "
                 f"(receiving from global rank {self.prev}, sending to {self.next}) and failed: a peer died, hangs, "
                 f"or passed a differently shaped shard (every rank must pass the same shapes). "
@@ -93,14 +92,16 @@ class _Ring:
             ) from e
 
 
-def _group_timeout(group) -> str:
-    try:
-        t = dist.distributed_c10d._get_default_timeout(dist.get_backend(group))
-        opts = getattr(group, "options", None)
-        t = getattr(opts, "_timeout", t)
-        return f"{t.total_seconds():.0f} s" if isinstance(t, datetime.timedelta) else str(t)
-    except Exception:  # private API moved: the message still stands without the number
-        return "the timeout given to init_process_group"
+def group_timeout(group) -> str:
+    """The process group's timeout, for error messages (``timeout=`` of ``init_process_group``)."""
+    group = group if group is not None else dist.group.WORLD
+    for device in ("cpu", "cuda"):
+        try:  # private API; if it moves, the message still stands without the number
+            t = group._get_backend(torch.device(device)).options._timeout
+            return f"{t.total_seconds():g} s"
+        except Exception:
+            continue
+    return "the timeout given to init_process_group"
 
 
 def _pack(*xs: Tensor, dtype: torch.dtype) -> Tensor:
@@ -265,7 +266,7 @@ def ring_attention(
         ``out (B, Hq, L / P, Dv)`` in ``q.dtype`` (accumulated and merged in fp32).
 
     Raises:
-        RingError: a peer died, hung past the process group's timeout, or passed other shapes.
+        PeerError: a peer died, hung past the process group's timeout, or passed other shapes.
     """
     check_layout(layout, "ring_attention")
     base = build_spec(q, k, v, causal=causal, window=window, alibi=alibi, softcap=softcap, scale=scale)
@@ -286,3 +287,56 @@ def ring_attention(
     elif isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 0 < seq_len <= total:
         raise ValueError(f"ring_attention: seq_len must be an int in [1, {total}] (P * shard length), got {seq_len!r}")
     return _RingAttention.apply(q, k, v, base, ring, layout, seq_len)
+
+
+# ------------------------------------------------------------ the overlap model
+def overlap_block_length(
+    bandwidth_bytes_per_s: float,
+    flops_per_s: float,
+    *,
+    heads: int = 1,
+    kv_heads: int | None = None,
+    itemsize: int = 2,
+    causal: bool = False,
+    backward: bool = False,
+    latency_s: float = 0.0,
+    batch_heads_dim: int | None = None,
+) -> float:
+    """The shard length ``n = L / P`` from which one K/V hop hides behind one block of compute.
+
+    A ring step computes ``n`` queries against ``n`` keys while the next K/V shard travels:
+
+    * compute: ``4 * B * H * n^2 * D * c / F`` seconds forward (``c = 1/2`` for balanced causal
+      work: zigzag), ``2.5x`` that backward (the FLOP convention of ``ARCHITECTURE.md``);
+    * transfer: ``2 * B * Hk * n * D * e / BW`` forward (K and V, ``e`` bytes each), and
+      ``2 * B * Hk * n * D * (e + 4) / BW`` backward (K/V again plus the fp32 dK/dV accumulator).
+
+    Setting them equal, ``B`` and ``D`` cancel: forward ``n* = (Hk / H) * e * F / (2 c BW)``,
+    backward ``n* = (Hk / H) * (e + 4) * F / (5 c BW)``. With a per-hop latency ``latency_s``
+    the transfer gains ``alpha`` and ``B * H * D`` no longer cancels: pass
+    ``batch_heads_dim = B * H * D`` to include it (the quadratic is then solved for ``n``).
+
+    Args:
+        bandwidth_bytes_per_s: one direction of the link between ring neighbours.
+        flops_per_s: the attention throughput one device achieves (not its peak).
+        heads, kv_heads: query and key/value heads (only the ratio matters without latency).
+        itemsize: bytes per element of K and V (2 for bf16).
+
+    Returns:
+        ``n*``: blocks of at least this many tokens per rank hide the transfer.
+    """
+    kv_heads = heads if kv_heads is None else kv_heads
+    c = 0.5 if causal else 1.0
+    ratio = kv_heads / heads
+    if backward:
+        compute_per_n2 = 2.5 * 4 * c / flops_per_s  # seconds per (n^2 * B * H * D)
+        bytes_per_n = 2 * ratio * (itemsize + 4)  # per (n * B * H * D)
+    else:
+        compute_per_n2 = 4 * c / flops_per_s
+        bytes_per_n = 2 * ratio * itemsize
+    linear = bytes_per_n / bandwidth_bytes_per_s  # seconds per (n * B * H * D)
+    if latency_s == 0.0 or batch_heads_dim is None:
+        return linear / compute_per_n2
+    # a n^2 = b n + alpha, with a = compute_per_n2 * BHD, b = linear * BHD
+    a, b = compute_per_n2 * batch_heads_dim, linear * batch_heads_dim
+    return (b + (b * b + 4 * a * latency_s) ** 0.5) / (2 * a)

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from attnkit.distributed.ring import PeerError, group_timeout
 from attnkit.distributed.sharding import Layout, check_layout, merge_shards, segments
 from attnkit.functional import Alibi, Window, attention, build_spec
 
@@ -46,7 +47,14 @@ def _all_to_all(x: Tensor, group) -> Tensor:
     """Row ``p`` of ``x (P, ...)`` goes to rank ``p``; row ``p`` of the result came from rank ``p``."""
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, whatever x's strides were
-    dist.all_to_all_single(out, x, group=group)
+    try:
+        dist.all_to_all_single(out, x, group=group)
+    except Exception as e:  # gloo raises RuntimeError; say what we were doing
+        raise PeerError(
+            f"ulysses_attention: rank {dist.get_rank(group)} of {dist.get_world_size(group)} failed in the "
+            f"all-to-all of a {tuple(x.shape)} tensor: a peer died, hangs, or passed other shapes. "
+            f"Process-group timeout: {group_timeout(group)}. Cause: {e}"
+        ) from e
     return out
 
 
