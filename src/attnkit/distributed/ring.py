@@ -158,8 +158,9 @@ def _backward_step(dout, q, k_blk, v_blk, out, lse, blocks, dq, dk, dv) -> None:
     """Accumulate this shard's blocks into ``dq`` (local queries) and ``dk``, ``dv`` (the shard), fp32."""
     for b in blocks:
         gq, gk, gv, _ = tiled.backward(
-            dout[:, :, b.q], q[:, :, b.q], k_blk[:, :, b.k], v_blk[:, :, b.k], out[:, :, b.q], lse[:, :, b.q], b.spec
-        )
+            dout[:, :, b.q], q[:, :, b.q], k_blk[:, :, b.k], v_blk[:, :, b.k], out[:, :, b.q], lse[:, :, b.q],
+            b.spec, grad_dtype=dq.dtype,
+        )  # fmt: skip
         dq[:, :, b.q] += gq
         dk[:, :, b.k] += gk
         dv[:, :, b.k] += gv

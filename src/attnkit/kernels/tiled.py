@@ -221,6 +221,7 @@ def backward(
     block_q: int = BLOCK_Q,
     block_k: int = BLOCK_K,
     engine: Engine = None,
+    grad_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Gradients of tiled attention, recomputing each tile from the saved ``lse``.
 
@@ -233,9 +234,11 @@ def backward(
         mask_grad: also return the gradient of the float mask ``spec.mask``.
         engine: as in `forward`; the fused engine cannot take ``dlse`` or ``mask_grad``,
             so those use the torch engine.
+        grad_dtype: dtype of ``dq, dk, dv``; default the inputs' dtypes (ring attention asks
+            for the accumulation dtype, so that per-shard gradients add up without rounding).
 
     Returns:
-        ``dq, dk, dv`` in the inputs' dtypes and ``dmask`` (shape of ``spec.mask``) or None.
+        ``dq, dk, dv`` in ``grad_dtype`` (default the inputs' dtypes) and ``dmask`` (shape of ``spec.mask``) or None.
     """
     B, _, Lq, _ = q.shape
     acc = spec.acc_dtype
@@ -279,7 +282,7 @@ def backward(
         G = spec.group
         dk = dk_e.view(B, spec.kv_heads, G, *k.shape[2:]).sum(2)  # (B, Hk, Lk, D)
         dv = dv_e.view(B, spec.kv_heads, G, *v.shape[2:]).sum(2)  # (B, Hk, Lk, Dv)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask
+    return dq.to(grad_dtype or q.dtype), dk.to(grad_dtype or k.dtype), dv.to(grad_dtype or v.dtype), dmask
 
 
 def _tile_backward_torch(
