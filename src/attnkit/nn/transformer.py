@@ -333,6 +333,7 @@ class LanguageModel(nn.Module):
         if "causal" in layer or "norm" in layer:
             raise ValueError("LanguageModel: the layers are always causal and pre-norm; do not pass causal or norm")
         self.embed = nn.Embedding(vocab_size, dim)
+        nn.init.normal_(self.embed.weight, std=0.02)  # GPT-2's initialisation (Radford et al., 2019)
         self.absolute: nn.Module | None = None
         attention_positions = None
         if positions in ("rope", "alibi"):
