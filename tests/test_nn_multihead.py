@@ -148,6 +148,31 @@ def test_fully_masked_rows_give_zeros_not_nan():
             torch.testing.assert_close(w[0, [0, 1, 3]].sum(-1), torch.ones(3, dtype=torch.float64))
 
 
+def test_fully_masked_rows_have_finite_gradients():
+    _, ours = _pair(embed_dim=8, num_heads=2, batch_first=True)
+    x = torch.randn(1, 3, 8, dtype=torch.float64, requires_grad=True)
+    attn_mask = torch.zeros(3, 3, dtype=torch.float64)
+    attn_mask[1] = float("-inf")  # a float mask that closes a whole row
+    for need in (True, False):
+        x.grad = None
+        out, _ = ours(x, x, x, attn_mask=attn_mask, need_weights=need)
+        out.sum().backward()
+        assert torch.isfinite(x.grad).all(), need
+
+
+def test_weights_fast_path_equals_attention_weights():
+    _, ours = _pair(embed_dim=8, num_heads=2, batch_first=True)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    kpm = torch.tensor([[False] * 5, [True] * 5])  # the second sequence has no key at all
+    q = k = torch.randn(2, 2, 5, 4, dtype=torch.float64)
+    options = {"causal": False, "mask": ~kpm.view(2, 1, 1, 5), "window": None, "alibi": None, "softcap": None}
+    from attnkit.nn.multihead import _weights
+
+    torch.testing.assert_close(_weights(q, k, {**options, "scale": None}), attnkit.attention_weights(q, k, **options))
+    _, w = ours(x, x, x, key_padding_mask=kpm, average_attn_weights=False)
+    assert torch.isfinite(w).all() and w[1].abs().max() == 0
+
+
 def test_state_dict_round_trip_both_ways():
     for kdim in (None, 6):
         t = torch.nn.MultiheadAttention(8, 2, kdim=kdim, vdim=kdim, add_bias_kv=True)

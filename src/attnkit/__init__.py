@@ -7,6 +7,8 @@ from attnkit.spec import AttentionSpec
 
 __version__ = "0.1.0"
 
+from attnkit import nn  # after the names that nn uses
+
 __all__ = [
     "AttentionSpec",
     "Backend",
@@ -17,5 +19,6 @@ __all__ = [
     "available_backends",
     "explain_backend",
     "key_padding_mask",
+    "nn",
     "register_backend",
 ]

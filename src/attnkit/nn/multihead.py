@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 import attnkit
 from attnkit import observers
+from attnkit.functional import build_spec
 from attnkit.nn.attention import call_attention
 
 __all__ = ["MultiheadAttention"]
@@ -45,6 +46,27 @@ def _merge(a: Tensor | None, b: Tensor | None, dtype: torch.dtype) -> Tensor | N
     if a.dtype == torch.bool and b.dtype == torch.bool:
         return a & b
     return _as_float(a, dtype) + _as_float(b, dtype)
+
+
+def _weights(q: Tensor, k: Tensor, options: dict) -> Tensor:
+    """The attention weights ``(N, H, L, S)`` of ``q (N, H, L, D)``, ``k (N, H, S, D)``, in the accumulation dtype.
+
+    The same values as `attnkit.attention_weights` (the scores come from the one definition,
+    `AttentionSpec.scores`), computed in the fewest passes over the ``L x S`` matrix so that
+    ``need_weights=True`` costs what torch's own path costs: PyTorch's fused softmax, then
+    zeros for the rows with no allowed key (where softmax gives NaN), only when a mask or
+    causal alignment can produce such rows.
+    """
+    spec = build_spec(q, k, None, **options)
+    may_be_empty = spec.mask is not None or spec.has_structure_mask
+    if may_be_empty and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        # softmax's gradient is NaN on an all -inf row; the reference's is 0 there
+        return attnkit.attention_weights(q, k, **options)
+    scores, _ = spec.scores(q, k, 0, 0)  # (N, H, L, S): scaled, masked with -inf
+    p = torch.softmax(scores, dim=-1)
+    if may_be_empty:
+        p = p.nan_to_num_(0.0)  # a row of all -inf: weights 0, as attnkit defines it
+    return p
 
 
 class MultiheadAttention(nn.Module):
@@ -292,7 +314,7 @@ class MultiheadAttention(nn.Module):
         if need_weights:
             if observers.active():
                 observers.notify(self, q, k, v, options)
-            p = attnkit.attention_weights(q, k, **options)  # (N, H, L, S'), before dropout
+            p = _weights(q, k, options)  # (N, H, L, S'), before dropout
             weights = p.to(query.dtype)
             if dropout_p > 0:  # the output must see dropout; the weights returned are those before it
                 out = self.attention_fn(q, k, v, dropout_p=dropout_p, **options)
