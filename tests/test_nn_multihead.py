@@ -169,6 +169,8 @@ def test_weights_fast_path_equals_attention_weights():
     from attnkit.nn.multihead import _weights
 
     torch.testing.assert_close(_weights(q, k, {**options, "scale": None}), attnkit.attention_weights(q, k, **options))
+    plain = {**options, "mask": None}
+    torch.testing.assert_close(_weights(q, k, {**plain, "scale": None}), attnkit.attention_weights(q, k, **plain))
     _, w = ours(x, x, x, key_padding_mask=kpm, average_attn_weights=False)
     assert torch.isfinite(w).all() and w[1].abs().max() == 0
 

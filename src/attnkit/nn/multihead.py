@@ -62,7 +62,11 @@ def _weights(q: Tensor, k: Tensor, options: dict) -> Tensor:
     if may_be_empty and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         # softmax's gradient is NaN on an all -inf row; the reference's is 0 there
         return attnkit.attention_weights(q, k, **options)
-    scores, _ = spec.scores(q, k, 0, 0)  # (N, H, L, S): scaled, masked with -inf
+    if may_be_empty or spec.has_bias or spec.softcap is not None or spec.kv_heads != spec.q_heads:
+        scores, _ = spec.scores(q, k, 0, 0)  # (N, H, L, S): scaled, biased, masked with -inf
+    else:  # plain scores q·kᵀ·scale; scaling q (L x D) rather than the scores saves a pass over L x S
+        acc = spec.acc_dtype
+        scores = torch.matmul(q.to(acc) * spec.scale, k.to(acc).transpose(-1, -2))  # (N, H, L, S)
     p = torch.softmax(scores, dim=-1)
     if may_be_empty:
         p = p.nan_to_num_(0.0)  # a row of all -inf: weights 0, as attnkit defines it
