@@ -241,6 +241,11 @@ def test_dropout_trains_and_evaluates():
         ),
         (
             {"embed_dim": 8, "num_heads": 2},
+            lambda m: m(torch.randn(3, 2, 8), torch.randn(3, 1, 8), torch.randn(3, 1, 8)),
+            "batch",
+        ),
+        (
+            {"embed_dim": 8, "num_heads": 2},
             lambda m: m(*[torch.randn(3, 2, 8)] * 3, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool)),
             "key_padding_mask",
         ),
@@ -255,3 +260,19 @@ def test_bad_input_raises_clear_errors(kwargs, call, match):
     with pytest.raises(ValueError, match=match):
         m = MultiheadAttention(**kwargs)
         call(m)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_self_attention_projects_with_one_matmul(monkeypatch, batch_first):
+    _, ours = _pair(embed_dim=8, num_heads=2, batch_first=batch_first)
+    calls = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: calls.append(w.shape) or linear(x, w, b))
+    x, y = torch.randn(3, 2, 8, dtype=torch.float64), torch.randn(4, 2, 8, dtype=torch.float64)
+    if batch_first:
+        x, y = x.transpose(0, 1), y.transpose(0, 1)
+    ours(x, x, x)
+    assert calls == [(24, 8), (8, 8)]  # packed q, k, v; then out_proj
+    calls.clear()
+    ours(x, y, y)
+    assert calls == [(8, 8), (16, 8), (8, 8)]  # q; packed k, v; out_proj

@@ -167,18 +167,23 @@ class MultiheadAttention(nn.Module):
             nn.init.xavier_normal_(self.bias_v)
 
     # ------------------------------------------------------------------ pieces
-    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``query (N, L, E)``, ``key (N, S, kdim)``, ``value (N, S, vdim)`` -> ``q (N, L, E)``, ``k, v (N, S, E)``."""
+    def _project(
+        self, query: Tensor, key: Tensor, value: Tensor, *, self_attention: bool, shared_kv: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``query (N, L, E)``, ``key (N, S, kdim)``, ``value (N, S, vdim)`` -> ``q (N, L, E)``, ``k, v (N, S, E)``.
+
+        ``self_attention``: query, key and value are one tensor (one matmul); ``shared_kv``: key is value.
+        """
         E = self.embed_dim
         b = self.in_proj_bias
         bq, bk, bv = (None, None, None) if b is None else b.split(E)
         if self._qkv_same_embed_dim:
             w = self.in_proj_weight
-            if query is key and key is value:  # self-attention: one matmul
+            if self_attention:  # one matmul
                 return F.linear(query, w, b).chunk(3, dim=-1)  # 3 x (N, L, E)
             wq, wkv = w.split([E, 2 * E])
             q = F.linear(query, wq, bq)
-            if key is value:
+            if shared_kv:
                 k, v = F.linear(key, wkv, None if b is None else b[E:]).chunk(2, dim=-1)  # 2 x (N, S, E)
                 return q, k, v
             wk, wv = wkv.split(E)
@@ -203,6 +208,12 @@ class MultiheadAttention(nn.Module):
             raise ValueError(
                 f"MultiheadAttention: key and value must share length and batch, got key {tuple(key.shape)}, "
                 f"value {tuple(value.shape)}"
+            )
+        batch_axis = 0 if self.batch_first else 1
+        if query.dim() == 3 and query.shape[batch_axis] != key.shape[batch_axis]:
+            raise ValueError(
+                f"MultiheadAttention: query and key batch sizes differ (batch_first={self.batch_first}): "
+                f"query {tuple(query.shape)}, key {tuple(key.shape)}"
             )
         return query.dim() == 3
 
@@ -273,6 +284,7 @@ class MultiheadAttention(nn.Module):
             are those before dropout.
         """
         batched = self._check_inputs(query, key, value)
+        self_attention, shared_kv = query is key and key is value, key is value  # before any view
         if is_causal and attn_mask is None:
             raise RuntimeError(
                 "MultiheadAttention: is_causal is a hint that attn_mask is the causal mask; pass attn_mask too "
@@ -293,7 +305,8 @@ class MultiheadAttention(nn.Module):
         if causal:
             mask = None
 
-        q, k, v = self._project(query, key, value)  # (N, L, E), (N, S, E), (N, S, E)
+        q, k, v = self._project(query, key, value, self_attention=self_attention, shared_kv=shared_kv)
+        # q (N, L, E), k and v (N, S, E)
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.expand(N, 1, -1)], dim=1)  # (N, S + 1, E)
             v = torch.cat([v, self.bias_v.expand(N, 1, -1)], dim=1)  # (N, S + 1, E)
