@@ -333,9 +333,11 @@ class MultiheadAttention(nn.Module):
                 observers.notify(self, q, k, v, options)
             p = _weights(q, k, options)  # (N, H, L, S'), before dropout
             weights = p.to(query.dtype)
-            if dropout_p > 0:  # the output must see dropout; the weights returned are those before it
-                out = self.attention_fn(q, k, v, dropout_p=dropout_p, **options)
-            else:  # one pass: the output is the weights applied to the values
+            if dropout_p > 0 or self.attention_fn is not attnkit.attention:
+                # a swapped attention_fn (ring attention, an inspector's wrapper) always computes the
+                # output; so does dropout, which the weights returned here do not include
+                out = self.attention_fn(q, k, v, dropout_p=dropout_p, **options)  # (N, H, L, D)
+            else:  # the output is the weights applied to the values: one matmul more, as in torch
                 out = torch.matmul(p, v.to(p.dtype)).to(query.dtype)  # (N, H, L, D)
             if average_attn_weights:
                 weights = weights.mean(dim=1)  # (N, L, S')
