@@ -210,7 +210,8 @@ def test_attention_fn_is_used():
     x = torch.randn(1, 3, 8, dtype=torch.float64)
     ours(x, x, x, need_weights=False)
     assert len(calls) == 1 and calls[0]["dropout_p"] == 0.0
-    _, ref = _pair(embed_dim=8, num_heads=2, batch_first=True)
+    ref = torch.nn.MultiheadAttention(8, 2, batch_first=True, dtype=torch.float64)
+    ref.load_state_dict(ours.state_dict())
     out, w = ours(x, x, x)  # with weights too, a swapped attention_fn computes the output
     assert len(calls) == 2
     want, want_w = ref(x, x, x)
