@@ -135,6 +135,13 @@ def _tile_forward_fused(
     return out, lse.to(spec.acc_dtype)
 
 
+def _query_block(spec: AttentionSpec, fused: bool, merge_open: bool, block_q: int) -> int:
+    """Rows per query block. With nothing to build per tile, the fused kernel takes all rows at once."""
+    if fused and merge_open and not spec.has_structure_mask:
+        return max(block_q, spec.q_len)
+    return block_q
+
+
 def _expand_heads(x: Tensor, group: int) -> Tensor:
     """``(B, Hk, L, D) -> (B, Hk * group, L, D)``: head ``h`` copies key head ``h // group``."""
     return x if group == 1 else x.repeat_interleave(group, dim=1)
@@ -179,6 +186,7 @@ def forward(
         merge_open = spec.alibi_slopes is None and (spec.mask is None or spec.mask.shape[-2] == 1)
     else:
         tile, merge_open = _tile_forward_torch, False
+    block_q = _query_block(spec, fused, merge_open, block_q)
     out = q.new_zeros(B, Hq, Lq, spec.v_head_dim)
     lse = torch.full((B, Hq, Lq), float("-inf"), dtype=spec.acc_dtype, device=q.device)
     for i0 in range(0, Lq, block_q):
@@ -250,6 +258,7 @@ def backward(
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
     dmask = torch.zeros(spec.mask.shape, dtype=acc, device=q.device) if mask_grad else None
     merge_open = fused and spec.alibi_slopes is None and (spec.mask is None or spec.mask.shape[-2] == 1)
+    block_q = _query_block(spec, fused, merge_open, block_q)
     for i0 in range(0, Lq, block_q):
         i1 = min(i0 + block_q, Lq)
         for j0, j1 in _segments(spec, i0, i1, block_k, merge_open):
