@@ -23,6 +23,7 @@ Memory: ``O(B * Hq * (Lq + Lk) * D + B * Hq * block_q * block_k)``.
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -35,6 +36,9 @@ BLOCK_K = 512  # keys per tile in the torch engine and for biased tiles in the f
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+Engine = Literal["torch", "fused"] | None  # None: fused where supported, else torch
 
 
 def fused_supported(q: Tensor, spec: AttentionSpec) -> bool:
@@ -131,24 +135,50 @@ def _tile_forward_fused(
     return out, lse.to(spec.acc_dtype)
 
 
+def _query_block(spec: AttentionSpec, fused: bool, merge_open: bool, block_q: int) -> int:
+    """Rows per query block. With nothing to build per tile, the fused kernel takes all rows at once."""
+    if fused and merge_open and not spec.has_structure_mask:
+        return max(block_q, spec.q_len)
+    return block_q
+
+
 def _expand_heads(x: Tensor, group: int) -> Tensor:
     """``(B, Hk, L, D) -> (B, Hk * group, L, D)``: head ``h`` copies key head ``h // group``."""
     return x if group == 1 else x.repeat_interleave(group, dim=1)
 
 
+def _choose_engine(q: Tensor, spec: AttentionSpec, engine: Engine) -> bool:
+    """True for the fused engine. Asking for ``fused`` where it cannot be exact is an error."""
+    if engine is None:
+        return fused_supported(q, spec)
+    if engine == "fused" and not fused_supported(q, spec):
+        raise ValueError("tiled: engine='fused' needs a CPU tensor, no softcap, no dropout and Dv == D")
+    if engine not in ("fused", "torch"):
+        raise ValueError(f"tiled: engine must be 'torch', 'fused' or None, got {engine!r}")
+    return engine == "fused"
+
+
 def forward(
-    q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, block_q: int = BLOCK_Q, block_k: int = BLOCK_K
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    spec: AttentionSpec,
+    *,
+    block_q: int = BLOCK_Q,
+    block_k: int = BLOCK_K,
+    engine: Engine = None,
 ) -> tuple[Tensor, Tensor]:
     """Tiled attention forward.
 
     Args:
         q: ``(B, Hq, Lq, D)``; k: ``(B, Hk, Lk, D)``; v: ``(B, Hk, Lk, Dv)``.
+        engine: the tile engine (module docstring); None picks fused where it is exact.
 
     Returns:
         ``out (B, Hq, Lq, Dv)`` in ``q.dtype`` and ``lse (B, Hq, Lq)`` in the accumulation dtype.
     """
     B, Hq, Lq, _ = q.shape
-    fused = fused_supported(q, spec)
+    fused = _choose_engine(q, spec, engine)
     if fused:
         k, v = _expand_heads(k, spec.group), _expand_heads(v, spec.group)  # O(Lk) copies, once
         tile = _tile_forward_fused
@@ -156,6 +186,7 @@ def forward(
         merge_open = spec.alibi_slopes is None and (spec.mask is None or spec.mask.shape[-2] == 1)
     else:
         tile, merge_open = _tile_forward_torch, False
+    block_q = _query_block(spec, fused, merge_open, block_q)
     out = q.new_zeros(B, Hq, Lq, spec.v_head_dim)
     lse = torch.full((B, Hq, Lq), float("-inf"), dtype=spec.acc_dtype, device=q.device)
     for i0 in range(0, Lq, block_q):
@@ -194,6 +225,7 @@ def backward(
     mask_grad: bool = False,
     block_q: int = BLOCK_Q,
     block_k: int = BLOCK_K,
+    engine: Engine = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Gradients of tiled attention, recomputing each tile from the saved ``lse``.
 
@@ -204,6 +236,8 @@ def backward(
         dout: ``(B, Hq, Lq, Dv)``; q, k, v as in `forward`; out: ``(B, Hq, Lq, Dv)``;
         lse: ``(B, Hq, Lq)``; dlse: optional gradient of ``lse``, ``(B, Hq, Lq)``.
         mask_grad: also return the gradient of the float mask ``spec.mask``.
+        engine: as in `forward`; the fused engine cannot take ``dlse`` or ``mask_grad``,
+            so those use the torch engine.
 
     Returns:
         ``dq, dk, dv`` in the inputs' dtypes and ``dmask`` (shape of ``spec.mask``) or None.
@@ -215,7 +249,7 @@ def backward(
     delta = (dout.to(acc) * out.to(acc)).sum(-1)  # (B, Hq, Lq): rowsum(dO * O)
     if dlse is not None:
         delta = delta - dlse.to(acc)  # d lse / d s = p, folded into the same term
-    fused = fused_supported(q, spec) and dlse is None and not mask_grad
+    fused = _choose_engine(q, spec, engine) and dlse is None and not mask_grad
     if fused:
         k_e, v_e = _expand_heads(k, spec.group), _expand_heads(v, spec.group)
         dk_e, dv_e = torch.zeros(k_e.shape, dtype=acc), torch.zeros(v_e.shape, dtype=acc)
@@ -224,6 +258,7 @@ def backward(
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
     dmask = torch.zeros(spec.mask.shape, dtype=acc, device=q.device) if mask_grad else None
     merge_open = fused and spec.alibi_slopes is None and (spec.mask is None or spec.mask.shape[-2] == 1)
+    block_q = _query_block(spec, fused, merge_open, block_q)
     for i0 in range(0, Lq, block_q):
         i1 = min(i0 + block_q, Lq)
         for j0, j1 in _segments(spec, i0, i1, block_k, merge_open):
@@ -277,7 +312,7 @@ def _tile_backward_torch(
     q_t, k_t, v_t = q[:, :, i0:i1].to(acc), k[:, :, j0:j1].to(acc), v[:, :, j0:j1].to(acc)
     do_t = dout[:, :, i0:i1].to(acc)  # (B, Hq, bq, Dv)
     s, dcap = spec.scores(q_t, k_t, i0, j0, need_softcap_grad=spec.softcap is not None)
-    p = torch.exp(s - lse_bwd[:, :, i0:i1, None])  # (B, Hq, bq, bk): the exact global weights
+    p = s.sub_(lse_bwd[:, :, i0:i1, None]).exp_()  # (B, Hq, bq, bk): the exact global weights
     do5 = do_t.view(B, Hk, G, bq, -1)  # (B, Hk, G, bq, Dv)
     dp = torch.matmul(do5, v_t.unsqueeze(2).transpose(-1, -2)).view(B, Hk * G, bq, bk)  # dO v^T
     if spec.dropout_p > 0:
@@ -288,18 +323,18 @@ def _tile_backward_torch(
         p_used = p
     # dV_j = sum_i p_ij dO_i, summed over the query heads that share the key head.
     dv[:, :, j0:j1] += torch.matmul(p_used.view(B, Hk, G, bq, bk).transpose(-1, -2), do5).sum(2)
-    ds = p * (dp - delta[:, :, i0:i1, None])  # (B, Hq, bq, bk): softmax backward
+    ds = dp.sub_(delta[:, :, i0:i1, None]).mul_(p)  # (B, Hq, bq, bk): softmax backward, in dp's buffer
     if dmask is not None:
         m_t = spec.mask_tile(i0, i1, j0, j1)
         sl_q = slice(None) if dmask.shape[-2] == 1 else slice(i0, i1)
         sl_k = slice(None) if dmask.shape[-1] == 1 else slice(j0, j1)
         dmask[..., sl_q, sl_k] += _reduce_to(ds, m_t.shape)
     if dcap is not None:
-        ds = ds * dcap
-    ds = ds * spec.scale
+        ds.mul_(dcap)
     ds5 = ds.view(B, Hk, G, bq, bk)  # (B, Hk, G, bq, bk)
-    dq[:, :, i0:i1] += torch.matmul(ds5, k_t.unsqueeze(2)).view(B, Hk * G, bq, -1)
-    dk[:, :, j0:j1] += torch.matmul(ds5.transpose(-1, -2), q_t.view(B, Hk, G, bq, -1)).sum(2)
+    # The score scale is applied to the (bq, D) and (bk, D) products, not to the (bq, bk) tile.
+    dq[:, :, i0:i1] += torch.matmul(ds5, k_t.unsqueeze(2)).view(B, Hk * G, bq, -1).mul_(spec.scale)
+    dk[:, :, j0:j1] += torch.matmul(ds5.transpose(-1, -2), q_t.view(B, Hk, G, bq, -1)).sum(2).mul_(spec.scale)
 
 
 # ---------------------------------------------------------------------- autograd
@@ -307,11 +342,11 @@ class TiledAttention(torch.autograd.Function):
     """Autograd wrapper: saves ``out`` and ``lse``, never the scores."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, spec: AttentionSpec, block_q: int, block_k: int):
+    def forward(ctx, q, k, v, mask, spec: AttentionSpec, block_q: int, block_k: int, engine: Engine):
         spec = dataclasses.replace(spec, mask=mask)
-        out, lse = forward(q, k, v, spec, block_q=block_q, block_k=block_k)
+        out, lse = forward(q, k, v, spec, block_q=block_q, block_k=block_k, engine=engine)
         ctx.save_for_backward(q, k, v, mask, out, lse)
-        ctx.spec, ctx.blocks = spec, (block_q, block_k)
+        ctx.spec, ctx.blocks, ctx.engine = spec, (block_q, block_k), engine
         return out, lse
 
     @staticmethod
@@ -324,15 +359,22 @@ class TiledAttention(torch.autograd.Function):
         dq, dk, dv, dmask = backward(
             dout, q, k, v, out, lse, spec,
             dlse=dlse if dlse is not None and bool(dlse.any()) else None,
-            mask_grad=mask_grad, block_q=ctx.blocks[0], block_k=ctx.blocks[1],
+            mask_grad=mask_grad, block_q=ctx.blocks[0], block_k=ctx.blocks[1], engine=ctx.engine,
         )  # fmt: skip
         if dmask is not None:
             dmask = dmask.to(mask.dtype)
-        return dq, dk, dv, dmask, None, None, None
+        return dq, dk, dv, dmask, None, None, None, None
 
 
 def attention(
-    q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, block_q: int = BLOCK_Q, block_k: int = BLOCK_K
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    spec: AttentionSpec,
+    *,
+    block_q: int = BLOCK_Q,
+    block_k: int = BLOCK_K,
+    engine: Engine = None,
 ) -> tuple[Tensor, Tensor]:
-    """Tiled attention with autograd. Shapes as in `forward`."""
-    return TiledAttention.apply(q, k, v, spec.mask, spec, block_q, block_k)
+    """Tiled attention with autograd: ``(out, lse)``. Shapes and arguments as in `forward`."""
+    return TiledAttention.apply(q, k, v, spec.mask, spec, block_q, block_k, engine)
