@@ -283,3 +283,20 @@ def test_self_attention_projects_with_one_matmul(monkeypatch, batch_first):
     calls.clear()
     ours(x, y, y)
     assert calls == [(8, 8), (16, 8), (8, 8)]  # q; packed k, v; out_proj
+
+
+def test_bench_case_and_verdicts_on_a_tiny_configuration():
+    from attnkit.bench import mha
+
+    for impl in ("torch", "attnkit"):
+        for backward in (False, True):
+            r = mha.case(impl=impl, length=16, need_weights=True, backward=backward, dim=16, heads=2, batch=1, repeat=1)
+            assert r["time_s"] > 0 and r["peak_mib"] >= 0 and r["runs"] == 1
+    row = {"L": 8192, "pass": "forward", "torch_s": 2.0, "attnkit_s": 1.0, "speedup": 2.0}
+    rows = [
+        {**row, "mode": "default", "torch_mib": 1000.0, "attnkit_mib": 1000.0},
+        {**row, "mode": "need_weights=False", "speedup": 0.9, "torch_mib": 10.0, "attnkit_mib": 300.0},
+    ]
+    notes = mha._verdicts(rows, 8192)
+    assert "NOT met in L=8192 need_weights=False forward (0.90x)" in notes[0]
+    assert "0.300 of it, NOT met" in notes[1]
