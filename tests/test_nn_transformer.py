@@ -69,6 +69,27 @@ def test_kv_cache_decoding_equals_one_full_causal_pass(case):
     assert cache[0].length == (min(19, 8) if windowed else 19)
 
 
+@pytest.mark.parametrize("positions", ["rope", "alibi"])
+def test_left_padded_batch_with_cache_equals_each_sequence_alone(positions):
+    model = LanguageModel(37, 32, 4, 2, positions=positions, kv_heads=2, window=5).eval()
+    short, long = torch.randint(1, 37, (1, 3)), torch.randint(1, 37, (1, 7))
+    prompt = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])  # (2, 7), left-padded
+    padding = torch.tensor([[False] * 4 + [True] * 3, [True] * 7])
+    steps = torch.randint(1, 37, (2, 4))
+    with torch.no_grad():
+        cache = model.new_cache(9)  # shorter than 7 + 4: the window lets the cache drop old keys
+        logits = [model(prompt, padding_mask=padding, cache=cache)]
+        logits += [model(steps[:, i : i + 1], cache=cache) for i in range(4)]
+        batched = torch.cat(logits, 1)  # (2, 11, V)
+        alone_short = model(torch.cat([short, steps[:1]], 1))  # (1, 7, V)
+        alone_long = model(torch.cat([long, steps[1:]], 1))  # (1, 11, V)
+    assert torch.isfinite(batched).all()  # padded queries see no key: zeros, not NaN
+    torch.testing.assert_close(batched[0, 4:], alone_short[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(batched[1], alone_long[0], atol=1e-5, rtol=0)
+    out = model.generate(prompt, 3, padding_mask=padding)
+    assert torch.equal(out[0, 4:], model.generate(short, 3)[0])
+
+
 def test_cache_fed_past_its_length_raises():
     model = LanguageModel(11, 16, 2, 1).eval()
     cache = model.new_cache(4)

@@ -368,7 +368,9 @@ class LanguageModel(nn.Module):
 
         With ``cache`` (from `new_cache`), ``tokens`` are the next tokens of the sequences the
         cache holds; decoding token by token gives the logits of one full causal pass.
-        ``padding_mask (B, Lk)``: True for real tokens (left padding for batched prompts).
+        ``padding_mask (B, L)``: True for the real tokens of ``tokens`` (left-pad batched prompts;
+        the cache remembers it). With RoPE or ALiBi, which see only relative positions, a
+        left-padded sequence gets the logits it would get alone.
         """
         if tokens.dim() != 2:
             raise ValueError(f"LanguageModel: tokens must be (B, L), got shape {tuple(tokens.shape)}")
@@ -382,14 +384,22 @@ class LanguageModel(nn.Module):
         return self.head(self.norm(x))  # (B, L, V)
 
     @torch.no_grad()
-    def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float | None = None) -> Tensor:
+    def generate(
+        self,
+        prompt: Tensor,
+        max_new_tokens: int,
+        *,
+        padding_mask: Tensor | None = None,
+        temperature: float | None = None,
+    ) -> Tensor:
         """Continue ``prompt (B, Lp)`` by ``max_new_tokens`` tokens using a KV cache.
 
+        ``padding_mask (B, Lp)`` marks the real prompt tokens of left-padded prompts.
         ``temperature=None`` is greedy decoding; otherwise sample from ``softmax(logits / T)``.
         Returns ``(B, Lp + max_new_tokens)``.
         """
         cache = self.new_cache(prompt.shape[1] + max_new_tokens)
-        logits = self(prompt, cache=cache)[:, -1]  # (B, V)
+        logits = self(prompt, padding_mask=padding_mask, cache=cache)[:, -1]  # (B, V)
         out = [prompt]
         for step in range(max_new_tokens):
             if temperature is None:
