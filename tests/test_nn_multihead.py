@@ -300,3 +300,22 @@ def test_bench_case_and_verdicts_on_a_tiny_configuration():
     notes = mha._verdicts(rows, 8192)
     assert "NOT met in L=8192 need_weights=False forward (0.90x)" in notes[0]
     assert "0.300 of it, NOT met" in notes[1]
+
+
+def test_need_weights_false_never_allocates_an_l_by_l_tensor():
+    from torch.profiler import profile
+
+    m = MultiheadAttention(16, 2, batch_first=True)
+    L = 2048
+    x = torch.randn(2, L, 16, requires_grad=True)
+    kpm = torch.zeros(2, L, dtype=torch.bool)
+    kpm[1, 500:] = True
+    one_map = L * L * 4  # one fp32 L x L matrix, for a single head of a single sequence
+    with profile(profile_memory=True) as prof:
+        out, _ = m(x, x, x, key_padding_mask=kpm, need_weights=False)
+        out.sum().backward()
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    assert 0 < largest < one_map / 4, largest  # (the CPU flash backward keeps a fixed 2 MiB buffer)
+    with profile(profile_memory=True) as prof:  # the check can fail: with weights the maps do exist
+        m(x, x, x, key_padding_mask=kpm, need_weights=True)
+    assert max(e.cpu_memory_usage for e in prof.events()) >= 2 * 2 * one_map
