@@ -102,6 +102,7 @@ def test_cache_fed_past_its_length_raises():
         windowed.update(torch.randn(1, 1, 2, 2), torch.randn(1, 1, 2, 2))
     with pytest.raises(ValueError, match="window"):
         KVCache(4, window=4)
+    assert LanguageModel(11, 16, 2, 1, window=10).new_cache(4)[0].window is None  # the window spans the cache
     with pytest.raises(ValueError, match="reset"):
         cache[0].update(torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8))
 

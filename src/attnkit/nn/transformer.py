@@ -76,6 +76,12 @@ def _check_norm(norm: str) -> None:
         raise ValueError(f"norm must be 'pre' or 'post', got {norm!r}")
 
 
+def _cache_window(attn: SelfAttention, max_len: int) -> int | None:
+    """The window a layer's `KVCache` must keep; None when it spans the whole cache anyway."""
+    left = attn.window_left
+    return left if left is not None and left < max_len else None
+
+
 class TransformerEncoderLayer(nn.Module):
     """Self-attention and feed-forward, each in a residual block.
 
@@ -256,7 +262,10 @@ class TransformerDecoder(nn.Module):
 
         ``max_len`` target tokens; ``context_len`` the context's length (its keys are cached once).
         """
-        return [(KVCache(max_len, window=layer.self_attn.window_left), KVCache(context_len)) for layer in self.layers]
+        return [
+            (KVCache(max_len, window=_cache_window(layer.self_attn, max_len)), KVCache(context_len))
+            for layer in self.layers
+        ]
 
     def forward(
         self,
@@ -359,7 +368,7 @@ class LanguageModel(nn.Module):
 
     def new_cache(self, max_len: int) -> list[KVCache]:
         """One `KVCache` per layer; windowed layers keep only what their window needs."""
-        return [KVCache(max_len, window=layer.attn.window_left) for layer in self.layers]
+        return [KVCache(max_len, window=_cache_window(layer.attn, max_len)) for layer in self.layers]
 
     def forward(
         self, tokens: Tensor, *, padding_mask: Tensor | None = None, cache: list[KVCache] | None = None
