@@ -319,3 +319,16 @@ def test_need_weights_false_never_allocates_an_l_by_l_tensor():
     with profile(profile_memory=True) as prof:  # the check can fail: with weights the maps do exist
         m(x, x, x, key_padding_mask=kpm, need_weights=True)
     assert max(e.cpu_memory_usage for e in prof.events()) >= 2 * 2 * one_map
+
+
+def test_drops_into_torch_transformer_encoder_layer():
+    layer = torch.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True, dtype=torch.float64)
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    pad = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
+    causal = torch.ones(6, 6, dtype=torch.bool).triu(1)  # True = masked out
+    want = layer(x, src_mask=causal, src_key_padding_mask=pad, is_causal=True)
+    ours = MultiheadAttention(16, 4, batch_first=True, dtype=torch.float64)
+    ours.load_state_dict(layer.self_attn.state_dict())
+    layer.self_attn = ours
+    got = layer(x, src_mask=causal, src_key_padding_mask=pad, is_causal=True)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
