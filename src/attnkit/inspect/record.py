@@ -243,7 +243,7 @@ def _mha_qkv(mha: nn.MultiheadAttention, args: tuple, kwargs: dict) -> tuple[Ten
         elif mask.dtype == torch.bool and m.dtype == torch.bool:
             mask = mask & m
         else:
-            to_float = lambda x: x if x.dtype != torch.bool else torch.zeros(x.shape, dtype=q.dtype).masked_fill(
+            to_float = lambda x: x if x.dtype != torch.bool else torch.zeros(x.shape, dtype=q.dtype, device=x.device).masked_fill(
                 ~x, float("-inf")
             )  # fmt: skip
             mask = to_float(mask) + to_float(m)
