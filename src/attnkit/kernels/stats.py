@@ -35,8 +35,10 @@ from torch import Tensor
 
 from attnkit.spec import AttentionSpec
 
-BLOCK_Q = 256  # query rows per block
-BLOCK_K = 1024  # keys per tile: a tile of scores is B * H * 256 * 1024 floats
+BLOCK_Q = 128  # query rows per block
+BLOCK_K = 2048  # keys per tile: a tile of scores is B * H * 128 * 2048 floats (8 MiB for 8 heads);
+# long key tiles make the per-row top-k cheaper (measured on CPU: pass / SDPA forward 1.58 at
+# N = 16K, against 1.76 with 256 x 1024 tiles)
 
 _CLAMP = -1e30  # finite stand-in for -inf log-weights, so 0 * log p = 0 without NaN
 
