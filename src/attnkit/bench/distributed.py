@@ -273,7 +273,9 @@ def run(args: argparse.Namespace) -> int:
     notes = [
         f"B={args.batch}, H={args.heads}, Hk={kv_heads}, D={args.head_dim}, {dtype}, "
         f"{'causal' if args.causal else 'bidirectional'}, layout {args.layout}, device {args.device}.",
-        "single = attnkit.attention in one process; ring/ulysses with 1 rank run the same code with no peers.",
+        "single = attnkit.attention in one process (auto backend: SDPA where it applies); ring/ulysses with 1 "
+        "rank run the same code with no peers. Ring blocks use the tiled kernel, Ulysses calls attnkit.attention, "
+        "so ring's 1-rank row against single is the tiled kernel's cost against SDPA's.",
         "Step = forward + backward of the attention alone. Peak memory: what the step adds to the process "
         "(RSS high-water mark on CPU, the CUDA allocator's peak on GPU).",
         "Ranks share the machine's cores on CPU (cores / ranks threads each), so step times compare the "
