@@ -4,15 +4,18 @@ from attnkit.backends import Backend, BackendChoice, available_backends, registe
 from attnkit.functional import attention, attention_weights, explain_backend
 from attnkit.masks import alibi_slopes, key_padding_mask
 from attnkit.spec import AttentionSpec
+from attnkit.stats import AttentionStats, attention_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionSpec",
+    "AttentionStats",
     "Backend",
     "BackendChoice",
     "alibi_slopes",
     "attention",
+    "attention_stats",
     "attention_weights",
     "available_backends",
     "explain_backend",
