@@ -90,8 +90,11 @@ def test_pooled_input_with_edges():
 
 def test_grid_scatter_and_strip(tmp_path):
     maps = _maps(3, 4, 20)
-    fig = plots.head_grid(maps, title="all heads")
-    assert len(fig.axes) == 12
+    fig = plots.head_grid(maps, title="all heads", layer_names=["a", "b", "c"])
+    mosaic = fig.axes[0].images[0].get_array()
+    assert mosaic.shape == (3 * 20 + 2 * 1, 4 * 20 + 3 * 1)  # 20-pixel tiles with 1-pixel gaps
+    np.testing.assert_allclose(mosaic[21:41, 42:62].max(), 1.0)  # layer 1, head 2 scaled to its maximum
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["a", "b", "c"]
     _assert_real_png(plots.save(fig, tmp_path / "grid.png"))
     entropy = torch.rand(3, 4) * 3
     distance = torch.rand(3, 4) * 10

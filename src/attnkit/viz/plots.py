@@ -158,33 +158,40 @@ def head_grid(
     layer_names: Sequence[str] | None = None,
     gamma: float = 0.5,
     title: str | None = None,
-    cell: float = 1.1,
+    cell: float = 0.9,
+    thumb: int = 64,
 ) -> Figure:
-    """The layer x head grid of thumbnails.
+    """The layer x head grid of thumbnails, drawn as one mosaic image (fast for 100+ heads).
 
     Args:
-        maps: ``(layers, H, P, P)`` full or pooled maps; each thumbnail is scaled to its own maximum.
+        maps: ``(layers, H, P, P)`` full or pooled maps; each thumbnail is scaled to its own maximum
+            and averaged down to at most ``thumb`` pixels a side.
         layer_names: one label per row; default ``L0, L1, ...``.
     """
-    m = _array(maps, "maps", 4)
-    n_layers, n_heads = m.shape[:2]
-    names = list(layer_names) if layer_names is not None else [f"L{i}" for i in range(n_layers)]
-    fig = _figure_class()(figsize=(cell * n_heads + 0.6, cell * n_layers + 0.6), layout="constrained")
-    axes = fig.subplots(n_layers, n_heads, squeeze=False)
+    m = np.clip(_array(maps, "maps", 4), 0, None)
+    n_layers, n_heads, P, _ = m.shape
+    if thumb < P:
+        m = pool_map(m, tile_edges(P, thumb))  # (layers, H, thumb, thumb)
+        P = m.shape[-1]
+    peak = m.max(axis=(-1, -2), keepdims=True)
+    m = (m / np.where(peak > 0, peak, 1.0)) ** gamma
+    gap = max(1, P // 12)
+    mosaic = np.full((n_layers * (P + gap) - gap, n_heads * (P + gap) - gap), np.nan)
     for layer in range(n_layers):
         for head in range(n_heads):
-            ax = axes[layer][head]
-            tile = np.clip(m[layer, head], 0, None)
-            peak = tile.max()
-            ax.imshow((tile / peak if peak > 0 else tile) ** gamma, cmap="viridis", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if layer == 0:
-                ax.set_title(f"H{head}", fontsize=8)
-            if head == 0:
-                ax.set_ylabel(names[layer], fontsize=8)
-    if title:
-        fig.suptitle(title)
+            r, c = layer * (P + gap), head * (P + gap)
+            mosaic[r : r + P, c : c + P] = m[layer, head]
+    names = list(layer_names) if layer_names is not None else [f"L{i}" for i in range(n_layers)]
+    fig = _figure_class()(figsize=(cell * n_heads + 1.6, cell * n_layers + 0.9), layout="constrained")
+    ax = fig.add_subplot()
+    ax.imshow(np.ma.masked_invalid(mosaic), cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    centres = np.arange(max(n_layers, n_heads)) * (P + gap) + (P - 1) / 2
+    ax.set_xticks(centres[:n_heads], [f"H{h}" for h in range(n_heads)], fontsize=8)
+    ax.set_yticks(centres[:n_layers], names, fontsize=8)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.set_title(title or "every head, scaled to its own maximum", fontsize=10)
     return fig
 
 
