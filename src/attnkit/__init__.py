@@ -1,5 +1,6 @@
 """attnkit: exact, fast and memory-lean self-attention, the modules built on it, and tools to see what it does."""
 
+from attnkit import inspect  # noqa: F401  (attnkit.inspect.record, ...)
 from attnkit.backends import Backend, BackendChoice, available_backends, register_backend
 from attnkit.functional import attention, attention_weights, explain_backend
 from attnkit.masks import alibi_slopes, key_padding_mask

@@ -172,6 +172,8 @@ def attnkit_mask(
             if not bool(pad.all()):
                 padding = pad[:, None, None, :]  # (B, 1, 1, Lk)
         return AttnkitMask(causal, window, padding, shape)
+    for key in ("allow_is_causal_skip", "allow_is_bidirectional_skip"):
+        kwargs.pop(key, None)
     full = mu.sdpa_mask(
         batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
         mask_function=mask_function, attention_mask=attention_mask, allow_is_causal_skip=False,
