@@ -190,6 +190,9 @@ def analyse(text: str, *, progress: bool = False, cache: bool = True):
     with _one_thread(), torch.no_grad(), record(model, maps=True, stats=True, topk=TOPK, pool=96, tokens=tokens) as rec:
         model(_ids(sequence)[None])
     bar.stage("building report")
+    from attnkit.inspect import raw_attention, rollout
+
+    saliency = {"rollout": rollout(rec)[0], "raw attention (last layer)": raw_attention(rec)[0]}  # (L,) each
     how = "loaded from the cache, where it was " if cached else ""
     note = (
         f"Character-level attnkit model (attnkit.nn.TransformerEncoder: {DEPTH} layers x {HEADS} heads, width {DIM}, "
@@ -205,6 +208,7 @@ def analyse(text: str, *, progress: bool = False, cache: bool = True):
         title=f"The protein example: {name.split('|')[0].strip() or 'sequence'}",
         model="character-level attnkit encoder trained on this sequence (not a pretrained protein model)",
         notes=[note],
+        saliency=saliency,
     )
     links = long_range_links(data)
     bar.close()

@@ -216,7 +216,7 @@ def analyse(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     seconds: dict[str, float] = {}
-    bar = _Progress(["import", "tokenizer", "model", "attention", "report data"], progress)
+    bar = _Progress(["import", "tokenizer", "model", "attention", "explanations", "report data"], progress)
     t0 = time.perf_counter()
     bar.stage("loading transformers")
     import torch
@@ -275,8 +275,12 @@ def analyse(
         tokenizer.convert_ids_to_tokens(i) if (i in special or stop <= start) else text[start:stop]
         for i, (start, stop) in zip(ids, offsets)
     ]
-    rec = _capture(net, enc, tokens, torch, topk=topk or TOPK)
+    rec, inputs = _capture(net, enc, tokens, torch, topk=topk or TOPK)
     seconds["forward"] = time.perf_counter() - t
+    bar.stage("saliency, faithfulness")
+    t = time.perf_counter()
+    saliency, faithful = explanations(net, rec, inputs)
+    seconds["explanations"] = time.perf_counter() - t
 
     bar.stage("building report")
     t = time.perf_counter()
@@ -290,6 +294,8 @@ def analyse(
         title=title or f"What {model_name} attends to",
         model=f"{model_name} via transformers, attn_implementation='attnkit'",
         notes=notes,
+        saliency=saliency,
+        faithfulness=faithful,
     )
     links = long_range_links(data, skip=skip)
     seconds["report data"] = time.perf_counter() - t
@@ -331,15 +337,77 @@ def _max_positions(net, tokenizer, path: Path) -> tuple[int, int, str]:
 
 
 def _capture(net, enc, tokens: list[str], torch, *, topk: int):
-    """Run the model once inside `attnkit.inspect.record`: per-layer statistics and (when small) full maps."""
+    """One forward and backward inside `attnkit.inspect.record`: statistics, full maps and ``dy/dA`` per layer.
+
+    ``y`` is the model's output vector (`attnkit.inspect.explain.default_output`: mean-pooled
+    hidden states for an encoder, as sentence-transformers pools MiniLM); the backward pass
+    differentiates ``y . stopgrad(y)``, the output's own direction, as `attnkit.inspect.explain` does.
+    """
     from attnkit.inspect import record
+    from attnkit.inspect.explain import default_output
 
     inputs = {k: v for k, v in enc.items() if k != "offset_mapping"}
-    with torch.no_grad(), record(net, maps=True, stats=True, topk=topk, pool=POOL_TILES, tokens=tokens) as rec:
-        net(**inputs)
+    options = dict(maps=True, stats=True, grads=True, topk=topk, pool=POOL_TILES, tokens=tokens, max_map_bytes=2**30)
+    with torch.enable_grad(), record(net, **options) as rec:
+        y = default_output(net(**inputs), inputs)  # (1, D)
+        (y * y.detach()).sum().backward()
+    for parameter in net.parameters():  # leave the model as it was
+        parameter.grad = None
     if len(rec) == 0:
         raise RuntimeError("attnkit show: the model ran but no attention call was recorded")
-    return rec
+    return rec, inputs
+
+
+def explanations(net, rec, inputs: dict, *, faithful_k: int | None = None, draws: int = 8):
+    """Token saliency ``{name: (L,)}`` and faithfulness rows for a recording made by `_capture`.
+
+    Saliency: attention rollout (Abnar and Zuidema, 2020), gradient-weighted attention (Chefer
+    et al., 2021) and the last layer's raw weights, each averaged over the real query rows.
+    Faithfulness (`attnkit.inspect.faithfulness`): how far the output moves when each one's top
+    tokens are removed from attention, against as many random tokens.
+    """
+    from attnkit.inspect import faithfulness, gradient_weighted, raw_attention, rollout
+
+    rows = inputs["attention_mask"].bool()
+    saliency = {
+        "rollout": rollout(rec, query_mask=rows),
+        "gradient-weighted": gradient_weighted(rec, query_mask=rows),
+        "raw attention (last layer)": raw_attention(rec, query_mask=rows),
+    }  # each (1, L)
+    L = inputs["input_ids"].shape[1]
+    k = faithful_k or max(3, (L - 2) // 20)
+    table = []
+    if k <= L - 2:
+        result = faithfulness(net, inputs, saliency, k=k, draws=draws)
+        for name in saliency:
+            table.append({
+                "name": f"{name}: top {k} removed",
+                "value": result.deltas[name],
+                "note": f"{result.ratio(name):.2f}x random ({result.metric} change of the output)",
+            })  # fmt: skip
+        table.append({
+            "name": f"{k} random tokens removed",
+            "value": result.random_mean,
+            "note": f"mean of {draws} draws, ± {result.random_std:.2g}",
+        })  # fmt: skip
+    return {name: values[0] for name, values in saliency.items()}, table
+
+
+def role_rows(rec, tokens: list[str]) -> list[dict]:
+    """`attnkit.inspect.head_roles` as report rows ``{layer: int, head, role, scores}`` (a few telling scores)."""
+    from attnkit.inspect import head_roles
+
+    index = {name: i for i, name in enumerate(rec.layer_names())}
+    keys = ("locality", "previous_token", "sink", "duplicate_token", "induction", "entropy_norm")
+    return [
+        {
+            "layer": index[row["layer"]],
+            "head": int(row["head"]),
+            "role": row["role"],
+            "scores": {key.replace("_", " "): row[key] for key in keys if key in row},
+        }
+        for row in head_roles(rec, tokens=tokens).rows
+    ]
 
 
 def report_data(
@@ -357,6 +425,7 @@ def report_data(
     maps. Links are each query's top-k keys from the statistics; per-head entropy and mean
     distance are averaged over the queries not in ``skip`` (special tokens).
     """
+    from attnkit.inspect import ROLE_DESCRIPTIONS
     from attnkit.viz.report import MAP_BUDGET, ReportData
 
     budget = MAP_BUDGET if map_budget is None else map_budget
@@ -389,8 +458,10 @@ def report_data(
         weight,
         edges=edges,
         spacing=spacing,
-        layer_names=rec.layer_names(),
+        layer_names=[f"layer {i}" for i in range(len(layers))],
         entropy=entropy,
+        roles=role_rows(rec, tokens),
+        role_descriptions=dict(ROLE_DESCRIPTIONS),
         mean_distance=distance,
         notes=notes,
         **fields,
@@ -494,6 +565,13 @@ def print_summary(result: Analysis, *, links: int = 10) -> None:
             print(f"   -> {link.target_context}")
     else:
         print("No long-range links among the strongest keys of any head.")
+    if data.saliency:
+        print()
+        for name, values in data.saliency.items():
+            order = [int(i) for i in np.argsort(-np.asarray(values), kind="stable") if _is_word(data.tokens[i])][:8]
+            print(f"Most salient tokens by {name}: " + ", ".join(repr(data.tokens[i]) for i in sorted(order)))
+    for row in data.faithfulness:
+        print(f"  faithfulness: {row['name']}: {row['value']:.4f} ({row['note']})")
     if data.roles:
         print()
         print("Heads by role:")
@@ -529,6 +607,6 @@ def write_pngs(result: Analysis, folder: Path) -> list[Path]:
             plots.save(plots.entropy_distance(data.entropy, data.mean_distance), folder / "entropy_distance.png")
         )
     for name, values in data.saliency.items():
-        slug = "".join(ch if ch.isalnum() else "_" for ch in name)
+        slug = "_".join("".join(ch if ch.isalnum() else " " for ch in name).split())
         written.append(plots.save(plots.token_strip(data.tokens, values, title=name), folder / f"saliency_{slug}.png"))
     return written
