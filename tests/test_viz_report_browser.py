@@ -91,7 +91,8 @@ def report(browser, tmp_path):
         role_descriptions={"local": "attends to near neighbours", "broad": "spreads over the text"},
         entropy=np.arange(6).reshape(2, 3) / 2,
         mean_distance=np.arange(6)[::-1].reshape(2, 3) * 1.5,
-        saliency={"rollout": np.linspace(0, 1, 30)},
+        saliency={"rollout": np.r_[5.0, np.linspace(0, 1, 28), 0.0]},
+        special=[0, 29],
         faithfulness=[{"name": "deletion AUC", "value": 0.25, "note": "lower is better"}],
     )
     return Page(browser, path)
@@ -144,6 +145,18 @@ def test_role_table_sorts(report):
     ]
     assert values == sorted(values, reverse=True)
     assert "attends to near neighbours" in report.page.inner_text("#role-descriptions")
+
+
+def test_saliency_is_scaled_past_the_special_tokens(report):
+    alphas = report.page.eval_on_selector_all(
+        "#saliency-text .tok", "s => s.map(x => parseFloat(getComputedStyle(x).backgroundColor.split(',')[3] ?? '1'))"
+    )
+    assert alphas[0] == 1 and alphas[28] == 1  # [CLS] (5.0) clipped; the largest ordinary token (1.0) is full colour
+    assert 0.45 < alphas[14] < 0.55  # halfway, not washed out by the sink
+    assert report.page.locator("#saliency-text .tok.special").count() == 2
+    assert "5.14" not in report.page.inner_text("#faithfulness") and "lower is better" in report.page.inner_text(
+        "#faithfulness"
+    )
 
 
 def test_screenshot_is_not_blank(report):

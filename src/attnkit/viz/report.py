@@ -89,6 +89,8 @@ class ReportData:
         edges: ``(P + 1,)`` token boundaries of the tiles of a pooled map; None for full maps.
         spacing: ``L`` strings, the white space before each token in the text: ``""``, ``" "`` or ``"\n"``
             (None: a space between every two tokens).
+        special: positions of special tokens ([CLS], [SEP]); saliency colours are scaled to the
+            largest value among the other tokens, since these sinks would wash everything else out.
         title, model: shown in the header.
         layer_names: ``N`` names (default ``layer 0``...).
         entropy: ``(N, H)`` mean attention entropy per head, nats.
@@ -106,6 +108,7 @@ class ReportData:
     topk_weight: np.ndarray
     edges: np.ndarray | None = None
     spacing: list[str] | None = None
+    special: list[int] = field(default_factory=list)
     title: str = "attnkit attention report"
     model: str = ""
     layer_names: list[str] | None = None
@@ -150,6 +153,9 @@ class ReportData:
                 raise ValueError(
                     f"ReportData: spacing must be {L} strings from '', ' ', '\\n', got {len(self.spacing)}"
                 )
+        self.special = sorted({int(i) for i in self.special})
+        if self.special and (self.special[0] < 0 or self.special[-1] >= L):
+            raise ValueError(f"ReportData: special positions must lie in [0, {L}), got {self.special}")
         if self.layer_names is not None and len(self.layer_names) != N:
             raise ValueError(f"ReportData: layer_names must have {N} entries, got {len(self.layer_names)}")
         for name in ("entropy", "mean_distance"):
@@ -220,6 +226,7 @@ class ReportData:
             "notes": list(self.notes),
             "tokens": self.tokens,
             "spacing": self.spacing,
+            "special": self.special,
             "layers": N,
             "heads": H,
             "length": L,
@@ -267,6 +274,7 @@ class ReportData:
             weight.astype(np.float32),
             edges=np.asarray(edges) if edges is not None else None,
             spacing=data["spacing"],
+            special=data["special"],
             title=data["title"],
             model=data["model"],
             layer_names=data["layer_names"],

@@ -99,7 +99,7 @@ def long_range_links(
     """The strongest links between tokens at least ``min_distance`` apart, over every layer and head.
 
     Reads ``data.topk_index`` / ``data.topk_weight`` ``(N, H, L, k)``. Links from or to positions
-    in ``skip`` (special tokens such as ``[CLS]``/``[SEP]``, which act as attention sinks) and
+    in ``skip`` (default ``data.special``: special tokens such as ``[CLS]``/``[SEP]``, which act as attention sinks) and
     to or from tokens without a letter or digit are left out; each (source, target) pair is
     reported once, with its strongest head, and at most ``per_head`` links come from one head
     (None: no cap) so that one positional head cannot fill the list.
@@ -108,7 +108,7 @@ def long_range_links(
     L = len(tokens)
     spacing = data.spacing or [""] + [" "] * (L - 1)
     min_distance = max(8, L // 8) if min_distance is None else min_distance
-    skip = skip or set()
+    skip = set(data.special) if skip is None else skip
     words = np.array([_is_word(t) and i not in skip for i, t in enumerate(tokens)])  # (L,)
     index, weight = data.topk_index, data.topk_weight  # (N, H, L, k)
     source = np.broadcast_to(np.arange(L)[None, None, :, None], index.shape)
@@ -296,6 +296,7 @@ def analyse(
         notes=notes,
         saliency=saliency,
         faithfulness=faithful,
+        special=sorted(skip),
     )
     links = long_range_links(data, skip=skip)
     seconds["report data"] = time.perf_counter() - t

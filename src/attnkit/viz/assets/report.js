@@ -337,11 +337,16 @@
     fillTokens(salBox, salSpans);
     const pick = $("saliency-method");
     methods.forEach((m) => pick.appendChild(Object.assign(el("option", "", m), { value: m })));
+    const special = new Set(D.special);
     const paint = () => {
       const values = D.saliency[pick.value];
-      const top = Math.max(...values.map(Math.abs), 1e-12);
+      // Scale to the largest value among ordinary tokens: [CLS]/[SEP] sinks would wash out the rest.
+      const ordinary = values.filter((_, i) => !special.has(i)).map(Math.abs);
+      const top = Math.max(...(ordinary.length ? ordinary : values.map(Math.abs)), 1e-12);
       values.forEach((v, i) => {
-        salSpans[i].style.background = `rgba(214, 39, 40, ${(Math.abs(v) / top).toFixed(3)})`;
+        const alpha = Math.min(1, Math.abs(v) / top);
+        salSpans[i].style.background = `rgba(214, 39, 40, ${alpha.toFixed(3)})`;
+        salSpans[i].classList.toggle("special", special.has(i));
         salSpans[i].title = `${pick.value}: ${v}`;
       });
     };
