@@ -489,11 +489,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="read at most this many tokens (default: the length the model was trained for; at most its positions)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads (default: torch's choice, one per core); 1 is much faster on a busy machine",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"attnkit show: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.text is not None and (args.file is not None or args.example is not None):
         print("attnkit show: give TEXT, --file or --example, not several", file=sys.stderr)
         return 2
