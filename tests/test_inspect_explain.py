@@ -56,6 +56,7 @@ def minilm():
     return model, tok
 
 
+@pytest.mark.slow
 def test_explain_and_faithfulness_on_minilm(minilm):
     model, tok = minilm
     inputs = dict(tok(["the quick brown fox jumps over the lazy dog near the river bank",

@@ -75,7 +75,7 @@ def rollout(maps, *, query: int | None = None, query_mask: Tensor | None = None,
         ``(B, L)`` token saliency (each row of the rolled matrix sums to 1).
     """
     A = _stack(maps, "maps").mean(2)  # (layers, B, L, L): heads averaged
-    eye = torch.eye(A.shape[-1], dtype=A.dtype)
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     R = None
     for layer in A:
         a = (1 - residual) * layer + residual * eye
@@ -99,7 +99,7 @@ def gradient_weighted(maps, grads=None, *, query: int | None = None, query_mask:
     if G.shape != A.shape:
         raise ValueError(f"gradient_weighted: grads {tuple(G.shape)} must match maps {tuple(A.shape)}")
     cam = (G * A).clamp(min=0).mean(2)  # (layers, B, L, L): positive part, heads averaged
-    R = torch.eye(A.shape[-1], dtype=A.dtype).expand_as(cam[0]).clone()
+    R = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(cam[0]).clone()
     for layer in cam:
         R = R + torch.bmm(layer, R)
     return _read_rows(R, query, query_mask).float()
@@ -118,8 +118,9 @@ def default_output(output, inputs: dict) -> Tensor:
         logits = output.logits
         if logits.dim() == 2:
             return logits
-        last = (mask.sum(1) - 1).long() if mask is not None else torch.full((logits.shape[0],), logits.shape[1] - 1)
-        return logits[torch.arange(logits.shape[0]), last]
+        n = logits.shape[0]
+        last = (mask.sum(1) - 1).long() if mask is not None else torch.full((n,), logits.shape[1] - 1)
+        return logits[torch.arange(n, device=logits.device), last.to(logits.device)]
     hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
     if mask is None:
         return hidden.mean(1)
@@ -274,12 +275,14 @@ def faithfulness(
         raise ValueError(f"faithfulness: metric must be 'cosine' or 'l2', got {metric!r}")
     ids = inputs["input_ids"]
     B, L = ids.shape
+    dev = ids.device
     if candidates is None:
         real = inputs.get("attention_mask", torch.ones_like(ids)).bool()
         candidates = real.clone()
         candidates[:, 0] = False
         last = real.long().sum(1) - 1
-        candidates[torch.arange(B), last] = False
+        candidates[torch.arange(B, device=dev), last] = False
+    candidates = candidates.to(dev).bool()
     n_cand = candidates.sum(1)
     if int(n_cand.min()) < k:
         raise ValueError(f"faithfulness: k={k} but some input has only {int(n_cand.min())} candidate tokens")
@@ -288,12 +291,12 @@ def faithfulness(
     for name, sal in explanations.items():
         if tuple(sal.shape) != (B, L):
             raise ValueError(f"faithfulness: explanation {name!r} must be (B, L) = {(B, L)}, got {tuple(sal.shape)}")
-        score = sal.double().masked_fill(~candidates, float("-inf"))
-        drops.append(torch.zeros(B, L, dtype=torch.bool).scatter_(1, score.topk(k, dim=1).indices, True))
+        score = sal.to(dev, torch.float64).masked_fill(~candidates, float("-inf"))
+        drops.append(torch.zeros(B, L, dtype=torch.bool, device=dev).scatter_(1, score.topk(k, dim=1).indices, True))
     g = torch.Generator().manual_seed(seed)
     for _ in range(draws):
-        noise = torch.rand(B, L, generator=g, dtype=torch.float64).masked_fill(~candidates, -1.0)
-        drops.append(torch.zeros(B, L, dtype=torch.bool).scatter_(1, noise.topk(k, dim=1).indices, True))
+        noise = torch.rand(B, L, generator=g, dtype=torch.float64).to(dev).masked_fill(~candidates, -1.0)
+        drops.append(torch.zeros(B, L, dtype=torch.bool, device=dev).scatter_(1, noise.topk(k, dim=1).indices, True))
     moved = _moved(model, inputs, base, drops, replace_id, output_fn, metric, batch_size)  # (n, B)
     names = list(explanations)
     per_example = {name: moved[n].float() for n, name in enumerate(names)}

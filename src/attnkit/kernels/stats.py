@@ -35,8 +35,10 @@ from torch import Tensor
 
 from attnkit.spec import AttentionSpec
 
-BLOCK_Q = 256  # query rows per block
-BLOCK_K = 1024  # keys per tile: a tile of scores is B * H * 256 * 1024 floats
+BLOCK_Q = 128  # query rows per block
+BLOCK_K = 2048  # keys per tile: a tile of scores is B * H * 128 * 2048 floats (8 MiB for 8 heads);
+# long key tiles make the per-row top-k cheaper (measured on CPU: pass / SDPA forward 1.58 at
+# N = 16K, against 1.76 with 256 x 1024 tiles)
 
 _CLAMP = -1e30  # finite stand-in for -inf log-weights, so 0 * log p = 0 without NaN
 
@@ -100,12 +102,30 @@ def _log_weights(spec: AttentionSpec, q_aug: Tensor, k_aug: Tensor, i0: int, j0:
     return t
 
 
-def _merge_topk(ws: list[Tensor], idx: list[Tensor], K: int) -> tuple[Tensor, Tensor]:
-    """The best ``K`` of concatenated candidates ``(B, H, bq, .)``: weights and key indices."""
-    w_all = torch.cat(ws, dim=-1) if len(ws) > 1 else ws[0]
-    i_all = torch.cat(idx, dim=-1) if len(idx) > 1 else idx[0]
-    w, pick = torch.topk(w_all, K, dim=-1)  # (B, H, bq, K)
-    return w, torch.gather(i_all, -1, pick)
+def _update_topk(p: Tensor, j0: int, run_w: Tensor, run_i: Tensor, K: int) -> tuple[Tensor, Tensor]:
+    """Merge the tile ``p (B, H, bq, bk)`` (keys from ``j0``) into the running top-``K`` ``(B, H, bq, K)``.
+
+    A row whose tile maximum does not exceed its current ``K``-th best keeps its buffer, so
+    ``topk`` (the costliest step) runs only on the rows that can change; on real attention,
+    peaked on few keys, that is soon a small fraction.
+    """
+    B, H, bq, bk = p.shape
+    kk = min(K, bk)
+    need = p.amax(dim=-1) > run_w[..., -1]  # (B, H, bq); -inf K-th best (unfilled) always needs
+    n = int(need.sum())
+    if n == 0:
+        return run_w, run_i
+    if n > need.numel() // 2:  # most rows: one topk over the whole tile
+        w_t, i_t = torch.topk(p, kk, dim=-1)  # (B, H, bq, kk)
+        w, pick = torch.topk(torch.cat([run_w, w_t], dim=-1), K, dim=-1)
+        return w, torch.gather(torch.cat([run_i, i_t + j0], dim=-1), -1, pick)
+    rows = need.view(-1).nonzero().squeeze(1)  # (n,) flat row ids
+    w_t, i_t = torch.topk(p.reshape(-1, bk).index_select(0, rows), kk, dim=-1)  # (n, kk)
+    flat_w, flat_i = run_w.reshape(-1, K).clone(), run_i.reshape(-1, K).clone()  # (B*H*bq, K)
+    w, pick = torch.topk(torch.cat([flat_w[rows], w_t], dim=-1), K, dim=-1)  # (n, K)
+    flat_w[rows] = w
+    flat_i[rows] = torch.gather(torch.cat([flat_i[rows], i_t + j0], dim=-1), -1, pick)
+    return flat_w.view(B, H, bq, K), flat_i.view(B, H, bq, K)
 
 
 def stats_forward(
@@ -158,7 +178,7 @@ def stats_forward(
         q_blk = q[:, :, i0:i1]  # (B, Hq, bq, D)
         lse_blk = lse_safe[:, :, i0:i1, None]  # (B, Hq, bq, 1)
         pos_q = torch.arange(i0, i1, device=dev, dtype=acc) + spec.offset  # (bq,) aligned positions i'
-        pend_w, pend_i = [top_w[:, :, i0:i1]], [top_i[:, :, i0:i1]]  # top-k candidates, (B, Hq, bq, .)
+        run_w, run_i = top_w[:, :, i0:i1], top_i[:, :, i0:i1]  # (B, Hq, bq, K) running top-k
         ent, dist_acc = entropy[:, :, i0:i1], distance[:, :, i0:i1]  # (B, Hq, bq) views, updated in place
         rows_onehot, r_first = _bin_matrix(Lq, Pq, i0, i1, acc, dev)  # (bq, nr)
         rows_onehot_t = rows_onehot.t()  # (nr, bq)
@@ -184,17 +204,11 @@ def stats_forward(
             cols_onehot, c_first = _bin_matrix(Lk, Pk, j0, j1, acc, dev)  # (bk, nc)
             cell = torch.matmul(band, cols_onehot)  # (B, Hq, nr, nc)
             pooled[:, :, r_first : r_first + cell.shape[-2], c_first : c_first + cell.shape[-1]] += cell
-            # top-k: each tile's best K per row are kept, and merged with one topk per query block
-            # (or whenever the pending candidates outgrow one tile: memory stays O(tile)).
+            # top-k: merged into the running (bq, K) buffer, only for the rows where this tile
+            # holds a weight above the row's current K-th best (the others cannot change).
             if K > 0:
-                w_t, i_t = torch.topk(p, min(K, j1 - j0), dim=-1)  # (B, Hq, bq, kk)
-                pend_w.append(w_t)
-                pend_i.append(i_t + j0)
-                if sum(w.shape[-1] for w in pend_w) >= block_k:
-                    run_w, run_i = _merge_topk(pend_w, pend_i, K)
-                    pend_w, pend_i = [run_w], [run_i]
+                run_w, run_i = _update_topk(p, j0, run_w, run_i, K)
         if K > 0:
-            run_w, run_i = _merge_topk(pend_w, pend_i, K)
             top_w[:, :, i0:i1] = run_w
             top_i[:, :, i0:i1] = run_i
 

@@ -135,6 +135,13 @@ def _tile_forward_fused(
     return out, lse.to(spec.acc_dtype)
 
 
+def _query_block(spec: AttentionSpec, fused: bool, merge_open: bool, block_q: int) -> int:
+    """Rows per query block. With nothing to build per tile, the fused kernel takes all rows at once."""
+    if fused and merge_open and not spec.has_structure_mask:
+        return max(block_q, spec.q_len)
+    return block_q
+
+
 def _expand_heads(x: Tensor, group: int) -> Tensor:
     """``(B, Hk, L, D) -> (B, Hk * group, L, D)``: head ``h`` copies key head ``h // group``."""
     return x if group == 1 else x.repeat_interleave(group, dim=1)
@@ -179,6 +186,7 @@ def forward(
         merge_open = spec.alibi_slopes is None and (spec.mask is None or spec.mask.shape[-2] == 1)
     else:
         tile, merge_open = _tile_forward_torch, False
+    block_q = _query_block(spec, fused, merge_open, block_q)
     out = q.new_zeros(B, Hq, Lq, spec.v_head_dim)
     lse = torch.full((B, Hq, Lq), float("-inf"), dtype=spec.acc_dtype, device=q.device)
     for i0 in range(0, Lq, block_q):
@@ -250,6 +258,7 @@ def backward(
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
     dmask = torch.zeros(spec.mask.shape, dtype=acc, device=q.device) if mask_grad else None
     merge_open = fused and spec.alibi_slopes is None and (spec.mask is None or spec.mask.shape[-2] == 1)
+    block_q = _query_block(spec, fused, merge_open, block_q)
     for i0 in range(0, Lq, block_q):
         i1 = min(i0 + block_q, Lq)
         for j0, j1 in _segments(spec, i0, i1, block_k, merge_open):
@@ -303,7 +312,7 @@ def _tile_backward_torch(
     q_t, k_t, v_t = q[:, :, i0:i1].to(acc), k[:, :, j0:j1].to(acc), v[:, :, j0:j1].to(acc)
     do_t = dout[:, :, i0:i1].to(acc)  # (B, Hq, bq, Dv)
     s, dcap = spec.scores(q_t, k_t, i0, j0, need_softcap_grad=spec.softcap is not None)
-    p = torch.exp(s - lse_bwd[:, :, i0:i1, None])  # (B, Hq, bq, bk): the exact global weights
+    p = s.sub_(lse_bwd[:, :, i0:i1, None]).exp_()  # (B, Hq, bq, bk): the exact global weights
     do5 = do_t.view(B, Hk, G, bq, -1)  # (B, Hk, G, bq, Dv)
     dp = torch.matmul(do5, v_t.unsqueeze(2).transpose(-1, -2)).view(B, Hk * G, bq, bk)  # dO v^T
     if spec.dropout_p > 0:
@@ -314,18 +323,18 @@ def _tile_backward_torch(
         p_used = p
     # dV_j = sum_i p_ij dO_i, summed over the query heads that share the key head.
     dv[:, :, j0:j1] += torch.matmul(p_used.view(B, Hk, G, bq, bk).transpose(-1, -2), do5).sum(2)
-    ds = p * (dp - delta[:, :, i0:i1, None])  # (B, Hq, bq, bk): softmax backward
+    ds = dp.sub_(delta[:, :, i0:i1, None]).mul_(p)  # (B, Hq, bq, bk): softmax backward, in dp's buffer
     if dmask is not None:
         m_t = spec.mask_tile(i0, i1, j0, j1)
         sl_q = slice(None) if dmask.shape[-2] == 1 else slice(i0, i1)
         sl_k = slice(None) if dmask.shape[-1] == 1 else slice(j0, j1)
         dmask[..., sl_q, sl_k] += _reduce_to(ds, m_t.shape)
     if dcap is not None:
-        ds = ds * dcap
-    ds = ds * spec.scale
+        ds.mul_(dcap)
     ds5 = ds.view(B, Hk, G, bq, bk)  # (B, Hk, G, bq, bk)
-    dq[:, :, i0:i1] += torch.matmul(ds5, k_t.unsqueeze(2)).view(B, Hk * G, bq, -1)
-    dk[:, :, j0:j1] += torch.matmul(ds5.transpose(-1, -2), q_t.view(B, Hk, G, bq, -1)).sum(2)
+    # The score scale is applied to the (bq, D) and (bk, D) products, not to the (bq, bk) tile.
+    dq[:, :, i0:i1] += torch.matmul(ds5, k_t.unsqueeze(2)).view(B, Hk * G, bq, -1).mul_(spec.scale)
+    dk[:, :, j0:j1] += torch.matmul(ds5.transpose(-1, -2), q_t.view(B, Hk, G, bq, -1)).sum(2).mul_(spec.scale)
 
 
 # ---------------------------------------------------------------------- autograd
