@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import torch
+
 from attnkit import explain
 from attnkit.cli import main
 
@@ -45,3 +47,21 @@ def test_module_entry_point_runs():
     )
     assert proc.returncode == 0, proc.stderr
     assert "Self-attention, one head" in proc.stdout
+
+
+def test_minilm_head_weights_equal_the_models_own_attention():
+    """explain's numbers are the real model's: its head's weights equal BERT's output_attentions."""
+    import attnkit
+    from attnkit.models.bert import load_bert
+
+    text = "The cat sat on the mat because it was tired."
+    inputs = explain.minilm_head(text, head=3, layer=2)
+    q = inputs.x @ inputs.w_q.T + inputs.b_q  # (L, dh)
+    k = inputs.x @ inputs.w_k.T + inputs.b_k
+    weights = attnkit.attention_weights(q[None, None], k[None, None])[0, 0]
+    model, tokenizer = load_bert()
+    batch = tokenizer(text)
+    with torch.no_grad():
+        expected = model(**batch, output_attentions=True).attentions[2][0, 3]
+    assert inputs.tokens[0] == "[CLS]" and len(inputs.tokens) == expected.shape[0]
+    torch.testing.assert_close(weights, expected, atol=1e-5, rtol=0)

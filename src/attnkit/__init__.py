@@ -9,6 +9,8 @@ from attnkit.stats import AttentionStats, attention_stats
 
 __version__ = "0.1.0"
 
+from attnkit import nn  # after the names that nn uses
+
 __all__ = [
     "AttentionSpec",
     "AttentionStats",
@@ -21,5 +23,6 @@ __all__ = [
     "available_backends",
     "explain_backend",
     "key_padding_mask",
+    "nn",
     "register_backend",
 ]

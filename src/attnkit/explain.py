@@ -37,36 +37,40 @@ class HeadInputs:
     source: str
 
 
-def minilm_head(text: str, head: int) -> HeadInputs:
-    """Embeddings and head ``head`` of layer 1 of the bundled all-MiniLM-L6-v2 (BERT).
+def minilm_head(text: str, head: int, layer: int = 0) -> HeadInputs:
+    """What head ``head`` of layer ``layer`` of the bundled all-MiniLM-L6-v2 (BERT) sees.
 
     BERT's first layer reads ``LayerNorm(word + position + token_type embeddings)``
-    (Devlin et al. 2019); head ``h`` owns rows ``h*dh .. (h+1)*dh`` of the query, key and
-    value projections.
+    (Devlin et al. 2019), later layers the previous layer's output; head ``h`` owns rows
+    ``h*dh .. (h+1)*dh`` of the query, key and value projections.
     """
     from attnkit.models.bert import load_bert
 
     model, tokenizer = load_bert()
-    heads = model.config.num_attention_heads
+    heads, depth = model.config.num_attention_heads, model.config.num_hidden_layers
     if not 0 <= head < heads:
         raise ValueError(f"explain: head must lie in [0, {heads}), got {head}")
-    ids = tokenizer.encode(text)
-    tokens = tokenizer.tokens(ids)
+    if not 0 <= layer < depth:
+        raise ValueError(f"explain: layer must lie in [0, {depth}), got {layer}")
+    batch = tokenizer(text)
     with torch.no_grad():
-        x = model.embeddings(torch.tensor([ids]))[0]  # (L, dim)
-    attn = model.layers[0].attention
+        x = model.embeddings(batch["input_ids"], batch["token_type_ids"])  # (1, L, dim)
+        for block in model.encoder.layers[:layer]:
+            x = block(x)
+    attn = model.encoder.layers[layer].attn
     dh = model.config.hidden_size // heads
     rows = slice(head * dh, (head + 1) * dh)
+    weights = {name: getattr(attn, f"{name}_proj") for name in "qkv"}
     return HeadInputs(
-        tokens=tokens,
-        x=x,
-        w_q=attn.q_proj.weight[rows].detach(),
-        b_q=attn.q_proj.bias[rows].detach(),
-        w_k=attn.k_proj.weight[rows].detach(),
-        b_k=attn.k_proj.bias[rows].detach(),
-        w_v=attn.v_proj.weight[rows].detach(),
-        b_v=attn.v_proj.bias[rows].detach(),
-        source=f"all-MiniLM-L6-v2, layer 1 of 6, head {head} of {heads} (its trained weights)",
+        tokens=tokenizer.tokenize(text),
+        x=x[0],
+        w_q=weights["q"].weight[rows].detach(),
+        b_q=weights["q"].bias[rows].detach(),
+        w_k=weights["k"].weight[rows].detach(),
+        b_k=weights["k"].bias[rows].detach(),
+        w_v=weights["v"].weight[rows].detach(),
+        b_v=weights["v"].bias[rows].detach(),
+        source=f"all-MiniLM-L6-v2, layer {layer + 1} of {depth}, head {head} of {heads} (its trained weights)",
     )
 
 
@@ -155,7 +159,8 @@ def walkthrough(inputs: HeadInputs, *, shown: int = 6, top: int = 3) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("text", nargs="?", default=DEFAULT_TEXT, help="a short sentence (default: %(default)r)")
-    parser.add_argument("--head", type=int, default=0, help="which head of the first layer (default: 0)")
+    parser.add_argument("--layer", type=int, default=0, help="which layer, from 0 (default: 0)")
+    parser.add_argument("--head", type=int, default=0, help="which head, from 0 (default: 0)")
     parser.add_argument("--dims", type=int, default=6, help="how many vector dims to print (default: 6)")
     parser.add_argument("--toy", action="store_true", help="use small random weights instead of the bundled model")
 
@@ -165,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         inputs = toy_head(args.text, args.head)
     else:
         try:
-            inputs = minilm_head(args.text, args.head)
+            inputs = minilm_head(args.text, args.head, args.layer)
         except ImportError as err:
             print(f"(the bundled model needs the hf extra: {err}; using random toy weights)\n")
             inputs = toy_head(args.text, args.head)
