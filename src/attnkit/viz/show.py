@@ -210,7 +210,6 @@ def analyse(
         topk: strongest keys kept per query (default `TOPK`).
         max_tokens: read at most this many tokens (never more than the model's own limit).
     """
-
     if not text.strip():
         raise ValueError("attnkit show: the text is empty")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -263,7 +262,8 @@ def analyse(
         notes.append(
             f"The text is {n_full} tokens; {model_name} reads at most {limit} ({source}), so it was truncated to the "
             f"first {L} tokens (special tokens included), i.e. the first {last_char} of {len(text)} characters "
-            f"({100 * last_char / len(text):.0f}%). Pass a shorter text or --file with the part you want to see."
+            f"({100 * last_char / len(text):.0f}%). Pass a shorter text or --file with the part you want to see"
+            + (f", or --max-tokens up to {hard} (its position table)." if hard > limit else ".")
         )
 
     bar.stage("running attention")
