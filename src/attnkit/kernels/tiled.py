@@ -49,22 +49,32 @@ def fused_supported(q: Tensor, spec: AttentionSpec) -> bool:
 
 
 # --------------------------------------------------------------------------- plan
-def _segments(spec: AttentionSpec, i0: int, i1: int, block_k: int, merge_open: bool) -> list[tuple[int, int]]:
-    """Key ranges ``[j0, j1)`` visited by query block ``[i0, i1)``.
+def _pure_causal(spec: AttentionSpec) -> bool:
+    """Causal with nothing else per tile: the diagonal tile is the flash kernel's own ``is_causal``."""
+    return spec.bounds == (None, 0) and spec.alibi_slopes is None and spec.mask is None
+
+
+def _segments(spec: AttentionSpec, i0: int, i1: int, block_k: int, merge_open: bool) -> list[tuple[int, int, bool]]:
+    """Key ranges ``(j0, j1, is_causal)`` visited by query block ``[i0, i1)``.
 
     Tiles of ``block_k`` keys; with ``merge_open`` consecutive tiles that causal/window
-    leave fully open become one range (the fused engine then runs them in one call).
+    leave fully open become one range (the fused engine then runs them in one call), and
+    under plain causal masking the block is one open range plus the diagonal square, where
+    the fused kernel's top-left ``is_causal`` equals attnkit's alignment and no mask is built.
     """
+    d0, d1 = i0 + spec.offset, i1 + spec.offset  # the block's aligned diagonal
+    if merge_open and _pure_causal(spec) and 0 <= d0 and d1 <= spec.kv_len:
+        return ([(0, d0, False)] if d0 > 0 else []) + [(d0, d1, True)]
     lo, hi = spec.key_range(i0, i1)
-    tiles = [(j, min(j + block_k, hi)) for j in range(lo, hi, block_k)]
+    tiles = [(j, min(j + block_k, hi), False) for j in range(lo, hi, block_k)]
     if not merge_open:
         return tiles
-    merged: list[tuple[int, int]] = []
-    for j0, j1 in tiles:
-        if merged and spec.block_is_open(i0, i1, j0, j1) and spec.block_is_open(i0, i1, *merged[-1]):
-            merged[-1] = (merged[-1][0], j1)
+    merged: list[tuple[int, int, bool]] = []
+    for j0, j1, _ in tiles:
+        if merged and spec.block_is_open(i0, i1, j0, j1) and spec.block_is_open(i0, i1, *merged[-1][:2]):
+            merged[-1] = (merged[-1][0], j1, False)
         else:
-            merged.append((j0, j1))
+            merged.append((j0, j1, False))
     return merged
 
 
@@ -100,7 +110,7 @@ def _empty_rows(mask: Tensor | None, shape: tuple[int, int, int]) -> Tensor | No
 
 # ----------------------------------------------------------------------- forward
 def _tile_forward_torch(
-    spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, i0: int, j0: int
+    spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, i0: int, j0: int, is_causal: bool = False
 ) -> tuple[Tensor, Tensor]:
     """One tile in plain PyTorch: normalised ``out (B, Hq, bq, Dv)`` and ``lse (B, Hq, bq)``."""
     s, _ = spec.scores(q, k, i0, j0)  # (B, Hq, bq, bk)
@@ -120,14 +130,17 @@ def _tile_forward_torch(
 
 
 def _tile_forward_fused(
-    spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, i0: int, j0: int
+    spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, i0: int, j0: int, is_causal: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """One tile through the fused CPU flash kernel; ``k``, ``v`` already have ``Hq`` heads."""
+    """One tile through the fused CPU flash kernel; ``k``, ``v`` already have ``Hq`` heads.
+
+    ``is_causal`` marks the diagonal square of `_segments`, masked by the kernel itself.
+    """
     i1, j1 = i0 + q.shape[-2], j0 + k.shape[-2]
-    mask = _tile_float_mask(spec, i0, i1, j0, j1, q.device)
+    mask = None if is_causal else _tile_float_mask(spec, i0, i1, j0, j1, q.device)
     if mask is not None:
         mask = mask.to(q.dtype)
-    out, lse = _flash_cpu(q, k, v, attn_mask=mask, scale=spec.scale)[:2]
+    out, lse = _flash_cpu(q, k, v, is_causal=is_causal, attn_mask=mask, scale=spec.scale)[:2]
     empty = _empty_rows(mask, tuple(lse.shape))
     if empty is not None:  # the fused kernel reports lse = 0 for a row with no key
         lse = lse.masked_fill(empty, float("-inf"))
@@ -196,8 +209,8 @@ def forward(
         i1 = min(i0 + block_q, Lq)
         q_blk = q[:, :, i0:i1]  # (B, Hq, bq, D)
         acc, acc_lse = None, None
-        for j0, j1 in _segments(spec, i0, i1, block_k, merge_open):
-            o_t, lse_t = tile(spec, q_blk, k[:, :, j0:j1], v[:, :, j0:j1], i0, j0)
+        for j0, j1, is_causal in _segments(spec, i0, i1, block_k, merge_open):
+            o_t, lse_t = tile(spec, q_blk, k[:, :, j0:j1], v[:, :, j0:j1], i0, j0, is_causal)
             if acc is None:
                 acc, acc_lse = o_t.to(spec.acc_dtype), lse_t
             else:
@@ -267,9 +280,9 @@ def backward(
     block_q = _query_block(spec, fused, merge_open, block_q)
     for i0 in range(0, Lq, block_q):
         i1 = min(i0 + block_q, Lq)
-        for j0, j1 in _segments(spec, i0, i1, block_k, merge_open):
+        for j0, j1, is_causal in _segments(spec, i0, i1, block_k, merge_open):
             if fused:
-                mask = _tile_float_mask(spec, i0, i1, j0, j1, q.device)
+                mask = None if is_causal else _tile_float_mask(spec, i0, i1, j0, j1, q.device)
                 gq, gk, gv = _flash_cpu_backward(
                     dout[:, :, i0:i1],
                     q[:, :, i0:i1],
@@ -278,7 +291,7 @@ def backward(
                     out[:, :, i0:i1],
                     lse_bwd[:, :, i0:i1].to(torch.float32 if q.dtype != torch.float64 else q.dtype),
                     0.0,
-                    False,
+                    is_causal,
                     attn_mask=None if mask is None else mask.to(q.dtype),
                     scale=spec.scale,
                 )
