@@ -23,8 +23,8 @@ browser:
 	fi
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests examples
+	$(VENV)/bin/ruff format --check src tests examples
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format src tests
