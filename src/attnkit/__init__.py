@@ -4,6 +4,7 @@ from attnkit.backends import Backend, BackendChoice, available_backends, registe
 from attnkit.functional import attention, attention_weights, explain_backend
 from attnkit.masks import alibi_slopes, key_padding_mask
 from attnkit.spec import AttentionSpec
+from attnkit.varlen import attention_varlen
 
 __version__ = "0.1.0"
 
@@ -13,6 +14,7 @@ __all__ = [
     "BackendChoice",
     "alibi_slopes",
     "attention",
+    "attention_varlen",
     "attention_weights",
     "available_backends",
     "explain_backend",

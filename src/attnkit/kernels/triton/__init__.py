@@ -25,16 +25,20 @@ def triton_installed() -> bool:
 
 
 def interpreting() -> bool:
-    """True under ``TRITON_INTERPRET=1``, where the kernels run on CPU tensors (tests)."""
+    """True under ``TRITON_INTERPRET=1``, where the kernel tiers run on CPU tensors (tests).
+
+    The backend itself still refuses CPU tensors then, so ``auto`` never routes CPU work
+    through the (slow) interpreter; tests call `attnkit.kernels.triton_backend` directly.
+    """
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def device_refusal(q: Tensor) -> str | None:
     """Why the tensors' device cannot run the kernels, or None."""
+    if q.device.type != "cuda":
+        return f"needs a CUDA device (q is on {q.device})"
     if not triton_installed():
         return "triton not installed (pip install attnkit[triton])"
-    if q.device.type != "cuda" and not (interpreting() and q.device.type == "cpu"):
-        return f"needs a CUDA device (q is on {q.device})"
     return None
 
 
