@@ -25,6 +25,7 @@ import triton.language as tl
 from attnkit.kernels.triton.common import (
     LOG2E,
     SEED_STEP,
+    dot,
     dot_precision,
     dropout_args,
     flags,
@@ -123,7 +124,7 @@ def _dkdv_kernel(
             lse = tl.load(LSE + row_base + offs_m * slm, mask=row_ok, other=float("inf"))
             delta = tl.load(DELTA + row_base + offs_m * slm, mask=row_ok, other=0.0)
             lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+            qk = dot(q, tl.trans(k), DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
             s, t = score_tile(
                 qk,
                 offs_m,
@@ -146,17 +147,17 @@ def _dkdv_kernel(
                 MASK_KIND,
             )
             p = tl.exp2((s - lse[:, None]) * LOG2E)  # the exact weights of the forward
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+            dp = dot(do, tl.trans(v), DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
             p_used = p
             if DROPOUT:
                 keep = keep_tile(seed_u, bh_u, offs_m, offs_n, threshold_u)
                 p_used = tl.where(keep, p * drop_scale, 0.0)
                 dp = tl.where(keep, dp * drop_scale, 0.0)
-            dv += tl.dot(tl.trans(p_used.to(do.dtype)), do, input_precision=DOT_PRECISION)
+            dv += dot(tl.trans(p_used.to(do.dtype)), do, DOT_PRECISION)
             ds = p * (dp - delta[:, None])
             if HAS_SOFTCAP:
                 ds = ds * (1.0 - t * t)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+            dk += dot(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION)
 
     # Step 3: one write per key tile (scale applied once).
     dk = dk * scale
@@ -243,7 +244,7 @@ def _dq_kernel(
             mask=col_ok[:, None] & (offs_dv[None, :] < v_head_dim),
             other=0.0,
         )  # (BLOCK_N, BLOCK_DV)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        qk = dot(q, tl.trans(k), DOT_PRECISION)
         s, t = score_tile(
             qk,
             offs_m,
@@ -266,14 +267,14 @@ def _dq_kernel(
             MASK_KIND,
         )
         p = tl.exp2((s - lse[:, None]) * LOG2E)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        dp = dot(do, tl.trans(v), DOT_PRECISION)
         if DROPOUT:
             keep = keep_tile(seed_u, bh_u, offs_m, offs_n, threshold_u)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        dq += dot(ds.to(k.dtype), k, DOT_PRECISION)
 
     dq = dq * scale
     tl.store(

@@ -12,6 +12,8 @@ columns, both local to the sequence; query ``i`` is aligned to key ``i + offset`
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -54,6 +56,20 @@ def keep_tile(seed, bh, offs_m, offs_n, threshold):
     col_key = mix32(offs_n.to(tl.uint32) * COL + seed)  # (BLOCK_N,)
     u = mix32(row_key[:, None] ^ col_key[None, :])  # (BLOCK_M, BLOCK_N) uniform on [0, 2**32)
     return u >= threshold
+
+
+@triton.jit
+def dot(a, b, PRECISION: tl.constexpr):
+    """``tl.dot`` in fp32 accumulation; ``PRECISION`` from `dot_precision`.
+
+    ``"upcast"`` (only under the interpreter, for bf16) multiplies in fp32: Triton 3.9's
+    interpreter stores bf16 as uint16 and its ``dot`` multiplies those bit patterns as
+    integers. Products of bf16 values are exact in fp32, so the result is what a GPU's
+    bf16 tensor cores (fp32 accumulation) compute.
+    """
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
@@ -145,7 +161,12 @@ def head_block(d: int) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` precision: exact IEEE fp32 for fp32 inputs (no TF32 rounding), native otherwise."""
+    """``tl.dot`` precision: exact IEEE fp32 for fp32 inputs (no TF32 rounding), native otherwise.
+
+    Under the interpreter bf16 products are taken in fp32 (see `dot`).
+    """
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return "upcast"
     return "ieee" if dtype == torch.float32 else "tf32"
 
 

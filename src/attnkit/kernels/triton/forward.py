@@ -28,6 +28,7 @@ from attnkit.kernels.triton.common import (
     LN2,
     LOG2E,
     SEED_STEP,
+    dot,
     dot_precision,
     dropout_args,
     flags,
@@ -115,7 +116,7 @@ def _fwd_kernel(
             mask=col_ok[None, :] & (offs_d[:, None] < head_dim),
             other=0.0,
         )  # (BLOCK_D, BLOCK_N)
-        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+        qk = dot(q, k, DOT_PRECISION)
         s, _ = score_tile(
             qk,
             offs_m,
@@ -152,7 +153,7 @@ def _fwd_kernel(
             mask=col_ok[:, None] & (offs_dv[None, :] < v_head_dim),
             other=0.0,
         )  # (BLOCK_N, BLOCK_DV)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PRECISION)
         m_i = m_new
 
     # Step 5: normalise; empty rows give zeros and lse = -inf.

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from attnkit.kernels.triton.common import (
     LOG2E,
+    dot,
     dot_precision,
     flags,
     head_block,
@@ -96,7 +97,7 @@ def _stats_kernel(
             mask=col_ok[None, :] & (offs_d[:, None] < head_dim),
             other=0.0,
         )
-        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+        qk = dot(q, k, DOT_PRECISION)
         s, _ = score_tile(
             qk,
             offs_m,
