@@ -69,6 +69,7 @@ def attention_varlen(
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
     causal: bool = False,
+    mask: None = None,
     window: Window = None,
     alibi: Alibi = None,
     softcap: float | None = None,
@@ -87,7 +88,8 @@ def attention_varlen(
         max_seqlen_q / max_seqlen_k: the longest sequence (computed when None).
         causal, window, alibi, softcap, scale, dropout_p: as in `attnkit.attention`, per sequence
             (alignment is bottom-right within each sequence). Masks are not supported: per-sequence
-            structure is what ``cu_seqlens`` expresses.
+            structure is what ``cu_seqlens`` expresses (``mask`` must be None; pad and use
+            `attnkit.attention` for arbitrary masks).
         return_lse: also return the log-sum-exp ``(Hq, total_q)`` (FlashAttention's layout).
         backend: ``"auto"`` (Triton's packed kernel on CUDA, else ``tiled`` per sequence), ``"triton"``,
             or any registered dense backend, run sequence by sequence.
@@ -95,6 +97,11 @@ def attention_varlen(
     Returns:
         ``out (total_q, Hq, Dv)`` in ``q.dtype``; with ``return_lse`` also ``lse (Hq, total_q)``.
     """
+    if mask is not None:
+        raise ValueError(
+            "attention_varlen: mask is not supported (got a mask); express per-sequence structure with "
+            "cu_seqlens, causal and window, or pad the batch and call attnkit.attention with a mask"
+        )
     _check_packed("q", q, "(total_q, Hq, D)")
     _check_packed("k", k, "(total_k, Hk, D)")
     _check_packed("v", v, "(total_k, Hk, Dv)")

@@ -1,14 +1,15 @@
 """Triton kernels for attnkit (the ``triton`` backend): forward, backward and statistics pass.
 
 Importing this package does not import Triton; `refusal` says whether the backend can run
-a request (a CUDA device, Triton installed, a supported dtype and head dim). The kernels
+a request (a CUDA device, Triton installed, a supported dtype and head dim). The backend
+refuses CPU tensors even under ``TRITON_INTERPRET=1``, so ``auto`` never routes CPU work
+through the (slow) interpreter; the tests call `attnkit.kernels.triton_backend` directly. The kernels
 live in `forward`, `backward` and `stats`, the autograd tier in `attnkit.kernels.triton_backend`.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 from torch import Tensor
@@ -22,15 +23,6 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def triton_installed() -> bool:
     """True when the ``triton`` package can be imported (checked without importing it)."""
     return importlib.util.find_spec("triton") is not None
-
-
-def interpreting() -> bool:
-    """True under ``TRITON_INTERPRET=1``, where the kernel tiers run on CPU tensors (tests).
-
-    The backend itself still refuses CPU tensors then, so ``auto`` never routes CPU work
-    through the (slow) interpreter; tests call `attnkit.kernels.triton_backend` directly.
-    """
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def device_refusal(q: Tensor) -> str | None:

@@ -21,6 +21,9 @@ import triton.language as tl
 from attnkit.kernels.dropout import _COL, _HEAD, _MIX, _ROW
 from attnkit.spec import AttentionSpec
 
+# Whether this import decorated the kernels for Triton's CPU interpreter (TRITON_INTERPRET=1 is
+# read when @triton.jit runs, i.e. now; tests set it before importing these modules).
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): the kernels use exp2; scores are multiplied by it once
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2): turns a base-2 log-sum-exp back into natural log
 # Varlen sequence b hashes dropout with seed + b * VARLEN_SEED_STEP (mod 2**32) and head h, so a
@@ -165,7 +168,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
     Under the interpreter bf16 products are taken in fp32 (see `dot`).
     """
-    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if dtype == torch.bfloat16 and INTERPRETED:
         return "upcast"
     return "ieee" if dtype == torch.float32 else "tf32"
 

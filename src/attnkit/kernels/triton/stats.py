@@ -9,7 +9,8 @@ them into per-row and per-key statistics in registers:
 * ``mean_distance_i = sum_j p_ij |i + Lk - Lq - j|``;
 * ``received_j = sum_i p_ij`` (one atomic add of a tile's column sums per tile);
 * ``topk``: the ``k`` largest weights of each row, merged tile by tile (``k`` rounds of
-  argmax per tile, replacing the smallest kept entry when beaten);
+  argmax per tile, replacing the smallest kept entry when beaten); a row whose visited
+  tiles hold fewer than ``k`` keys completes its list with zero weights of skipped keys;
 * ``pooled``: the sum of ``p`` over ``P_q x P_k`` blocks of queries and keys. Columns are
   pooled in the kernel by a matmul with a 0/1 bin matrix (``p @ C``, ``C (BLOCK_N, P_k)``),
   leaving ``(Lq, P_k)`` per head; the rows are then summed into their ``P_q`` bins.
@@ -138,6 +139,16 @@ def _stats_kernel(
                 top_w = tl.where(replace, best[:, None], top_w)
                 top_i = tl.where(replace, (j0 + best_j)[:, None], top_i)
                 cand = tl.where(offs_n0[None, :] == best_j[:, None], -2.0, cand)
+
+    if TOPK > 0:
+        # Rows that saw fewer than TOPK keys in the visited tiles: the rest of their top-k are
+        # zero weights of skipped keys, [0, lo) then [end, Lk) (always enough of them: TOPK <= Lk).
+        end = tl.where(hi > lo, lo + tl.cdiv(hi - lo, BLOCK_N) * BLOCK_N, lo)
+        unfilled = (top_w < 0.0) & (offs_k[None, :] < TOPK)
+        rank = tl.cumsum(unfilled.to(tl.int32), 1) - 1  # position among the unfilled slots
+        skipped = tl.where(rank < lo, rank, end + rank - lo)
+        top_i = tl.where(unfilled, skipped, top_i)
+        top_w = tl.where(unfilled, 0.0, top_w)
 
     tl.store(ENT + bh * q_len + offs_m, -plogp, mask=row_ok)
     tl.store(DIST + bh * q_len + offs_m, dist, mask=row_ok)
