@@ -164,6 +164,13 @@ def _stats_kernel(
         tl.store(TOPI + top_ptr, top_i, mask=top_ok)
 
 
+def supported(q: torch.Tensor) -> bool:
+    """Whether this kernel serves ``q`` (`attnkit.stats` asks before choosing it over the torch kernel)."""
+    from attnkit.kernels.triton import MAX_HEAD_DIM, SUPPORTED_DTYPES
+
+    return q.is_cuda and q.dtype in SUPPORTED_DTYPES and q.shape[-1] <= MAX_HEAD_DIM
+
+
 def bin_of(n: int, bins: int, device: torch.device) -> torch.Tensor:
     """``(n,)`` int64: the bin of each index when ``n`` indices are cut into ``bins`` near-equal runs."""
     i = torch.arange(n, device=device)
