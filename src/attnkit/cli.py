@@ -1,0 +1,74 @@
+"""The ``attnkit`` command: explain, show, compare, bench.
+
+Each command lives in its own module exposing ``add_arguments(parser)`` and ``run(args)``;
+this file only wires them up, importing each lazily so ``attnkit --help`` stays fast and
+a command whose optional dependencies are missing fails with its own clear message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import pkgutil
+import sys
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "show": ("attnkit.viz.show", "see what a real pretrained model attends to: terminal summary, HTML report, PNGs"),
+    "explain": ("attnkit.explain", "walk through one head of self-attention on a short sentence, step by step"),
+    "compare": ("attnkit.bench.compare", "measure self-attention against an LSTM, and cross-attention, on tasks"),
+}
+
+
+def _present(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def bench_modules() -> dict[str, str]:
+    """``attnkit bench <NAME>`` -> module, for every module under attnkit.bench defining NAME."""
+    import attnkit.bench as bench
+
+    found = {}
+    for info in pkgutil.iter_modules(bench.__path__):
+        if info.name in ("common", "compare") or info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"attnkit.bench.{info.name}")
+        if hasattr(module, "NAME"):
+            found[module.NAME] = module.__name__
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attnkit", description="Exact, fast self-attention and tools to see it.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        if not _present(module):
+            continue
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
+        p.set_defaults(_run=importlib.import_module(module).run)
+    bench = sub.add_parser("bench", help="benchmarks (each case in a fresh subprocess; results under docs/results/)")
+    bench_sub = bench.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    for name, module_name in sorted(bench_modules().items()):
+        module = importlib.import_module(module_name)
+        p = bench_sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return 2
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

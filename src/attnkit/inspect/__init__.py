@@ -1,0 +1,23 @@
+"""See what attention does: record it from models, label heads, explain beyond raw weights.
+
+* `record`: capture per-layer `attnkit.AttentionStats` (and small full maps) from attnkit
+  modules, Hugging Face ``transformers`` models and ``torch.nn.MultiheadAttention``.
+* `head_roles`: score every head (entropy, distance, locality, previous-token, sink,
+  duplicate-token, induction, rare-token) and label it (`ROLE_DESCRIPTIONS`, `THRESHOLDS`).
+"""
+
+from attnkit.inspect.record import LayerRecord, Recording, UnsupportedModelError, record
+from attnkit.inspect.roles import ROLE_DESCRIPTIONS, THRESHOLDS, HeadRoles, head_roles, rare_by_counts, rare_by_rank
+
+__all__ = [
+    "ROLE_DESCRIPTIONS",
+    "THRESHOLDS",
+    "HeadRoles",
+    "LayerRecord",
+    "Recording",
+    "UnsupportedModelError",
+    "head_roles",
+    "rare_by_counts",
+    "rare_by_rank",
+    "record",
+]

@@ -1,0 +1,405 @@
+"""`record()`: capture attention statistics (and small maps) from a model while it runs.
+
+::
+
+    with attnkit.inspect.record(model, maps=True, tokens=tokens) as rec:
+        model(**inputs)
+    rec[0].stats.entropy      # (B, H, Lq) of the first attention call
+    rec[0].maps               # (B, H, Lq, Lk) or None when too large
+    rec.layer_names()
+
+What can be captured, and how:
+
+* attnkit's own modules (`attnkit.nn`): they show their ``q, k, v`` to `attnkit.observers`.
+* Hugging Face ``transformers`` models: the model runs with the ``"attnkit"`` attention
+  implementation (`attnkit.integrations.huggingface`), which shows every call to the
+  observers; a model loaded with another implementation is switched for the duration of
+  the ``with`` block and switched back after (its outputs do not change).
+* ``torch.nn.MultiheadAttention`` inside any model: a forward pre-hook recomputes
+  ``q, k, v`` from the module's own input projections (``batch_first``, ``kdim``/``vdim``,
+  ``bias_k``/``bias_v``, ``add_zero_attn``, both masks) and computes the statistics through
+  attnkit. PyTorch's fused "fast path" (which skips the module's Python forward) is turned
+  off while recording.
+
+Statistics are computed with `attnkit.attention_stats` (exact, O(L) memory); full maps
+with `attnkit.attention_weights` when ``maps`` is true and one layer's map fits in
+``max_map_bytes``. With ``grads=True`` each record also gets ``grad`` ``(B, H, Lq, Lk)``,
+the gradient of whatever is back-propagated with respect to the attention weights,
+``dL/dp_ij = dO_i . v_j`` (O: the attention output of that head), once ``backward()`` ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from attnkit import observers
+from attnkit.functional import attention_weights
+from attnkit.stats import AttentionStats, attention_stats
+
+__all__ = ["LayerRecord", "Recording", "UnsupportedModelError", "record"]
+
+log = logging.getLogger(__name__)
+
+_OPTION_KEYS = ("causal", "mask", "window", "alibi", "softcap", "scale")
+DEFAULT_MAX_MAP_BYTES = 64 * 2**20
+
+
+class UnsupportedModelError(TypeError):
+    """`record` found no attention it can capture in the model."""
+
+
+@dataclass
+class LayerRecord:
+    """One attention call seen during recording.
+
+    Attributes:
+        name: the module's qualified name in the model (``"encoder.layer.0.attention.self"``);
+            a module called twice gets ``"#2"`` appended on the second call.
+        stats: `AttentionStats` with batched ``(B, H, ...)`` tensors, or None if not asked.
+        maps: ``(B, H, Lq, Lk)`` weights (fp32), or None (not asked, or above ``max_map_bytes``).
+        tokens: the tokens given to `record`, or None.
+        kind: ``"attnkit"``, ``"huggingface"`` or ``"torch.nn.MultiheadAttention"``.
+        grad: ``(B, H, Lq, Lk)`` ``dL/dp`` after ``backward()`` when ``grads=True``, else None.
+        shape: ``(B, H, Lq, Lk)``.
+    """
+
+    name: str
+    stats: AttentionStats | None
+    maps: Tensor | None
+    tokens: list[str] | None
+    kind: str
+    shape: tuple[int, int, int, int]
+    grad: Tensor | None = None
+    module: nn.Module | None = field(default=None, repr=False)
+    _v: Tensor | None = field(default=None, repr=False)  # (B, H, Lk, Dv), kept only for grads
+
+
+class Recording:
+    """The records of one `record` block, in call order; index by position or name."""
+
+    def __init__(self, tokens: list[str] | None = None):
+        self.layers: list[LayerRecord] = []
+        self.tokens = tokens
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self) -> Iterator[LayerRecord]:
+        return iter(self.layers)
+
+    def __getitem__(self, key: int | str) -> LayerRecord:
+        if isinstance(key, str):
+            for layer in self.layers:
+                if layer.name == key:
+                    return layer
+            raise KeyError(f"no recorded layer named {key!r}; recorded: {self.layer_names()}")
+        return self.layers[key]
+
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    def maps(self) -> Tensor:
+        """``(layers, B, H, Lq, Lk)``: every layer's full map (all must have been recorded, same shape)."""
+        missing = [layer.name for layer in self.layers if layer.maps is None]
+        if missing or not self.layers:
+            raise ValueError(f"Recording.maps: no full map for {missing or 'any layer'}; record with maps=True")
+        return torch.stack([layer.maps for layer in self.layers])
+
+    def grads(self) -> Tensor:
+        """``(layers, B, H, Lq, Lk)``: every layer's ``dL/dp`` (record with ``grads=True``, then backward)."""
+        missing = [layer.name for layer in self.layers if layer.grad is None]
+        if missing or not self.layers:
+            raise ValueError(
+                f"Recording.grads: no gradient for {missing or 'any layer'}; record with grads=True and call "
+                "backward() on the model's output inside or after the with block"
+            )
+        return torch.stack([layer.grad for layer in self.layers])
+
+    def __repr__(self) -> str:
+        return f"Recording({len(self.layers)} layers: {self.layer_names()[:4]}{' ...' if len(self) > 4 else ''})"
+
+
+# ------------------------------------------------------------------------ recorder
+class _Recorder:
+    def __init__(self, model, *, maps, stats, topk, pool, max_map_bytes, grads, rec: Recording):
+        self.names = {id(m): n for n, m in model.named_modules()} if isinstance(model, nn.Module) else {}
+        self.maps, self.stats, self.topk, self.pool = maps, stats, topk, pool
+        self.max_map_bytes, self.grads, self.rec = max_map_bytes, grads, rec
+        self.calls: dict[str, int] = {}
+        self.pending: dict[int, list[LayerRecord]] = {}  # id(module) -> records waiting for an output
+
+    def name_of(self, module) -> str:
+        base = self.names.get(id(module), type(module).__name__)
+        n = self.calls.get(base, 0) + 1
+        self.calls[base] = n
+        return base if n == 1 else f"{base}#{n}"
+
+    def capture(self, module, q: Tensor, k: Tensor, v: Tensor, options: dict, kind: str) -> LayerRecord:
+        options = {key: options[key] for key in _OPTION_KEYS if options.get(key) is not None}
+        q, k, v = q.detach(), k.detach(), v.detach()
+        B, H, Lq, _ = q.shape
+        Lk = k.shape[2]
+        st = attention_stats(q, k, v, **options, topk=self.topk, pool=self.pool) if self.stats else None
+        weights = None
+        if self.maps or self.grads:
+            size = B * H * Lq * Lk * 4
+            if size <= self.max_map_bytes:
+                with torch.no_grad():
+                    weights = attention_weights(q, k, **options).float()  # (B, H, Lq, Lk)
+            else:
+                log.warning(
+                    "record: the %s map of %s (%.0f MiB) exceeds max_map_bytes (%.0f MiB); kept statistics only",
+                    (B, H, Lq, Lk), self.names.get(id(module), type(module).__name__), size / 2**20,
+                    self.max_map_bytes / 2**20,
+                )  # fmt: skip
+        layer = LayerRecord(
+            name=self.name_of(module), stats=st, maps=weights if self.maps else None, tokens=self.rec.tokens,
+            kind=kind, shape=(B, H, Lq, Lk), module=module,
+        )  # fmt: skip
+        if self.grads and weights is not None:
+            G = H // k.shape[1]
+            layer._v = v.repeat_interleave(G, dim=1) if G > 1 else v  # (B, H, Lk, Dv)
+            self.pending.setdefault(id(module), []).append(layer)
+        self.rec.layers.append(layer)
+        return layer
+
+    def observe(self, module, q, k, v, options) -> None:
+        kind = "attnkit" if type(module).__module__.startswith("attnkit.") else "huggingface"
+        self.capture(module, q, k, v, options, kind)
+
+    def attach_output(self, module, out_heads: Tensor) -> None:
+        """Hook the attention output ``(B, H, Lq, Dv)`` of ``module``'s latest call for its gradient."""
+        waiting = self.pending.get(id(module))
+        if not waiting or not out_heads.requires_grad:
+            return
+        layer = waiting.pop(0)
+
+        def store(grad: Tensor) -> None:
+            g = torch.matmul(grad.float(), layer._v.float().transpose(-1, -2))  # (B, H, Lq, Lk): dO v^T
+            layer.grad = g if layer.grad is None else layer.grad + g
+
+        out_heads.register_hook(store)
+
+
+# ------------------------------------------------------------- torch MultiheadAttention
+def _mha_qkv(mha: nn.MultiheadAttention, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor, dict]:
+    """Recompute ``q (B, H, L, D)``, ``k, v (B, H, S, D)`` and attnkit options from an MHA call's inputs."""
+    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+             "is_causal")  # fmt: skip
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    query, key, value = bound["query"], bound["key"], bound["value"]
+    batched = query.dim() == 3
+    if not batched:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)  # (L, 1, E)
+    elif mha.batch_first:
+        query, key, value = (x.transpose(0, 1) for x in (query, key, value))  # (L, B, E)
+    E, H = mha.embed_dim, mha.num_heads
+    D = E // H
+    if mha._qkv_same_embed_dim:
+        w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+    else:
+        w_q, w_k, w_v = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+    b_q = b_k = b_v = None
+    if mha.in_proj_bias is not None:
+        b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
+    q = nn.functional.linear(query, w_q, b_q)  # (L, B, E)
+    k = nn.functional.linear(key, w_k, b_k)  # (S, B, E)
+    v = nn.functional.linear(value, w_v, b_v)  # (S, B, E)
+    L, B, _ = q.shape
+    attn_mask, kpm = bound.get("attn_mask"), bound.get("key_padding_mask")
+    if kpm is not None and not batched:
+        kpm = kpm.unsqueeze(0)  # (1, S)
+    if attn_mask is not None and attn_mask.dim() == 3:
+        attn_mask = attn_mask.view(B, H, L, -1)  # (B*H, L, S) -> (B, H, L, S)
+    if mha.bias_k is not None:  # one learned key/value appended to every sequence
+        k = torch.cat([k, mha.bias_k.expand(1, B, E)])  # (S+1, B, E)
+        v = torch.cat([v, mha.bias_v.expand(1, B, E)])
+        attn_mask = None if attn_mask is None else nn.functional.pad(attn_mask, (0, 1))
+        kpm = None if kpm is None else nn.functional.pad(kpm, (0, 1))
+    if mha.add_zero_attn:  # one all-zero key/value appended after the projections
+        k = torch.cat([k, k.new_zeros(1, B, E)])
+        v = torch.cat([v, v.new_zeros(1, B, E)])
+        attn_mask = None if attn_mask is None else nn.functional.pad(attn_mask, (0, 1))
+        kpm = None if kpm is None else nn.functional.pad(kpm, (0, 1))
+    q = q.view(L, B, H, D).permute(1, 2, 0, 3)  # (B, H, L, D)
+    k = k.view(k.shape[0], B, H, D).permute(1, 2, 0, 3)  # (B, H, S, D)
+    v = v.view(v.shape[0], B, H, D).permute(1, 2, 0, 3)  # (B, H, S, D)
+    mask = None
+    for m in (attn_mask, None if kpm is None else kpm[:, None, None, :]):  # (L, S) / (B, H, L, S), (B, 1, 1, S)
+        if m is None:
+            continue
+        # torch's convention: bool True = masked out, float = added; attnkit's: bool True = may attend
+        m = ~m if m.dtype == torch.bool else m.to(q.dtype)
+        if mask is None:
+            mask = m
+        elif mask.dtype == torch.bool and m.dtype == torch.bool:
+            mask = mask & m
+        else:
+            to_float = lambda x: x if x.dtype != torch.bool else torch.zeros(x.shape, dtype=q.dtype).masked_fill(
+                ~x, float("-inf")
+            )  # fmt: skip
+            mask = to_float(mask) + to_float(m)
+    causal = bool(bound.get("is_causal", False)) and attn_mask is None
+    return q, k, v, {"mask": mask, "causal": causal, "scale": 1.0 / math.sqrt(D)}
+
+
+def _hook_mha(recorder: _Recorder, mha: nn.MultiheadAttention, stack: contextlib.ExitStack) -> None:
+    def pre(module, args, kwargs):
+        with torch.no_grad():
+            q, k, v, options = _mha_qkv(module, args, kwargs)
+        recorder.capture(module, q, k, v, options, "torch.nn.MultiheadAttention")
+
+    def post(module, args, kwargs, output):
+        if not recorder.grads:
+            return
+        out = output[0]  # attn_output, after out_proj: (L, B, E), (B, L, E) batch_first, or (L, E)
+        if not out.requires_grad:
+            return
+        # out = concat_h(O_h) W_o^T + b, so dL/dO_concat = dL/dout W_o: route it through an identity
+        # node whose gradient we read, reshaped per head.
+        E, H = module.embed_dim, module.num_heads
+        pending = recorder.pending.get(id(module))
+        if not pending:
+            return
+        layer = pending.pop(0)
+        batch_first = module.batch_first and out.dim() == 3
+
+        def store(grad: Tensor) -> None:
+            g = grad if out.dim() == 3 else grad.unsqueeze(1)  # (L, B, E) or (B, L, E)
+            if out.dim() == 3 and not batch_first:
+                g = g.transpose(0, 1)  # (B, L, E)
+            d_concat = torch.matmul(g.float(), module.out_proj.weight.float())  # (B, L, E)
+            B, L, _ = d_concat.shape
+            d_o = d_concat.view(B, L, H, E // H).transpose(1, 2)  # (B, H, L, D)
+            gp = torch.matmul(d_o, layer._v.float().transpose(-1, -2))  # (B, H, L, S)
+            layer.grad = gp if layer.grad is None else layer.grad + gp
+
+        out.register_hook(store)
+
+    stack.enter_context(_removing(mha.register_forward_pre_hook(pre, with_kwargs=True)))
+    stack.enter_context(_removing(mha.register_forward_hook(post, with_kwargs=True)))
+
+
+@contextlib.contextmanager
+def _removing(handle):
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+# ----------------------------------------------------------------------- record()
+def _is_hf_model(model) -> bool:
+    config = getattr(model, "config", None)
+    return config is not None and hasattr(config, "_attn_implementation") and hasattr(model, "named_modules")
+
+
+@contextlib.contextmanager
+def _hf_attnkit(model, recorder: _Recorder) -> Iterator[None]:
+    """Run a ``transformers`` model on the ``"attnkit"`` implementation for the block's duration."""
+    from attnkit.integrations import huggingface as hf
+
+    hf.register()
+    before = model.config._attn_implementation
+    if before != hf.NAME:
+        family = getattr(model.config, "model_type", type(model).__name__)
+        try:
+            model.set_attn_implementation(hf.NAME)
+        except (ValueError, AttributeError, KeyError, TypeError) as e:
+            raise UnsupportedModelError(
+                f"record: cannot capture the attention of {type(model).__name__} (model family {family!r}): "
+                f"it does not support a custom attention implementation in transformers ({e})"
+            ) from e
+    with hf.output_listener(recorder.attach_output) if recorder.grads else contextlib.nullcontext():
+        try:
+            yield
+        finally:
+            if before != hf.NAME:
+                model.set_attn_implementation(before)
+
+
+def _wrap_attnkit_outputs(recorder: _Recorder, model: nn.Module, stack: contextlib.ExitStack) -> int:
+    """Wrap the ``attention_fn`` of attnkit modules so their outputs can carry a gradient hook."""
+    count = 0
+    for module in model.modules():
+        if not type(module).__module__.startswith("attnkit.") or not hasattr(module, "attention_fn"):
+            continue
+        count += 1
+        if not recorder.grads:
+            continue
+        original = module.attention_fn
+
+        def wrapped(q, k, v, *args, _module=module, _original=original, **kwargs):
+            out = _original(q, k, v, *args, **kwargs)
+            recorder.attach_output(_module, out)
+            return out
+
+        module.attention_fn = wrapped
+        stack.callback(setattr, module, "attention_fn", original)
+    return count
+
+
+@contextlib.contextmanager
+def record(
+    model: nn.Module | None = None,
+    *,
+    maps: bool = False,
+    stats: bool = True,
+    topk: int = 8,
+    pool: int = 256,
+    max_map_bytes: int = DEFAULT_MAX_MAP_BYTES,
+    tokens: list[str] | None = None,
+    grads: bool = False,
+) -> Iterator[Recording]:
+    """Record attention while ``model`` runs inside the ``with`` block.
+
+    Args:
+        model: the model (attnkit modules, a ``transformers`` model, or any module holding
+            ``torch.nn.MultiheadAttention``); None records every attnkit call in the block.
+        maps: also keep each layer's full ``(B, H, Lq, Lk)`` map when it fits ``max_map_bytes``.
+        stats: keep `AttentionStats` per layer (``topk``, ``pool`` as in `attnkit.attention_stats`).
+        tokens: token strings to attach to the records (for pictures and head roles).
+        grads: keep what is needed for ``dL/dp``; call ``backward()`` and read ``layer.grad``.
+
+    Yields:
+        a `Recording`, filled as the model runs.
+
+    Raises:
+        UnsupportedModelError: the model holds no attention that can be captured (the error
+            names its class / model family).
+    """
+    rec = Recording(tokens)
+    recorder = _Recorder(
+        model, maps=maps, stats=stats, topk=topk, pool=pool, max_map_bytes=max_map_bytes, grads=grads, rec=rec
+    )
+    with contextlib.ExitStack() as stack:
+        sources = 0
+        if model is not None:
+            if _is_hf_model(model):
+                stack.enter_context(_hf_attnkit(model, recorder))
+                sources += 1
+            for module in model.modules():
+                if isinstance(module, nn.MultiheadAttention) and not type(module).__module__.startswith("attnkit."):
+                    _hook_mha(recorder, module, stack)
+                    sources += 1
+            sources += _wrap_attnkit_outputs(recorder, model, stack)
+            if sources == 0:
+                raise UnsupportedModelError(
+                    f"record: found no attention to capture in {type(model).__name__}: it holds no attnkit module, "
+                    "no torch.nn.MultiheadAttention and is not a transformers model; attention computed directly "
+                    "with F.scaled_dot_product_attention cannot be observed (use attnkit.attention there)"
+                )
+            if sources and any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+                fast = torch.backends.mha.get_fastpath_enabled()
+                torch.backends.mha.set_fastpath_enabled(False)  # the fused path skips the module's forward
+                stack.callback(torch.backends.mha.set_fastpath_enabled, fast)
+        stack.enter_context(observers.observe(recorder.observe))
+        yield rec

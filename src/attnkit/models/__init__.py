@@ -1,0 +1,1 @@
+"""Pretrained checkpoints loaded into `attnkit.nn` parts (`attnkit.models.bert`)."""

@@ -1,0 +1,311 @@
+"""`MultiheadAttention`: a drop-in for `torch.nn.MultiheadAttention` computed by `attnkit.attention`.
+
+Same constructor, same forward, same parameter names (so state dicts load both ways),
+same mask conventions (bool True = masked *out*, float = added to the scores), same
+return values. Two differences, both deliberate:
+
+* a query that may attend to no key gets output 0 and weights 0, where torch gives NaN;
+* with ``need_weights=False`` nothing of size ``Lq x Lk`` is built unless the caller's
+  ``attn_mask`` already is one: a ``key_padding_mask (N, S)`` travels to the kernel as a
+  ``(N, 1, 1, S)`` mask and is never expanded.
+
+Shape legend: ``N`` batch, ``L`` target (query) length, ``S`` source (key) length,
+``E`` embed_dim, ``H`` num_heads, ``D = E / H``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import attnkit
+from attnkit import observers
+from attnkit.nn.attention import call_attention
+
+__all__ = ["MultiheadAttention"]
+
+
+def _to_allowed(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """torch's convention (bool True = masked out, float added) to attnkit's (bool True = may attend)."""
+    return ~mask if mask.dtype == torch.bool else mask.to(dtype)
+
+
+def _as_float(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """An attnkit mask as an additive float mask (``-inf`` where a bool mask forbids)."""
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def _merge(a: Tensor | None, b: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """Combine two attnkit masks: bool & bool stays bool, otherwise additive."""
+    if a is None or b is None:
+        return a if b is None else b
+    if a.dtype == torch.bool and b.dtype == torch.bool:
+        return a & b
+    return _as_float(a, dtype) + _as_float(b, dtype)
+
+
+class MultiheadAttention(nn.Module):
+    """Multi-head attention with `torch.nn.MultiheadAttention`'s interface, through `attnkit.attention`.
+
+    Args:
+        embed_dim: ``E``, the width of the queries and of the output.
+        num_heads: ``H``; must divide ``embed_dim``.
+        dropout: dropout on the attention weights while training.
+        bias: biases on the input and output projections.
+        add_bias_kv: learn one extra key and value appended to the sequence (``bias_k``, ``bias_v``).
+        add_zero_attn: append a key and value of zeros (after the heads are split).
+        kdim, vdim: widths of ``key`` and ``value`` (default ``embed_dim``).
+        batch_first: inputs and outputs are ``(N, L, E)`` rather than ``(L, N, E)``.
+
+    Parameters have torch's names: ``in_proj_weight (3E, E)`` and ``in_proj_bias (3E,)``, or
+    ``q_proj_weight (E, E)``, ``k_proj_weight (E, kdim)``, ``v_proj_weight (E, vdim)`` when
+    ``kdim``/``vdim`` differ from ``E``; ``out_proj`` a ``Linear(E, E)``; ``bias_k, bias_v (1, 1, E)``.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if embed_dim <= 0 or num_heads <= 0:
+            raise ValueError(
+                f"MultiheadAttention: embed_dim and num_heads must be > 0, got embed_dim={embed_dim}, "
+                f"num_heads={num_heads}"
+            )
+        if embed_dim % num_heads != 0:
+            raise ValueError(
+                f"MultiheadAttention: embed_dim must be divisible by num_heads, got embed_dim={embed_dim}, "
+                f"num_heads={num_heads}"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"MultiheadAttention: dropout must lie in [0, 1), got {dropout!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim = embed_dim
+        self.kdim = kdim if kdim is not None else embed_dim
+        self.vdim = vdim if vdim is not None else embed_dim
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.batch_first = batch_first
+        self.head_dim = embed_dim // num_heads
+        self.add_zero_attn = add_zero_attn
+        self.attention_fn = attnkit.attention
+        if self._qkv_same_embed_dim:
+            self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
+            self.register_parameter("q_proj_weight", None)
+            self.register_parameter("k_proj_weight", None)
+            self.register_parameter("v_proj_weight", None)
+        else:
+            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory))
+            self.k_proj_weight = nn.Parameter(torch.empty(embed_dim, self.kdim, **factory))
+            self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, self.vdim, **factory))
+            self.register_parameter("in_proj_weight", None)
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        if add_bias_kv:
+            self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
+            self.bias_v = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
+        else:
+            self.bias_k = self.bias_v = None
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        """torch's initialisation: Xavier-uniform projections, zero biases, Xavier-normal bias_k/v."""
+        if self._qkv_same_embed_dim:
+            nn.init.xavier_uniform_(self.in_proj_weight)
+        else:
+            nn.init.xavier_uniform_(self.q_proj_weight)
+            nn.init.xavier_uniform_(self.k_proj_weight)
+            nn.init.xavier_uniform_(self.v_proj_weight)
+        if self.in_proj_bias is not None:
+            nn.init.constant_(self.in_proj_bias, 0.0)
+            nn.init.constant_(self.out_proj.bias, 0.0)
+        if self.bias_k is not None:
+            nn.init.xavier_normal_(self.bias_k)
+            nn.init.xavier_normal_(self.bias_v)
+
+    # ------------------------------------------------------------------ pieces
+    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``query (N, L, E)``, ``key (N, S, kdim)``, ``value (N, S, vdim)`` -> ``q (N, L, E)``, ``k, v (N, S, E)``."""
+        E = self.embed_dim
+        b = self.in_proj_bias
+        bq, bk, bv = (None, None, None) if b is None else b.split(E)
+        if self._qkv_same_embed_dim:
+            w = self.in_proj_weight
+            if query is key and key is value:  # self-attention: one matmul
+                return F.linear(query, w, b).chunk(3, dim=-1)  # 3 x (N, L, E)
+            wq, wkv = w.split([E, 2 * E])
+            q = F.linear(query, wq, bq)
+            if key is value:
+                k, v = F.linear(key, wkv, None if b is None else b[E:]).chunk(2, dim=-1)  # 2 x (N, S, E)
+                return q, k, v
+            wk, wv = wkv.split(E)
+            return q, F.linear(key, wk, bk), F.linear(value, wv, bv)
+        return (
+            F.linear(query, self.q_proj_weight, bq),
+            F.linear(key, self.k_proj_weight, bk),
+            F.linear(value, self.v_proj_weight, bv),
+        )
+
+    def _check_inputs(self, query: Tensor, key: Tensor, value: Tensor) -> bool:
+        """Validate the input shapes; returns whether the inputs are batched."""
+        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(
+                "MultiheadAttention: query, key and value must all be 3-D (batched) or all 2-D (unbatched), got "
+                f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
+            )
+        for name, x, width in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
+            if x.shape[-1] != width:
+                raise ValueError(f"MultiheadAttention: {name} must have last dim {width}, got shape {tuple(x.shape)}")
+        if key.shape[:-1] != value.shape[:-1]:
+            raise ValueError(
+                f"MultiheadAttention: key and value must share length and batch, got key {tuple(key.shape)}, "
+                f"value {tuple(value.shape)}"
+            )
+        return query.dim() == 3
+
+    def _masks(
+        self, key_padding_mask: Tensor | None, attn_mask: Tensor | None, N: int, L: int, S: int, dtype: torch.dtype
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Convert torch's masks to attnkit's: ``(N, 1, 1, S)`` padding and ``(L, S)``/``(N, H, L, S)`` mask."""
+        kpm = None
+        if key_padding_mask is not None:
+            if tuple(key_padding_mask.shape) != (N, S):
+                raise ValueError(
+                    f"MultiheadAttention: key_padding_mask must have shape (N, S) = {(N, S)}, "
+                    f"got {tuple(key_padding_mask.shape)}"
+                )
+            kpm = _to_allowed(key_padding_mask, dtype).view(N, 1, 1, S)  # (N, 1, 1, S)
+        mask = None
+        if attn_mask is not None:
+            if attn_mask.dim() == 2 and tuple(attn_mask.shape) == (L, S):
+                mask = _to_allowed(attn_mask, dtype)  # (L, S)
+            elif attn_mask.dim() == 3 and tuple(attn_mask.shape) == (N * self.num_heads, L, S):
+                mask = _to_allowed(attn_mask, dtype).view(N, self.num_heads, L, S)  # (N, H, L, S)
+            else:
+                raise ValueError(
+                    f"MultiheadAttention: attn_mask must have shape (L, S) = {(L, S)} or (N * num_heads, L, S) = "
+                    f"{(N * self.num_heads, L, S)}, got {tuple(attn_mask.shape)}"
+                )
+        return kpm, mask
+
+    @staticmethod
+    def _pad_masks(kpm: Tensor | None, mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """Let every query see one appended key (bias_kv or zero_attn): pad masks by one allowed column."""
+        if kpm is not None:
+            kpm = F.pad(kpm, (0, 1), value=True if kpm.dtype == torch.bool else 0.0)
+        if mask is not None:
+            mask = F.pad(mask, (0, 1), value=True if mask.dtype == torch.bool else 0.0)
+        return kpm, mask
+
+    # ----------------------------------------------------------------- forward
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attend from ``query`` to ``key``/``value``.
+
+        Args:
+            query: ``(L, N, E)``, or ``(N, L, E)`` with ``batch_first``, or ``(L, E)`` unbatched.
+            key: ``(S, N, kdim)`` / ``(N, S, kdim)`` / ``(S, kdim)``.
+            value: ``(S, N, vdim)`` / ``(N, S, vdim)`` / ``(S, vdim)``.
+            key_padding_mask: ``(N, S)`` (or ``(S,)`` unbatched); bool True = ignore that key,
+                float = added to its scores.
+            need_weights: also return the attention weights (these are ``L x S`` by nature).
+            attn_mask: ``(L, S)`` or ``(N * H, L, S)``; bool True = not allowed, float = added.
+            average_attn_weights: average the returned weights over heads.
+            is_causal: a hint, as in torch, that ``attn_mask`` is the causal mask; it is then
+                computed as attnkit's ``causal=True`` without reading ``attn_mask``.
+
+        Returns:
+            ``attn_output`` shaped like ``query`` (last dim ``E``) and ``attn_weights``:
+            ``(N, L, S)`` averaged or ``(N, H, L, S)`` per head (no ``N`` unbatched; ``S``
+            counts the appended bias/zero keys), or None without ``need_weights``. The weights
+            are those before dropout.
+        """
+        batched = self._check_inputs(query, key, value)
+        if is_causal and attn_mask is None:
+            raise RuntimeError(
+                "MultiheadAttention: is_causal is a hint that attn_mask is the causal mask; pass attn_mask too "
+                "(as torch.nn.MultiheadAttention requires)"
+            )
+        if not batched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)  # (L, 1, E) ...
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)  # (1, S)
+            # an unbatched (H, L, S) attn_mask is already (N * H, L, S) with N = 1
+        if not batched or not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)  # (N, L, E) ...
+        N, L, _ = query.shape
+        S = key.shape[1]
+        H, D = self.num_heads, self.head_dim
+        kpm, mask = self._masks(key_padding_mask, attn_mask, N, L, S, query.dtype)
+        causal = bool(is_causal) and L == S and self.bias_k is None and not self.add_zero_attn
+        if causal:
+            mask = None
+
+        q, k, v = self._project(query, key, value)  # (N, L, E), (N, S, E), (N, S, E)
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.expand(N, 1, -1)], dim=1)  # (N, S + 1, E)
+            v = torch.cat([v, self.bias_v.expand(N, 1, -1)], dim=1)  # (N, S + 1, E)
+            kpm, mask = self._pad_masks(kpm, mask)
+        q = q.view(N, L, H, D).transpose(1, 2)  # (N, H, L, D)
+        k = k.view(N, -1, H, D).transpose(1, 2)  # (N, H, S', D)
+        v = v.view(N, -1, H, D).transpose(1, 2)  # (N, H, S', D)
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(N, H, 1, D)], dim=2)  # (N, H, S' + 1, D)
+            v = torch.cat([v, v.new_zeros(N, H, 1, D)], dim=2)  # (N, H, S' + 1, D)
+            kpm, mask = self._pad_masks(kpm, mask)
+        options = {
+            "causal": causal,
+            "mask": _merge(mask, kpm, query.dtype),
+            "window": None,
+            "alibi": None,
+            "softcap": None,
+            "scale": None,
+        }
+        dropout_p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            if observers.active():
+                observers.notify(self, q, k, v, options)
+            p = attnkit.attention_weights(q, k, **options)  # (N, H, L, S'), before dropout
+            weights = p.to(query.dtype)
+            if dropout_p > 0:  # the output must see dropout; the weights returned are those before it
+                out = self.attention_fn(q, k, v, dropout_p=dropout_p, **options)
+            else:  # one pass: the output is the weights applied to the values
+                out = torch.matmul(p, v.to(p.dtype)).to(query.dtype)  # (N, H, L, D)
+            if average_attn_weights:
+                weights = weights.mean(dim=1)  # (N, L, S')
+        else:
+            out = call_attention(self, q, k, v, options, dropout_p=dropout_p)  # (N, H, L, D)
+        out = out.transpose(1, 2).reshape(N, L, H * D)  # (N, L, E)
+        out = self.out_proj(out)
+        if not batched:
+            return out.squeeze(0), None if weights is None else weights.squeeze(0)
+        if not self.batch_first:
+            out = out.transpose(0, 1)  # (L, N, E)
+        return out, weights

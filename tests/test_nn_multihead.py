@@ -1,0 +1,230 @@
+"""attnkit.nn.MultiheadAttention against torch.nn.MultiheadAttention on the same parameters."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import attnkit
+from attnkit import observers
+from attnkit.nn import MultiheadAttention
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def _pair(dtype=torch.float64, **kwargs):
+    theirs = torch.nn.MultiheadAttention(**kwargs, dtype=dtype)
+    ours = MultiheadAttention(**kwargs, dtype=dtype)
+    ours.load_state_dict(theirs.state_dict())
+    if kwargs.get("bias", True):  # torch zero-initialises biases: make them matter
+        with torch.no_grad():
+            for m in (theirs, ours):
+                torch.manual_seed(1)
+                m.in_proj_bias.normal_()
+                m.out_proj.bias.normal_()
+    return theirs, ours
+
+
+def _random_case(rng: random.Random, dtype: torch.dtype):
+    H = rng.choice([1, 2, 4])
+    E = H * rng.choice([2, 4, 8])
+    cross = rng.random() < 0.5
+    kdim = rng.choice([None, 6, E]) if cross else None
+    vdim = rng.choice([None, 5, E]) if cross else None
+    kwargs = {
+        "embed_dim": E,
+        "num_heads": H,
+        "bias": rng.random() < 0.8,
+        "add_bias_kv": rng.random() < 0.3,
+        "add_zero_attn": rng.random() < 0.3,
+        "kdim": kdim,
+        "vdim": vdim,
+        "batch_first": rng.random() < 0.5,
+    }
+    N, L = rng.randint(1, 3), rng.randint(1, 7)
+    S = rng.randint(1, 8) if cross else L
+    x = torch.randn(N, L, E, dtype=dtype)
+    key = torch.randn(N, S, kdim or E, dtype=dtype) if cross else x
+    value = torch.randn(N, S, vdim or E, dtype=dtype) if cross else x
+    if not kwargs["batch_first"]:
+        x, key, value = x.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+    kpm = attn_mask = None
+    kind = rng.choice(["none", "bool", "float"])
+    if rng.random() < 0.6:
+        lengths = torch.randint(1, S + 1, (N,))  # every query keeps at least one key: torch gives no NaN
+        pad = torch.arange(S)[None, :] >= lengths[:, None]  # (N, S) True = ignore
+        kpm = pad if kind != "float" else torch.zeros(N, S, dtype=dtype).masked_fill(pad, float("-inf"))
+    if rng.random() < 0.6:
+        shape = (L, S) if rng.random() < 0.5 else (N * H, L, S)
+        if kind == "float":
+            attn_mask = torch.randn(shape, dtype=dtype)
+        else:
+            attn_mask = torch.rand(shape) < 0.3
+            attn_mask[..., 0] = False  # keep column 0 open so that no row is fully masked
+            if kpm is not None:
+                kpm = kpm.clone()
+                kpm[:, 0] = False if kind == "bool" else 0.0
+    fwd = {
+        "key_padding_mask": kpm,
+        "attn_mask": attn_mask,
+        "need_weights": rng.random() < 0.6,
+        "average_attn_weights": rng.random() < 0.5,
+    }
+    return kwargs, (x, key, value), fwd
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_matches_torch_over_random_configurations(dtype):
+    rng = random.Random(1234 if dtype == torch.float64 else 99)
+    seen = set()
+    for _ in range(40):
+        kwargs, inputs, fwd = _random_case(rng, dtype)
+        theirs, ours = _pair(dtype, **kwargs)
+        out_t, w_t = theirs(*inputs, **fwd)
+        out_o, w_o = ours(*inputs, **fwd)
+        assert out_o.shape == out_t.shape
+        torch.testing.assert_close(out_o, out_t, atol=TOL[dtype], rtol=0)
+        if fwd["need_weights"]:
+            assert w_o.shape == w_t.shape and w_o.dtype == w_t.dtype
+            torch.testing.assert_close(w_o, w_t, atol=TOL[dtype], rtol=0)
+        else:
+            assert w_o is None and w_t is None
+        seen.add((kwargs["add_bias_kv"], kwargs["add_zero_attn"], kwargs["batch_first"], fwd["need_weights"]))
+    assert len(seen) >= 10  # the random cases really cover the switches
+
+
+def test_gradients_match_torch():
+    theirs, ours = _pair(embed_dim=8, num_heads=2, batch_first=True, add_bias_kv=True)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    kpm = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    for need in (True, False):
+        grads = []
+        for m in (theirs, ours):
+            x.grad = None
+            m.zero_grad()
+            out, _ = m(x, x, x, key_padding_mask=kpm, need_weights=need)
+            out.square().sum().backward()
+            grads.append([x.grad.clone(), *(p.grad.clone() for p in m.parameters())])
+        for a, b in zip(*grads, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+def test_unbatched_inputs():
+    theirs, ours = _pair(embed_dim=8, num_heads=2)
+    q, k = torch.randn(4, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64)
+    kpm = torch.tensor([False, False, False, False, True, True])
+    for avg in (True, False):
+        (ot, wt), (oo, wo) = (m(q, k, k, key_padding_mask=kpm, average_attn_weights=avg) for m in (theirs, ours))
+        torch.testing.assert_close(oo, ot, atol=1e-10, rtol=0)
+        torch.testing.assert_close(wo, wt, atol=1e-10, rtol=0)
+
+
+def test_is_causal_matches_the_causal_mask():
+    theirs, ours = _pair(embed_dim=8, num_heads=2, batch_first=True)
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(6, dtype=torch.float64) == float("-inf")
+    ref, _ = theirs(x, x, x, attn_mask=causal)
+    out, _ = ours(x, x, x, attn_mask=causal, is_causal=True, need_weights=False)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    with pytest.raises(RuntimeError, match="attn_mask"):
+        ours(x, x, x, is_causal=True)
+
+
+def test_fully_masked_rows_give_zeros_not_nan():
+    _, ours = _pair(embed_dim=8, num_heads=2, batch_first=True, bias=False)
+    x = torch.randn(2, 4, 8, dtype=torch.float64)
+    attn_mask = torch.zeros(4, 4, dtype=torch.bool)
+    attn_mask[2] = True  # query 2 may attend to nothing
+    kpm = torch.zeros(2, 4, dtype=torch.bool)
+    kpm[1] = True  # every key of sequence 1 is padding
+    for need in (True, False):
+        out, w = ours(x, x, x, attn_mask=attn_mask, key_padding_mask=kpm, need_weights=need)
+        assert torch.isfinite(out).all()
+        assert out[0, 2].abs().max() == 0 and out[1].abs().max() == 0  # no bias: zero in, zero out
+        if need:
+            assert w[0, 2].abs().max() == 0 and w[1].abs().max() == 0
+            torch.testing.assert_close(w[0, [0, 1, 3]].sum(-1), torch.ones(3, dtype=torch.float64))
+
+
+def test_state_dict_round_trip_both_ways():
+    for kdim in (None, 6):
+        t = torch.nn.MultiheadAttention(8, 2, kdim=kdim, vdim=kdim, add_bias_kv=True)
+        o = MultiheadAttention(8, 2, kdim=kdim, vdim=kdim, add_bias_kv=True)
+        assert set(t.state_dict()) == set(o.state_dict())
+        t.load_state_dict(o.state_dict())
+        for name, value in o.state_dict().items():
+            assert torch.equal(t.state_dict()[name], value), name
+
+
+def test_key_padding_mask_is_not_expanded_and_observers_see_the_call():
+    _, ours = _pair(embed_dim=8, num_heads=2, batch_first=True)
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    kpm = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
+    seen = []
+    with observers.observe(lambda module, q, k, v, options: seen.append((module, q.shape, options))):
+        ours(x, x, x, key_padding_mask=kpm, need_weights=False)
+    ((module, q_shape, options),) = seen
+    assert module is ours and q_shape == (3, 2, 5, 4)
+    assert options["mask"].shape == (3, 1, 1, 5) and options["mask"].dtype == torch.bool
+    assert set(options) == {"causal", "mask", "window", "alibi", "softcap", "scale"}
+
+
+def test_attention_fn_is_used():
+    _, ours = _pair(embed_dim=8, num_heads=2, batch_first=True)
+    calls = []
+
+    def spy(q, k, v, **kwargs):
+        calls.append(kwargs)
+        return attnkit.attention(q, k, v, backend="reference", **kwargs)
+
+    ours.attention_fn = spy
+    x = torch.randn(1, 3, 8, dtype=torch.float64)
+    ours(x, x, x, need_weights=False)
+    assert len(calls) == 1 and calls[0]["dropout_p"] == 0.0
+
+
+def test_dropout_trains_and_evaluates():
+    m = MultiheadAttention(8, 2, dropout=0.5, batch_first=True)
+    x = torch.randn(2, 6, 8)
+    torch.manual_seed(0)
+    a, _ = m(x, x, x, need_weights=False)
+    torch.manual_seed(0)
+    b, _ = m(x, x, x, need_weights=False)
+    torch.testing.assert_close(a, b)  # reproducible under the seed
+    m.eval()
+    c, _ = m(x, x, x, need_weights=False)
+    assert not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "call", "match"),
+    [
+        ({"embed_dim": 10, "num_heads": 4}, None, "divisible"),
+        (
+            {"embed_dim": 8, "num_heads": 2},
+            lambda m: m(torch.randn(3, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 8)),
+            "3-D",
+        ),
+        (
+            {"embed_dim": 8, "num_heads": 2},
+            lambda m: m(torch.randn(2, 3, 7), torch.randn(2, 3, 7), torch.randn(2, 3, 7)),
+            "last dim 8",
+        ),
+        (
+            {"embed_dim": 8, "num_heads": 2},
+            lambda m: m(*[torch.randn(3, 2, 8)] * 3, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool)),
+            "key_padding_mask",
+        ),
+        (
+            {"embed_dim": 8, "num_heads": 2},
+            lambda m: m(*[torch.randn(3, 2, 8)] * 3, attn_mask=torch.zeros(3, 3, 3, dtype=torch.bool)),
+            "attn_mask",
+        ),
+    ],
+)
+def test_bad_input_raises_clear_errors(kwargs, call, match):
+    with pytest.raises(ValueError, match=match):
+        m = MultiheadAttention(**kwargs)
+        call(m)

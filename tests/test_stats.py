@@ -1,0 +1,165 @@
+"""attention_stats against statistics computed from the materialised float64 weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnkit
+from attnkit.kernels import stats as stats_kernel
+from attnkit.stats import AttentionStats, attention_stats
+
+
+def reference_stats(q, k, opts, *, topk, pool):
+    """Every statistic from the full fp64 weight matrix, written independently of the kernel."""
+    p = attnkit.attention_weights(q.double(), k.double(), **opts)  # (B, H, Lq, Lk)
+    B, H, Lq, Lk = p.shape
+    offset = Lk - Lq
+    pos_q = torch.arange(Lq, dtype=torch.float64)[:, None] + offset
+    pos_k = torch.arange(Lk, dtype=torch.float64)[None, :]
+    Pq, Pk = min(pool, Lq), min(pool, Lk)
+    pooled = torch.zeros(B, H, Pq, Pk, dtype=torch.float64)
+    for r in range(Pq):
+        for c in range(Pk):
+            rows = slice(r * Lq // Pq, (r + 1) * Lq // Pq)
+            cols = slice(c * Lk // Pk, (c + 1) * Lk // Pk)
+            pooled[:, :, r, c] = p[:, :, rows, cols].sum((-1, -2))
+    weights, index = p.topk(min(topk, Lk), dim=-1)
+    return p, {
+        "entropy": -torch.special.xlogy(p, p).sum(-1),
+        "mean_distance": (p * (pos_q - pos_k).abs()).sum(-1),
+        "received": p.sum(-2),
+        "pooled": pooled,
+        "topk_weight": weights,
+        "topk_index": index,
+    }
+
+
+def check_against_reference(st: AttentionStats, q, k, opts, *, topk, pool, rtol=1e-5, atol=1e-5):
+    p, ref = reference_stats(q, k, opts, topk=topk, pool=pool)
+    for name in ("entropy", "mean_distance", "received", "pooled", "topk_weight"):
+        got = getattr(st, name)
+        assert got.shape == ref[name].shape, name
+        torch.testing.assert_close(got.double(), ref[name], rtol=rtol, atol=atol, msg=name)
+    # indices: equal where the weight is not tied with a neighbour (or with the first left out)
+    w = ref["topk_weight"]
+    nxt = p.topk(min(topk + 1, p.shape[-1]), dim=-1).values
+    gaps = torch.cat([nxt[..., :-1] - nxt[..., 1:], torch.full_like(w[..., :1], 1.0)], -1)[..., : w.shape[-1]]
+    prev = torch.cat([torch.full_like(w[..., :1], 1.0), w[..., :-1] - w[..., 1:]], -1)
+    untied = (gaps > 1e-6) & (prev > 1e-6) & (w > 0)
+    assert untied.any()
+    assert torch.equal(st.topk_index[untied], ref["topk_index"][untied])
+    # the indices point at the weights they report
+    torch.testing.assert_close(torch.gather(p, -1, st.topk_index), st.topk_weight.double(), rtol=1e-5, atol=1e-6)
+
+
+CASES = [
+    # (options, B, Hq, Hk, Lq, Lk, D)
+    ({}, 2, 2, 2, 33, 47, 8),
+    ({"causal": True}, 1, 4, 2, 300, 300, 16),  # GQA, several query blocks, diagonal tiles
+    ({"causal": True}, 1, 2, 2, 40, 1100, 8),  # Lq < Lk: bottom-right alignment, several key tiles
+    ({"causal": True}, 1, 2, 1, 290, 40, 8),  # Lq > Lk: the first rows see no key
+    ({"window": (5, 3), "alibi": True}, 1, 4, 4, 70, 1500, 8),
+    ({"softcap": 2.0, "scale": 0.9, "window": (None, 2)}, 2, 2, 1, 100, 90, 8),
+]
+
+
+@pytest.mark.parametrize(("opts", "B", "Hq", "Hk", "Lq", "Lk", "D"), CASES)
+def test_stats_equal_materialised_reference(opts, B, Hq, Hk, Lq, Lk, D):
+    q, k, v = torch.randn(B, Hq, Lq, D), torch.randn(B, Hk, Lk, D), torch.randn(B, Hk, Lk, 5)
+    st = attention_stats(q, k, v, **opts, topk=5, pool=17)
+    check_against_reference(st, q, k, opts, topk=5, pool=17)
+    _, lse_ref = attnkit.attention(q.double(), k.double(), v.double(), **opts, return_lse=True, backend="reference")
+    torch.testing.assert_close(st.lse.double(), lse_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_masks_bool_float_and_fully_masked_rows():
+    B, H, Lq, Lk = 2, 2, 37, 29
+    q, k, v = torch.randn(B, H, Lq, 8), torch.randn(B, H, Lk, 8), torch.randn(B, H, Lk, 8)
+    pad = attnkit.key_padding_mask(torch.tensor([29, 11]), Lk)  # (B, 1, 1, Lk)
+    check_against_reference(attention_stats(q, k, v, mask=pad, topk=4, pool=6), q, k, {"mask": pad}, topk=4, pool=6)
+    full = torch.rand(B, H, Lq, Lk) > 0.4
+    full[:, :, 3] = False  # a row that sees nothing
+    st = attention_stats(q, k, v, mask=full, topk=4, pool=6)
+    check_against_reference(st, q, k, {"mask": full}, topk=4, pool=6)
+    assert (st.entropy[:, :, 3] == 0).all() and (st.topk_weight[:, :, 3] == 0).all()
+    assert torch.isneginf(st.lse[:, :, 3]).all()
+    bias = torch.randn(1, H, Lq, Lk)
+    check_against_reference(attention_stats(q, k, v, mask=bias, topk=3), q, k, {"mask": bias}, topk=3, pool=256)
+
+
+def test_exact_at_fp64_and_tiles_do_not_matter():
+    q, k, v = (torch.randn(1, 2, 150, 8, dtype=torch.float64) for _ in range(3))
+    opts = {"causal": True, "alibi": True}
+    _, ref = reference_stats(q, k, opts, topk=3, pool=7)
+    spec = attnkit.functional.build_spec(q, k, v, **opts)
+    _, lse = attnkit.attention(q, k, v, **opts, return_lse=True)
+    for bq, bk in [(150, 150), (16, 32), (7, 9)]:
+        got = stats_kernel.stats_forward(q, k, v, spec, lse, topk=3, pool=7, block_q=bq, block_k=bk)
+        for name in ("entropy", "mean_distance", "received", "pooled", "topk_weight"):
+            torch.testing.assert_close(got[name], ref[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_shapes_corners_and_output():
+    q, k, v = torch.randn(1, 2, 1, 4), torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 6)
+    st = attention_stats(q, k, v, topk=8, pool=256, return_output=True)
+    assert st.topk_index.shape == (1, 2, 1, 3)  # topk = min(topk, Lk)
+    assert st.pooled.shape == (1, 2, 1, 3)
+    assert st.shape == (1, 2, 1, 3)
+    torch.testing.assert_close(st.output, attnkit.attention(q, k, v))
+    torch.testing.assert_close(st.pooled.sum((-1, -2)), torch.ones(1, 2))
+    assert attention_stats(q, k, v).output is None
+    assert attention_stats(q, k, v, topk=0).topk_index.shape == (1, 2, 1, 0)
+    # the pooled density: the mean weight in each tile
+    q, k = torch.randn(1, 1, 10, 4), torch.randn(1, 1, 10, 4)
+    st = attention_stats(q, k, k, pool=3)
+    p = attnkit.attention_weights(q, k)
+    torch.testing.assert_close(st.pooled_density()[0, 0, 0, 0], p[0, 0, :3, :3].mean())
+    sub = st.select(0, 0)
+    assert sub.entropy.shape == (1, 1, 10)
+
+
+def test_output_keeps_autograd_and_dropout_leaves_stats_alone():
+    q, k, v = (torch.randn(1, 2, 20, 8, requires_grad=True) for _ in range(3))
+    st = attention_stats(q, k, v, causal=True, return_output=True)
+    st.output.sum().backward()
+    assert q.grad is not None and not st.entropy.requires_grad
+    clean = attention_stats(q, k, v, causal=True)
+    noisy = attention_stats(q, k, v, causal=True, dropout_p=0.5, return_output=True)
+    torch.testing.assert_close(noisy.entropy, clean.entropy)
+    torch.testing.assert_close(noisy.pooled, clean.pooled)
+    assert not torch.allclose(noisy.output, attnkit.attention(q, k, v, causal=True))
+
+
+def test_errors_name_the_argument():
+    q = torch.randn(1, 1, 4, 4)
+    with pytest.raises(ValueError, match="topk"):
+        attention_stats(q, q, q, topk=-1)
+    with pytest.raises(ValueError, match="pool"):
+        attention_stats(q, q, q, pool=0)
+    with pytest.raises(ValueError, match="4-D"):
+        attention_stats(q[0], q, q)
+
+
+def test_memory_is_blockwise():
+    """The kernel never allocates an Lq x Lk tensor: the largest intermediate is one tile."""
+    L = 640
+    q, k, v = (torch.randn(1, 1, L, 8) for _ in range(3))
+    spec = attnkit.functional.build_spec(q, k, v, causal=True)
+    _, lse = attnkit.attention(q, k, v, causal=True, return_lse=True)
+    biggest = 0
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal biggest
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else [out]:
+                if isinstance(t, torch.Tensor):
+                    biggest = max(biggest, t.numel())
+            return out
+
+    with Largest():
+        stats_kernel.stats_forward(q, k, v, spec, lse, topk=4, pool=64, block_q=64, block_k=128)
+    assert biggest <= 64 * 128 * 2  # one tile (plus a concatenation), far below L * L = 410K
