@@ -31,6 +31,7 @@ class TritonAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, mask, spec: AttentionSpec, blocks):
         q, k, v = _contiguous_last(q), _contiguous_last(k), _contiguous_last(v)
         spec = dataclasses.replace(spec, mask=mask)
+        ctx.set_materialize_grads(False)  # an unused lse gets no zero gradient (and no check on it)
         out, lse = launch_forward(q, k, v, spec, blocks=blocks)
         ctx.save_for_backward(q, k, v, mask, out, lse)
         ctx.spec, ctx.blocks = spec, blocks
@@ -42,7 +43,6 @@ class TritonAttention(torch.autograd.Function):
         spec = dataclasses.replace(ctx.spec, mask=mask)
         if dout is None:
             dout = torch.zeros_like(out)
-        dlse = dlse if dlse is not None and bool(dlse.any()) else None
         dq, dk, dv = launch_backward(_contiguous_last(dout), q, k, v, out, lse, spec, dlse=dlse, blocks=ctx.blocks)
         return dq, dk, dv, None, None, None
 
@@ -65,7 +65,6 @@ class TritonVarlenAttention(torch.autograd.Function):
         q, k, v, cu_q, cu_k, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dlse = dlse if dlse is not None and bool(dlse.any()) else None
         dq, dk, dv = launch_backward(
             _contiguous_last(dout), q, k, v, out, lse, ctx.spec, dlse=dlse, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
             max_seqlen_q=ctx.max[0], max_seqlen_k=ctx.max[1], blocks=ctx.blocks,

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from attnkit.kernels.triton.common import (
     LOG2E,
+    NO_SPECIALIZE,
     SEED_STEP,
     dot,
     dot_precision,
@@ -49,7 +50,7 @@ def _dropout_keys(seed, b, bh, h, VARLEN: tl.constexpr):
     return seed.to(tl.uint32), bh.to(tl.uint32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, Slopes, Mask, CuQ, CuK,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, slb, slh, slm,
@@ -173,7 +174,7 @@ def _dkdv_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, Slopes, Mask, CuQ, CuK,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, slb, slh, slm,

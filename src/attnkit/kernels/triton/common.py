@@ -32,6 +32,10 @@ LN2 = tl.constexpr(0.6931471805599453)  # ln(2): turns a base-2 log-sum-exp back
 VARLEN_SEED_STEP = 0x7F4A7C15
 SEED_STEP = tl.constexpr(VARLEN_SEED_STEP)
 
+# Triton specialises integer arguments equal to 1 into constants; the dropout seed and
+# threshold are hashed as uint32 values, so they must stay run-time integers.
+NO_SPECIALIZE = ["seed", "threshold"]
+
 MIX = tl.constexpr(_MIX)
 ROW = tl.constexpr(_ROW)
 COL = tl.constexpr(_COL)

@@ -27,6 +27,7 @@ import triton.language as tl
 from attnkit.kernels.triton.common import (
     LN2,
     LOG2E,
+    NO_SPECIALIZE,
     SEED_STEP,
     dot,
     dot_precision,
@@ -54,7 +55,7 @@ def seq_bounds(Cu, b, dense_len, VARLEN: tl.constexpr):
     return start, length
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _fwd_kernel(
     Q, K, V, O, LSE, Slopes, Mask, CuQ, CuK,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, slb, slh, slm,
