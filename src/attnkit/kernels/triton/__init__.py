@@ -43,6 +43,9 @@ def refusal(q: Tensor, spec: AttentionSpec, return_lse: bool) -> str | None:
         return f"supports fp16, bf16 and fp32, got {q.dtype} (use 'tiled' for fp64)"
     if max(spec.head_dim, spec.v_head_dim) > MAX_HEAD_DIM:
         return f"head dims up to {MAX_HEAD_DIM}, got D={spec.head_dim}, Dv={spec.v_head_dim}"
+    largest = max(q.numel(), spec.batch * spec.kv_heads * spec.kv_len * max(spec.head_dim, spec.v_head_dim))
+    if largest >= 2**31:
+        return f"tensors must have under 2**31 elements (the kernels use 32-bit offsets), got {largest}"
     if spec.mask is not None and spec.mask.dtype != torch.bool and spec.mask.requires_grad:
         return "the float mask needs a gradient (the kernels treat masks as constants; use 'tiled')"
     return None
