@@ -228,15 +228,20 @@ def attention(
         raise TypeError(f"attention: return_lse must be a bool, got {return_lse!r}")
     choice = choose(q, spec, return_lse, backend)
     if choice.backend is None:
-        raise ValueError(f"attention: no backend can compute this request.\n{choice}\n{_advice(choice)}")
+        raise ValueError(_refusal_message(choice))
     out, lse = get_backend(choice.backend).run(q, k, v, spec, return_lse)
     return (out, lse) if return_lse else out
 
 
-def _advice(choice: BackendChoice) -> str:
+def _refusal_message(choice: BackendChoice) -> str:
     if choice.requested != "auto":
-        return "Use backend='auto' (or 'tiled', which supports every feature) instead."
-    return "Register a backend that supports it, or drop the unsupported option."
+        why = choice.reasons[choice.requested]
+        return (
+            f"attention: backend={choice.requested!r} cannot compute this request: {why}. "
+            "Use backend='auto', or 'tiled', which supports every feature."
+        )
+    reasons = "; ".join(f"{name}: {why}" for name, why in choice.reasons.items())
+    return f"attention: no registered backend can compute this request ({reasons}); drop the unsupported option."
 
 
 def explain_backend(

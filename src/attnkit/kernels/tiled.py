@@ -23,6 +23,7 @@ Memory: ``O(B * Hq * (Lq + Lk) * D + B * Hq * block_q * block_k)``.
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -35,6 +36,9 @@ BLOCK_K = 512  # keys per tile in the torch engine and for biased tiles in the f
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+Engine = Literal["torch", "fused"] | None  # None: fused where supported, else torch
 
 
 def fused_supported(q: Tensor, spec: AttentionSpec) -> bool:
@@ -136,19 +140,38 @@ def _expand_heads(x: Tensor, group: int) -> Tensor:
     return x if group == 1 else x.repeat_interleave(group, dim=1)
 
 
+def _choose_engine(q: Tensor, spec: AttentionSpec, engine: Engine) -> bool:
+    """True for the fused engine. Asking for ``fused`` where it cannot be exact is an error."""
+    if engine is None:
+        return fused_supported(q, spec)
+    if engine == "fused" and not fused_supported(q, spec):
+        raise ValueError("tiled: engine='fused' needs a CPU tensor, no softcap, no dropout and Dv == D")
+    if engine not in ("fused", "torch"):
+        raise ValueError(f"tiled: engine must be 'torch', 'fused' or None, got {engine!r}")
+    return engine == "fused"
+
+
 def forward(
-    q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, block_q: int = BLOCK_Q, block_k: int = BLOCK_K
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    spec: AttentionSpec,
+    *,
+    block_q: int = BLOCK_Q,
+    block_k: int = BLOCK_K,
+    engine: Engine = None,
 ) -> tuple[Tensor, Tensor]:
     """Tiled attention forward.
 
     Args:
         q: ``(B, Hq, Lq, D)``; k: ``(B, Hk, Lk, D)``; v: ``(B, Hk, Lk, Dv)``.
+        engine: the tile engine (module docstring); None picks fused where it is exact.
 
     Returns:
         ``out (B, Hq, Lq, Dv)`` in ``q.dtype`` and ``lse (B, Hq, Lq)`` in the accumulation dtype.
     """
     B, Hq, Lq, _ = q.shape
-    fused = fused_supported(q, spec)
+    fused = _choose_engine(q, spec, engine)
     if fused:
         k, v = _expand_heads(k, spec.group), _expand_heads(v, spec.group)  # O(Lk) copies, once
         tile = _tile_forward_fused
@@ -194,6 +217,7 @@ def backward(
     mask_grad: bool = False,
     block_q: int = BLOCK_Q,
     block_k: int = BLOCK_K,
+    engine: Engine = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Gradients of tiled attention, recomputing each tile from the saved ``lse``.
 
@@ -204,6 +228,8 @@ def backward(
         dout: ``(B, Hq, Lq, Dv)``; q, k, v as in `forward`; out: ``(B, Hq, Lq, Dv)``;
         lse: ``(B, Hq, Lq)``; dlse: optional gradient of ``lse``, ``(B, Hq, Lq)``.
         mask_grad: also return the gradient of the float mask ``spec.mask``.
+        engine: as in `forward`; the fused engine cannot take ``dlse`` or ``mask_grad``,
+            so those use the torch engine.
 
     Returns:
         ``dq, dk, dv`` in the inputs' dtypes and ``dmask`` (shape of ``spec.mask``) or None.
@@ -215,7 +241,7 @@ def backward(
     delta = (dout.to(acc) * out.to(acc)).sum(-1)  # (B, Hq, Lq): rowsum(dO * O)
     if dlse is not None:
         delta = delta - dlse.to(acc)  # d lse / d s = p, folded into the same term
-    fused = fused_supported(q, spec) and dlse is None and not mask_grad
+    fused = _choose_engine(q, spec, engine) and dlse is None and not mask_grad
     if fused:
         k_e, v_e = _expand_heads(k, spec.group), _expand_heads(v, spec.group)
         dk_e, dv_e = torch.zeros(k_e.shape, dtype=acc), torch.zeros(v_e.shape, dtype=acc)
@@ -307,11 +333,11 @@ class TiledAttention(torch.autograd.Function):
     """Autograd wrapper: saves ``out`` and ``lse``, never the scores."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, spec: AttentionSpec, block_q: int, block_k: int):
+    def forward(ctx, q, k, v, mask, spec: AttentionSpec, block_q: int, block_k: int, engine: Engine):
         spec = dataclasses.replace(spec, mask=mask)
-        out, lse = forward(q, k, v, spec, block_q=block_q, block_k=block_k)
+        out, lse = forward(q, k, v, spec, block_q=block_q, block_k=block_k, engine=engine)
         ctx.save_for_backward(q, k, v, mask, out, lse)
-        ctx.spec, ctx.blocks = spec, (block_q, block_k)
+        ctx.spec, ctx.blocks, ctx.engine = spec, (block_q, block_k), engine
         return out, lse
 
     @staticmethod
@@ -324,15 +350,22 @@ class TiledAttention(torch.autograd.Function):
         dq, dk, dv, dmask = backward(
             dout, q, k, v, out, lse, spec,
             dlse=dlse if dlse is not None and bool(dlse.any()) else None,
-            mask_grad=mask_grad, block_q=ctx.blocks[0], block_k=ctx.blocks[1],
+            mask_grad=mask_grad, block_q=ctx.blocks[0], block_k=ctx.blocks[1], engine=ctx.engine,
         )  # fmt: skip
         if dmask is not None:
             dmask = dmask.to(mask.dtype)
-        return dq, dk, dv, dmask, None, None, None
+        return dq, dk, dv, dmask, None, None, None, None
 
 
 def attention(
-    q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, block_q: int = BLOCK_Q, block_k: int = BLOCK_K
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    spec: AttentionSpec,
+    *,
+    block_q: int = BLOCK_Q,
+    block_k: int = BLOCK_K,
+    engine: Engine = None,
 ) -> tuple[Tensor, Tensor]:
-    """Tiled attention with autograd. Shapes as in `forward`."""
-    return TiledAttention.apply(q, k, v, spec.mask, spec, block_q, block_k)
+    """Tiled attention with autograd: ``(out, lse)``. Shapes and arguments as in `forward`."""
+    return TiledAttention.apply(q, k, v, spec.mask, spec, block_q, block_k, engine)

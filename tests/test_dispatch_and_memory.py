@@ -1,0 +1,127 @@
+"""Backend choice (auto, explain_backend, the registry) and the O(L) memory of the tiled kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnkit
+from attnkit.backends import Backend, register_backend
+from attnkit.bench.common import peak_memory, run_case
+
+
+def qkv(Lq=64, Lk=64, Hk=4, D=16, Dv=16, grad=False):
+    return (
+        torch.randn(1, 4, Lq, D, requires_grad=grad),
+        torch.randn(1, Hk, Lk, D, requires_grad=grad),
+        torch.randn(1, Hk, Lk, Dv, requires_grad=grad),
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "shape", "backend", "why"),
+    [
+        ({}, {}, "sdpa", None),
+        ({"causal": True}, {}, "sdpa", None),
+        ({"causal": True}, {"Lq": 1}, "sdpa", None),
+        ({"causal": True}, {"Lq": 32}, "tiled", "aligns causal top-left"),
+        ({"alibi": True}, {}, "tiled", "ALiBi"),
+        ({"window": 8}, {}, "tiled", "window"),
+        ({"softcap": 5.0}, {}, "tiled", "softcap"),
+        ({}, {"Dv": 8}, "tiled", "Dv == D"),
+        ({}, {"Hk": 2}, "sdpa", None),
+    ],
+)
+def test_auto_choice_and_reasons(options, shape, backend, why):
+    q, k, v = qkv(**shape)
+    choice = attnkit.explain_backend(q, k, v, **options)
+    assert choice.backend == backend
+    if why:
+        assert why in choice.reasons["sdpa"]
+    assert "never chosen automatically" in choice.reasons["reference"]
+    assert f"backend: {backend}" in str(choice)
+
+
+def test_sdpa_lse_rules():
+    q, k, v = qkv()
+    assert attnkit.explain_backend(q, k, v, return_lse=True).backend == "sdpa"
+    q, k, v = qkv(grad=True)
+    choice = attnkit.explain_backend(q, k, v, return_lse=True)
+    assert choice.backend == "tiled" and "no gradient" in choice.reasons["sdpa"]
+
+
+def test_sdpa_gets_the_padding_mask_unexpanded(monkeypatch):
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        seen.append(tuple(attn_mask.shape))
+        return real(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    q, k, v = (torch.randn(3, 4, 50, 16) for _ in range(3))
+    mask = attnkit.key_padding_mask(torch.tensor([50, 20, 1]), 50)
+    out = attnkit.attention(q, k, v, mask=mask, backend="sdpa")
+    assert seen == [(3, 1, 1, 50)]
+    torch.testing.assert_close(out, attnkit.attention(q, k, v, mask=mask, backend="reference"))
+
+
+def test_auto_skips_a_materialising_backend_above_the_limit():
+    def run(q, k, v, spec, return_lse):
+        return attnkit.kernels.reference.forward(q, k, v, spec)
+
+    register_backend(Backend("eager", run, lambda q, spec, lse: None, priority=1, materializes=True), replace=True)
+    try:
+        small = torch.empty(1, 8, 1024, 64, device="meta")
+        assert attnkit.explain_backend(small, small, small).backend == "eager"
+        big = torch.empty(1, 8, 16384, 64, device="meta")  # 8 GiB of fp32 scores
+        choice = attnkit.explain_backend(big, big, big)
+        assert choice.backend == "sdpa"
+        assert "would materialise 8192 MiB of scores (limit 256 MiB)" in choice.reasons["eager"]
+    finally:
+        attnkit.backends._REGISTRY.pop("eager")
+
+
+def test_registry_lets_users_add_a_backend():
+    calls = []
+
+    def run(q, k, v, spec, return_lse):
+        calls.append(spec.causal)
+        return attnkit.kernels.reference.forward(q, k, v, spec)
+
+    register_backend(Backend("mine", run, lambda q, spec, lse: None, priority=5, auto=False), replace=True)
+    try:
+        q, k, v = qkv()
+        out = attnkit.attention(q, k, v, causal=True, backend="mine")
+        assert calls == [True] and out.shape == (1, 4, 64, 16)
+        assert attnkit.explain_backend(q, k, v).backend == "sdpa"  # auto=False: only by name
+        with pytest.raises(ValueError, match="exists; pass replace=True"):
+            register_backend(Backend("mine", run, lambda q, spec, lse: None, priority=5))
+        with pytest.raises(ValueError, match="reserved"):
+            register_backend(Backend("auto", run, lambda q, spec, lse: None, priority=5))
+    finally:
+        attnkit.backends._REGISTRY.pop("mine")
+
+
+# ------------------------------------------------------------------------ memory
+def tiled_fwd_bwd_peak(L: int, softcap: float | None) -> dict:
+    """Case run in a fresh process: peak memory of a tiled forward + backward."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, L, 16, requires_grad=True) for _ in range(3))
+
+    def step():
+        out = attnkit.attention(q, k, v, causal=True, softcap=softcap, backend="tiled")
+        out.sum().backward()
+
+    return peak_memory(step)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_tiled_forward_backward_never_holds_the_score_matrix(softcap):
+    L = 8192
+    scores_bytes = L * L * 4  # 256 MiB for one fp32 score matrix
+    result = run_case("tests.test_dispatch_and_memory:tiled_fwd_bwd_peak", {"L": L, "softcap": softcap}, timeout=240)
+    assert "error" not in result, result
+    assert result["peak_reset"], "this kernel cannot reset the peak RSS; the measurement would be meaningless"
+    assert result["peak_bytes"] < scores_bytes / 8, result
