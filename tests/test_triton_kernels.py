@@ -1,8 +1,8 @@
 """The Triton kernels under Triton's CPU interpreter, against the float64 reference.
 
 ``TRITON_INTERPRET=1`` must be set when ``@triton.jit`` decorates the kernels and while
-they run, so this module sets it before importing them and keeps it set while its own
-tests run (a module-scoped fixture restores the previous value afterwards). Shapes are
+they run, so this module sets it before importing Triton, restores it at the end of the
+module, and sets it again while its own tests run (a module-scoped fixture). Shapes are
 tiny and blocks are 16, so every kernel walks several tiles, partial last tiles, padded
 head dims and skipped blocks.
 """
@@ -377,3 +377,11 @@ def test_module_in_a_fresh_process_when_triton_was_imported_first():
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+# Other modules' tests must not run under the interpreter: restore the variable once this
+# module's kernels are decorated (above); the fixture sets it again while these tests run.
+if _previous is None:
+    os.environ.pop("TRITON_INTERPRET", None)
+else:
+    os.environ["TRITON_INTERPRET"] = _previous
