@@ -46,8 +46,12 @@ from attnkit.spec import AttentionSpec
 def _dropout_keys(seed, b, bh, h, VARLEN: tl.constexpr):
     """``(seed, head index)`` of the dropout hash, as the forward kernel derives them."""
     if VARLEN:
-        return seed.to(tl.uint32) + b.to(tl.uint32) * SEED_STEP, h.to(tl.uint32)
-    return seed.to(tl.uint32), bh.to(tl.uint32)
+        seed_u = seed.to(tl.uint32) + b.to(tl.uint32) * SEED_STEP
+        head_u = h.to(tl.uint32)
+    else:
+        seed_u = seed.to(tl.uint32)
+        head_u = bh.to(tl.uint32)
+    return seed_u, head_u
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE)

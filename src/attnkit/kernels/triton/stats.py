@@ -12,8 +12,9 @@ them into per-row and per-key statistics in registers:
   argmax per tile, replacing the smallest kept entry when beaten); a row whose visited
   tiles hold fewer than ``k`` keys completes its list with zero weights of skipped keys;
 * ``pooled``: the sum of ``p`` over ``P_q x P_k`` blocks of queries and keys. Columns are
-  pooled in the kernel by a matmul with a 0/1 bin matrix (``p @ C``, ``C (BLOCK_N, P_k)``),
-  leaving ``(Lq, P_k)`` per head; the rows are then summed into their ``P_q`` bins.
+  pooled in the kernel by a matmul with a 0/1 bin matrix (``p @ C``, ``C (BLOCK_N, P_k)``,
+  on tensor cores at about fp32 accuracy, see `pool_precision`), leaving ``(Lq, P_k)`` per
+  head; the rows are then summed into their ``P_q`` bins.
 
 Bins: row ``r`` of ``P`` bins covers ``[floor(r L / P), floor((r + 1) L / P))``, so index
 ``i`` falls in bin ``ceil((i + 1) P / L) - 1``.
@@ -26,6 +27,7 @@ import triton
 import triton.language as tl
 
 from attnkit.kernels.triton.common import (
+    INTERPRETED,
     LOG2E,
     dot,
     dot_precision,
@@ -52,6 +54,7 @@ def _stats_kernel(
     scale, softcap, left, right,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     TOPK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    POOL_PRECISION: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
 ):  # fmt: skip
@@ -127,7 +130,7 @@ def _stats_kernel(
         tl.atomic_add(RECV + bh * kv_len + offs_n, tl.sum(p, 0), mask=col_ok)
         col_bin = ((offs_n + 1) * pool_k + kv_len - 1) // kv_len - 1  # (BLOCK_N,)
         onehot = (col_bin[:, None] == offs_p[None, :]).to(tl.float32)  # (BLOCK_N, BLOCK_P)
-        pooled += tl.dot(p, onehot, input_precision="ieee")
+        pooled += tl.dot(p, onehot, input_precision=POOL_PRECISION)
         if TOPK > 0:
             cand = tl.where(col_ok[None, :], p, -2.0)  # padding columns never enter
             for _ in tl.static_range(TOPK):
@@ -162,6 +165,17 @@ def _stats_kernel(
         top_ok = row_ok[:, None] & (offs_k[None, :] < TOPK)
         tl.store(TOPW + top_ptr, top_w, mask=top_ok)
         tl.store(TOPI + top_ptr, top_i, mask=top_ok)
+
+
+def pool_precision(device: torch.device) -> str:
+    """Precision of the fp32 pooling matmul ``p @ C``.
+
+    ``tf32x3`` (three TF32 products, about fp32 accuracy, on tensor cores) on NVIDIA GPUs from
+    Ampere on; exact ``ieee`` elsewhere and under the interpreter.
+    """
+    if INTERPRETED or device.type != "cuda" or torch.version.cuda is None:
+        return "ieee"
+    return "tf32x3" if torch.cuda.get_device_capability(device)[0] >= 8 else "ieee"
 
 
 def supported(q: torch.Tensor) -> bool:
@@ -229,7 +243,7 @@ def stats_forward(
         scale, softcap, left, right,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=head_block(spec.head_dim), TOPK=kk,
         BLOCK_K=max(2, triton.next_power_of_2(max(kk, 1))), BLOCK_P=head_block(pk),
-        DOT_PRECISION=dot_precision(q.dtype), **meta,
+        DOT_PRECISION=dot_precision(q.dtype), POOL_PRECISION=pool_precision(q.device), **meta,
     )  # fmt: skip
     pooled = torch.zeros(B, Hq, pq, pk, dtype=torch.float32, device=dev)
     pooled.index_add_(2, bin_of(Lq, pq, dev), row_pooled)  # (B, Hq, P_q, P_k): rows summed into their bins
