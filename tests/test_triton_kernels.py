@@ -150,6 +150,8 @@ CASES = {
     "causal_long_q_empty_rows": (dict(B=1, Hq=2, Hk=1, Lq=40, Lk=24, D=16, Dv=16), dict(causal=True)),
     "window": (dict(B=1, Hq=2, Hk=2, Lq=48, Lk=48, D=16, Dv=16), dict(window=(5, 3))),
     "causal_left_window": (dict(B=1, Hq=2, Hk=1, Lq=33, Lk=47, D=16, Dv=16), dict(causal=True, window=(6, None))),
+    # Wide enough that some key tiles are open to every row of a block (no structure mask there).
+    "wide_window_open_tiles": (dict(B=1, Hq=2, Hk=1, Lq=96, Lk=96, D=16, Dv=16), dict(window=(40, 10))),
     "alibi_softcap": (dict(B=1, Hq=4, Hk=2, Lq=40, Lk=40, D=16, Dv=16), dict(alibi=True, softcap=2.0)),
     "bool_mask": (dict(B=2, Hq=2, Hk=1, Lq=30, Lk=37, D=16, Dv=16), dict(mask="bool")),
     "float_mask": (dict(B=1, Hq=2, Hk=2, Lq=30, Lk=37, D=16, Dv=16), dict(mask="float")),

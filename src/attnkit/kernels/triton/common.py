@@ -92,6 +92,7 @@ def score_tile(
     smm, smn,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr,  # 0 none, 1 bool (stored as uint8), 2 float (added)
+    STRUCTURE: tl.constexpr = True,  # False: the tile is known open (causal/window, Lk bound)
 ):  # fmt: skip
     """Scores of one tile with every modifier applied; masked entries are ``-inf``.
 
@@ -111,19 +112,22 @@ def score_tile(
     if HAS_ALIBI:
         dist = tl.abs(pos_q[:, None] - offs_n[None, :]).to(tl.float32)
         s = s - slope * dist
-    allowed = offs_n[None, :] < kv_len  # (1, BLOCK_N): padding columns of the last tile
-    if HAS_LEFT:
-        allowed = allowed & (offs_n[None, :] >= pos_q[:, None] - left)
-    if HAS_RIGHT:
-        allowed = allowed & (offs_n[None, :] <= pos_q[:, None] + right)
     if MASK_KIND != 0:
         in_bounds = (offs_m[:, None] < q_len) & (offs_n[None, :] < kv_len)
         m = tl.load(mask_rows + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=in_bounds, other=0)
+        if MASK_KIND == 2:
+            s = s + m.to(tl.float32)
+    if STRUCTURE:
+        allowed = offs_n[None, :] < kv_len  # (1, BLOCK_N): padding columns of the last tile
+        if HAS_LEFT:
+            allowed = allowed & (offs_n[None, :] >= pos_q[:, None] - left)
+        if HAS_RIGHT:
+            allowed = allowed & (offs_n[None, :] <= pos_q[:, None] + right)
         if MASK_KIND == 1:
             allowed = allowed & (m != 0)
-        else:
-            s = s + m.to(tl.float32)
-    s = tl.where(allowed, s, float("-inf"))
+        s = tl.where(allowed, s, float("-inf"))
+    elif MASK_KIND == 1:
+        s = tl.where(m != 0, s, float("-inf"))
     return s, t
 
 
@@ -142,6 +146,28 @@ def key_range(i0, i1, offset, kv_len, left, right, BLOCK_N: tl.constexpr,
     if HAS_RIGHT:
         hi = tl.minimum(i1 - 1 + offset + right + 1, kv_len)
     return lo, hi
+
+
+@triton.jit
+def open_key_tiles(i0, i1, lo, hi, offset, kv_len, left, right, BLOCK_N: tl.constexpr,
+                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):  # fmt: skip
+    """Split the visited keys ``[lo, hi)`` of query rows ``[i0, i1)`` at tile edges into three runs.
+
+    ``[lo, a)`` and ``[b, hi)`` hold the tiles that causal/window or the end of the keys cut
+    for some row (masked elementwise); every tile of ``[a, b)`` is open to every row, so the
+    kernels skip the structure mask there (FlashAttention's split of the causal loop into
+    diagonal and off-diagonal blocks, generalised to windows).
+    """
+    a = lo
+    if HAS_LEFT:  # open once j0 >= (i1 - 1) + offset - left, the last row's left edge
+        a = lo + tl.cdiv(tl.maximum(i1 - 1 + offset - left - lo, 0), BLOCK_N) * BLOCK_N
+        a = tl.minimum(a, hi)
+    limit = kv_len
+    if HAS_RIGHT:  # open while j1 - 1 <= i0 + offset + right, the first row's right edge
+        limit = tl.minimum(i0 + offset + right + 1, kv_len)
+    b = lo + (tl.maximum(limit - lo, 0) // BLOCK_N) * BLOCK_N
+    b = tl.maximum(b, a)
+    return a, b
 
 
 @triton.jit

@@ -37,6 +37,7 @@ from attnkit.kernels.triton.common import (
     keep_tile,
     key_range,
     mask_args,
+    open_key_tiles,
     scalar_args,
     score_tile,
 )
@@ -53,6 +54,50 @@ def seq_bounds(Cu, b, dense_len, VARLEN: tl.constexpr):
         start = 0
         length = dense_len
     return start, length
+
+
+@triton.jit
+def _fwd_steps(
+    acc, l_i, m_i, start, stop,
+    q, k_base, v_base, mask_rows, skn, skd, svn, svd, smm, smn, offs_m, offs_n0, offs_d, offs_dv,
+    q_len, kv_len, head_dim, v_head_dim, offset, scale, softcap, slope, left, right,
+    seed_u, bh_u, threshold_u, drop_scale,
+    BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    STRUCTURE: tl.constexpr,
+):  # fmt: skip
+    """The online-softmax update over key tiles ``[start, stop)`` (``STRUCTURE``: mask causal/window/Lk)."""
+    for j0 in range(start, stop, BLOCK_N):
+        offs_n = j0 + offs_n0
+        col_ok = offs_n < kv_len
+        k = tl.load(
+            k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
+            mask=col_ok[None, :] & (offs_d[:, None] < head_dim),
+            other=0.0,
+        )  # (BLOCK_D, BLOCK_N)
+        qk = dot(q, k, DOT_PRECISION)
+        s, _ = score_tile(
+            qk, offs_m, offs_n, q_len, kv_len, offset, scale, softcap, slope, left, right, mask_rows, smm, smn,
+            HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, MASK_KIND, STRUCTURE,
+        )  # fmt: skip
+        s = s * LOG2E
+        # Step 4: online softmax update; a row still empty keeps m = -inf and uses 0 as its shift.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = keep_tile(seed_u, bh_u, offs_m, offs_n, threshold_u)
+            p = tl.where(keep, p * drop_scale, 0.0)
+        v = tl.load(
+            v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+            mask=col_ok[:, None] & (offs_dv[None, :] < v_head_dim),
+            other=0.0,
+        )  # (BLOCK_N, BLOCK_DV)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
@@ -92,6 +137,7 @@ def _fwd_kernel(
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(Slopes + h).to(tl.float32)
+    seed_u, bh_u, threshold_u = 0, 0, 0  # read only when DROPOUT
     if DROPOUT:
         if VARLEN:  # per-sequence seed, head index h (see common.VARLEN_SEED_STEP)
             seed_u = seed.to(tl.uint32) + b.to(tl.uint32) * SEED_STEP
@@ -106,56 +152,32 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    # Step 3: visit only key tiles that causal/window leave open for some row of the block.
+    # Step 3: visit only key tiles that causal/window leave open for some row of the block;
+    # tiles open to every row skip the elementwise structure mask.
     i1 = tl.minimum(i0 + BLOCK_M, q_len)
     lo, hi = key_range(i0, i1, offset, kv_len, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    for j0 in range(lo, hi, BLOCK_N):
-        offs_n = j0 + offs_n0
-        col_ok = offs_n < kv_len
-        k = tl.load(
-            k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
-            mask=col_ok[None, :] & (offs_d[:, None] < head_dim),
-            other=0.0,
-        )  # (BLOCK_D, BLOCK_N)
-        qk = dot(q, k, DOT_PRECISION)
-        s, _ = score_tile(
-            qk,
-            offs_m,
-            offs_n,
-            q_len,
-            kv_len,
-            offset,
-            scale,
-            softcap,
-            slope,
-            left,
-            right,
-            mask_rows,
-            smm,
-            smn,
-            HAS_SOFTCAP,
-            HAS_ALIBI,
-            HAS_LEFT,
-            HAS_RIGHT,
-            MASK_KIND,
-        )
-        s = s * LOG2E
-        # Step 4: online softmax update; a row still empty keeps m = -inf and uses 0 as its shift.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
-            keep = keep_tile(seed_u, bh_u, offs_m, offs_n, threshold_u)
-            p = tl.where(keep, p * drop_scale, 0.0)
-        v = tl.load(
-            v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-            mask=col_ok[:, None] & (offs_dv[None, :] < v_head_dim),
-            other=0.0,
-        )  # (BLOCK_N, BLOCK_DV)
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PRECISION)
-        m_i = m_new
+    a, z = open_key_tiles(i0, i1, lo, hi, offset, kv_len, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    acc, l_i, m_i = _fwd_steps(
+        acc, l_i, m_i, lo, a,
+        q, k_base, v_base, mask_rows, skn, skd, svn, svd, smm, smn, offs_m, offs_n0, offs_d, offs_dv,
+        q_len, kv_len, head_dim, v_head_dim, offset, scale, softcap, slope, left, right,
+        seed_u, bh_u, threshold_u, drop_scale,
+        BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, MASK_KIND, DROPOUT, DOT_PRECISION, True,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_steps(
+        acc, l_i, m_i, a, z,
+        q, k_base, v_base, mask_rows, skn, skd, svn, svd, smm, smn, offs_m, offs_n0, offs_d, offs_dv,
+        q_len, kv_len, head_dim, v_head_dim, offset, scale, softcap, slope, left, right,
+        seed_u, bh_u, threshold_u, drop_scale,
+        BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, MASK_KIND, DROPOUT, DOT_PRECISION, False,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_steps(
+        acc, l_i, m_i, z, hi,
+        q, k_base, v_base, mask_rows, skn, skd, svn, svd, smm, smn, offs_m, offs_n0, offs_d, offs_dv,
+        q_len, kv_len, head_dim, v_head_dim, offset, scale, softcap, slope, left, right,
+        seed_u, bh_u, threshold_u, drop_scale,
+        BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, MASK_KIND, DROPOUT, DOT_PRECISION, True,
+    )  # fmt: skip
 
     # Step 5: normalise; empty rows give zeros and lse = -inf.
     empty = l_i == 0.0
