@@ -34,6 +34,7 @@ from attnkit.kernels.triton.common import (
     keep_tile,
     key_range,
     mask_args,
+    open_key_tiles,
     query_range,
     scalar_args,
     score_tile,
@@ -178,6 +179,46 @@ def _dkdv_kernel(
     )
 
 
+@triton.jit
+def _dq_steps(
+    dq, start, stop, q, do, lse, delta, k_base, v_base, mask_rows, skn, skd, svn, svd, smm, smn,
+    offs_m, offs_n0, offs_d, offs_dv, q_len, kv_len, head_dim, v_head_dim, offset, scale, softcap, slope,
+    left, right, seed_u, bh_u, threshold_u, drop_scale,
+    BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    STRUCTURE: tl.constexpr,
+):  # fmt: skip
+    """``dQ`` (unscaled) accumulated over key tiles ``[start, stop)`` (``STRUCTURE``: mask causal/window/Lk)."""
+    for j0 in range(start, stop, BLOCK_N):
+        offs_n = j0 + offs_n0
+        col_ok = offs_n < kv_len
+        k = tl.load(
+            k_base + offs_n[:, None] * skn + offs_d[None, :] * skd,
+            mask=col_ok[:, None] & (offs_d[None, :] < head_dim),
+            other=0.0,
+        )  # (BLOCK_N, BLOCK_D)
+        v = tl.load(
+            v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+            mask=col_ok[:, None] & (offs_dv[None, :] < v_head_dim),
+            other=0.0,
+        )  # (BLOCK_N, BLOCK_DV)
+        qk = dot(q, tl.trans(k), DOT_PRECISION)
+        s, t = score_tile(
+            qk, offs_m, offs_n, q_len, kv_len, offset, scale, softcap, slope, left, right, mask_rows, smm, smn,
+            HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, MASK_KIND, STRUCTURE,
+        )  # fmt: skip
+        p = tl.exp2((s - lse[:, None]) * LOG2E)
+        dp = dot(do, tl.trans(v), DOT_PRECISION)
+        if DROPOUT:
+            keep = keep_tile(seed_u, bh_u, offs_m, offs_n, threshold_u)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq += dot(ds.to(k.dtype), k, DOT_PRECISION)
+    return dq
+
+
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, Slopes, Mask, CuQ, CuK,
@@ -228,58 +269,34 @@ def _dq_kernel(
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(Slopes + h).to(tl.float32)
+    seed_u, bh_u, threshold_u = 0, 0, 0  # read only when DROPOUT
     if DROPOUT:
         seed_u, bh_u = _dropout_keys(seed, b, bh, h, VARLEN)
         threshold_u = threshold.to(tl.uint32)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Step 2: the visible key tiles, as in the forward.
+    # Step 2: the visible key tiles, split as in the forward (open tiles skip the structure mask).
     i1 = tl.minimum(i0 + BLOCK_M, q_len)
     lo, hi = key_range(i0, i1, offset, kv_len, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    for j0 in range(lo, hi, BLOCK_N):
-        offs_n = j0 + offs_n0
-        col_ok = offs_n < kv_len
-        k = tl.load(
-            k_base + offs_n[:, None] * skn + offs_d[None, :] * skd,
-            mask=col_ok[:, None] & (offs_d[None, :] < head_dim),
-            other=0.0,
-        )  # (BLOCK_N, BLOCK_D)
-        v = tl.load(
-            v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-            mask=col_ok[:, None] & (offs_dv[None, :] < v_head_dim),
-            other=0.0,
-        )  # (BLOCK_N, BLOCK_DV)
-        qk = dot(q, tl.trans(k), DOT_PRECISION)
-        s, t = score_tile(
-            qk,
-            offs_m,
-            offs_n,
-            q_len,
-            kv_len,
-            offset,
-            scale,
-            softcap,
-            slope,
-            left,
-            right,
-            mask_rows,
-            smm,
-            smn,
-            HAS_SOFTCAP,
-            HAS_ALIBI,
-            HAS_LEFT,
-            HAS_RIGHT,
-            MASK_KIND,
-        )
-        p = tl.exp2((s - lse[:, None]) * LOG2E)
-        dp = dot(do, tl.trans(v), DOT_PRECISION)
-        if DROPOUT:
-            keep = keep_tile(seed_u, bh_u, offs_m, offs_n, threshold_u)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        if HAS_SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        dq += dot(ds.to(k.dtype), k, DOT_PRECISION)
+    a, z = open_key_tiles(i0, i1, lo, hi, offset, kv_len, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    dq = _dq_steps(
+        dq, lo, a, q, do, lse, delta, k_base, v_base, mask_rows, skn, skd, svn, svd, smm, smn,
+        offs_m, offs_n0, offs_d, offs_dv, q_len, kv_len, head_dim, v_head_dim, offset, scale, softcap, slope,
+        left, right, seed_u, bh_u, threshold_u, drop_scale,
+        BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, MASK_KIND, DROPOUT, DOT_PRECISION, True,
+    )  # fmt: skip
+    dq = _dq_steps(
+        dq, a, z, q, do, lse, delta, k_base, v_base, mask_rows, skn, skd, svn, svd, smm, smn,
+        offs_m, offs_n0, offs_d, offs_dv, q_len, kv_len, head_dim, v_head_dim, offset, scale, softcap, slope,
+        left, right, seed_u, bh_u, threshold_u, drop_scale,
+        BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, MASK_KIND, DROPOUT, DOT_PRECISION, False,
+    )  # fmt: skip
+    dq = _dq_steps(
+        dq, z, hi, q, do, lse, delta, k_base, v_base, mask_rows, skn, skd, svn, svd, smm, smn,
+        offs_m, offs_n0, offs_d, offs_dv, q_len, kv_len, head_dim, v_head_dim, offset, scale, softcap, slope,
+        left, right, seed_u, bh_u, threshold_u, drop_scale,
+        BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, MASK_KIND, DROPOUT, DOT_PRECISION, True,
+    )  # fmt: skip
 
     dq = dq * scale
     tl.store(
