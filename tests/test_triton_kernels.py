@@ -152,6 +152,11 @@ CASES = {
     "causal_left_window": (dict(B=1, Hq=2, Hk=1, Lq=33, Lk=47, D=16, Dv=16), dict(causal=True, window=(6, None))),
     # Wide enough that some key tiles are open to every row of a block (no structure mask there).
     "wide_window_open_tiles": (dict(B=1, Hq=2, Hk=1, Lq=96, Lk=96, D=16, Dv=16), dict(window=(40, 10))),
+    # Lq > Lk with a window: whole query blocks see no key (an empty key range must stay empty).
+    "causal_window_long_q": (
+        dict(B=1, Hq=2, Hk=1, Lq=59, Lk=21, D=16, Dv=16),
+        dict(causal=True, window=(9, 5), alibi=True),
+    ),
     "alibi_softcap": (dict(B=1, Hq=4, Hk=2, Lq=40, Lk=40, D=16, Dv=16), dict(alibi=True, softcap=2.0)),
     "bool_mask": (dict(B=2, Hq=2, Hk=1, Lq=30, Lk=37, D=16, Dv=16), dict(mask="bool")),
     "float_mask": (dict(B=1, Hq=2, Hk=2, Lq=30, Lk=37, D=16, Dv=16), dict(mask="float")),

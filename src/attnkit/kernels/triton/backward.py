@@ -35,6 +35,7 @@ from attnkit.kernels.triton.common import (
     key_range,
     mask_args,
     open_key_tiles,
+    open_query_tiles,
     query_range,
     scalar_args,
     score_tile,
@@ -53,6 +54,52 @@ def _dropout_keys(seed, b, bh, h, VARLEN: tl.constexpr):
         seed_u = seed.to(tl.uint32)
         head_u = bh.to(tl.uint32)
     return seed_u, head_u
+
+
+@triton.jit
+def _dkdv_steps(
+    dk, dv, start, stop, k, v, q_base, do_base, row_base, LSE, DELTA, mask_rows, sqm, sqd, som, sod, slm,
+    smm, smn, offs_m0, offs_n, offs_d, offs_dv, q_len, kv_len, head_dim, v_head_dim, offset, scale,
+    softcap, slope, left, right, seed_u, bh_u, threshold_u, drop_scale,
+    BLOCK_M: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    STRUCTURE: tl.constexpr,
+):  # fmt: skip
+    """``dK`` (unscaled) and ``dV`` of one key tile accumulated over query tiles ``[start, stop)`` of one head."""
+    for i0 in range(start, stop, BLOCK_M):
+        offs_m = i0 + offs_m0
+        row_ok = offs_m < q_len
+        q = tl.load(
+            q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+            mask=row_ok[:, None] & (offs_d[None, :] < head_dim),
+            other=0.0,
+        )  # (BLOCK_M, BLOCK_D)
+        do = tl.load(
+            do_base + offs_m[:, None] * som + offs_dv[None, :] * sod,
+            mask=row_ok[:, None] & (offs_dv[None, :] < v_head_dim),
+            other=0.0,
+        )  # (BLOCK_M, BLOCK_DV)
+        lse = tl.load(LSE + row_base + offs_m * slm, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + row_base + offs_m * slm, mask=row_ok, other=0.0)
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows (and rows past Lq): p = 0
+        qk = dot(q, tl.trans(k), DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        s, t = score_tile(
+            qk, offs_m, offs_n, q_len, kv_len, offset, scale, softcap, slope, left, right, mask_rows, smm, smn,
+            HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, MASK_KIND, STRUCTURE,
+        )  # fmt: skip
+        p = tl.exp2((s - lse[:, None]) * LOG2E)  # the exact weights of the forward
+        dp = dot(do, tl.trans(v), DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        p_used = p
+        if DROPOUT:
+            keep = keep_tile(seed_u, bh_u, offs_m, offs_n, threshold_u)
+            p_used = tl.where(keep, p * drop_scale, 0.0)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+        dv += dot(tl.trans(p_used.to(do.dtype)), do, DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dk += dot(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION)
+    return dk, dv
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
@@ -98,8 +145,12 @@ def _dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     j1 = tl.minimum(j0 + BLOCK_N, kv_len)
     lo, hi = query_range(j0, j1, offset, q_len, left, right, BLOCK_M, HAS_LEFT, HAS_RIGHT)
-    if DROPOUT:
+    a, z = open_query_tiles(j0, lo, hi, offset, kv_len, left, right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    if DROPOUT:  # typed before the head loop, which reassigns them per head
         threshold_u = threshold.to(tl.uint32)
+        seed_u, bh_u = _dropout_keys(seed, b, b * n_heads + hk * group, hk * group, VARLEN)
+    else:
+        seed_u, bh_u, threshold_u = 0, 0, 0  # never read
 
     # Step 2: every query head that reads this key head (GQA), every visible query tile.
     for g in range(0, group):
@@ -114,56 +165,24 @@ def _dkdv_kernel(
             slope = tl.load(Slopes + h).to(tl.float32)
         if DROPOUT:
             seed_u, bh_u = _dropout_keys(seed, b, bh, h, VARLEN)
-        for i0 in range(lo, hi, BLOCK_M):
-            offs_m = i0 + offs_m0
-            row_ok = offs_m < q_len
-            q = tl.load(
-                q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & (offs_d[None, :] < head_dim),
-                other=0.0,
-            )  # (BLOCK_M, BLOCK_D)
-            do = tl.load(
-                do_base + offs_m[:, None] * som + offs_dv[None, :] * sod,
-                mask=row_ok[:, None] & (offs_dv[None, :] < v_head_dim),
-                other=0.0,
-            )  # (BLOCK_M, BLOCK_DV)
-            lse = tl.load(LSE + row_base + offs_m * slm, mask=row_ok, other=float("inf"))
-            delta = tl.load(DELTA + row_base + offs_m * slm, mask=row_ok, other=0.0)
-            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0
-            qk = dot(q, tl.trans(k), DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-            s, t = score_tile(
-                qk,
-                offs_m,
-                offs_n,
-                q_len,
-                kv_len,
-                offset,
-                scale,
-                softcap,
-                slope,
-                left,
-                right,
-                mask_rows,
-                smm,
-                smn,
-                HAS_SOFTCAP,
-                HAS_ALIBI,
-                HAS_LEFT,
-                HAS_RIGHT,
-                MASK_KIND,
-            )
-            p = tl.exp2((s - lse[:, None]) * LOG2E)  # the exact weights of the forward
-            dp = dot(do, tl.trans(v), DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-            p_used = p
-            if DROPOUT:
-                keep = keep_tile(seed_u, bh_u, offs_m, offs_n, threshold_u)
-                p_used = tl.where(keep, p * drop_scale, 0.0)
-                dp = tl.where(keep, dp * drop_scale, 0.0)
-            dv += dot(tl.trans(p_used.to(do.dtype)), do, DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            if HAS_SOFTCAP:
-                ds = ds * (1.0 - t * t)
-            dk += dot(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION)
+        dk, dv = _dkdv_steps(
+            dk, dv, lo, a, k, v, q_base, do_base, row_base, LSE, DELTA, mask_rows, sqm, sqd, som, sod, slm,
+            smm, smn, offs_m0, offs_n, offs_d, offs_dv, q_len, kv_len, head_dim, v_head_dim, offset, scale,
+            softcap, slope, left, right, seed_u, bh_u, threshold_u, drop_scale,
+            BLOCK_M, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, MASK_KIND, DROPOUT, DOT_PRECISION, True,
+        )  # fmt: skip
+        dk, dv = _dkdv_steps(
+            dk, dv, a, z, k, v, q_base, do_base, row_base, LSE, DELTA, mask_rows, sqm, sqd, som, sod, slm,
+            smm, smn, offs_m0, offs_n, offs_d, offs_dv, q_len, kv_len, head_dim, v_head_dim, offset, scale,
+            softcap, slope, left, right, seed_u, bh_u, threshold_u, drop_scale,
+            BLOCK_M, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, MASK_KIND, DROPOUT, DOT_PRECISION, False,
+        )  # fmt: skip
+        dk, dv = _dkdv_steps(
+            dk, dv, z, hi, k, v, q_base, do_base, row_base, LSE, DELTA, mask_rows, sqm, sqd, som, sod, slm,
+            smm, smn, offs_m0, offs_n, offs_d, offs_dv, q_len, kv_len, head_dim, v_head_dim, offset, scale,
+            softcap, slope, left, right, seed_u, bh_u, threshold_u, drop_scale,
+            BLOCK_M, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, MASK_KIND, DROPOUT, DOT_PRECISION, True,
+        )  # fmt: skip
 
     # Step 3: one write per key tile (scale applied once).
     dk = dk * scale

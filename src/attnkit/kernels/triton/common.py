@@ -158,15 +158,40 @@ def open_key_tiles(i0, i1, lo, hi, offset, kv_len, left, right, BLOCK_N: tl.cons
     kernels skip the structure mask there (FlashAttention's split of the causal loop into
     diagonal and off-diagonal blocks, generalised to windows).
     """
+    end = tl.maximum(hi, lo)  # hi < lo when no key is visible: then every run is empty
     a = lo
     if HAS_LEFT:  # open once j0 >= (i1 - 1) + offset - left, the last row's left edge
         a = lo + tl.cdiv(tl.maximum(i1 - 1 + offset - left - lo, 0), BLOCK_N) * BLOCK_N
-        a = tl.minimum(a, hi)
+        a = tl.minimum(a, end)
     limit = kv_len
     if HAS_RIGHT:  # open while j1 - 1 <= i0 + offset + right, the first row's right edge
         limit = tl.minimum(i0 + offset + right + 1, kv_len)
     b = lo + (tl.maximum(limit - lo, 0) // BLOCK_N) * BLOCK_N
-    b = tl.maximum(b, a)
+    b = tl.minimum(tl.maximum(b, a), end)
+    return a, b
+
+
+@triton.jit
+def open_query_tiles(j0, lo, hi, offset, kv_len, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):  # fmt: skip
+    """`open_key_tiles` for the backward's walk over query tiles ``[lo, hi)`` of keys ``[j0, j0 + BLOCK_N)``.
+
+    ``[a, b)`` holds the query tiles that see every key of the block. Rows past ``Lq`` need no
+    mask there (their ``lse`` is read as ``+inf``, so ``p = 0``); a key block that runs past
+    ``Lk`` is masked throughout.
+    """
+    end = tl.maximum(hi, lo)  # hi < lo when no query sees the block: then every run is empty
+    a = lo
+    if HAS_RIGHT:  # open once i0 >= (j1 - 1) - offset - right, the last key's first row
+        a = lo + tl.cdiv(tl.maximum(j0 + BLOCK_N - 1 - offset - right - lo, 0), BLOCK_M) * BLOCK_M
+        a = tl.minimum(a, end)
+    b = end
+    if HAS_LEFT:  # open while i0 + BLOCK_M - 1 <= j0 - offset + left, the first key's last row
+        b = lo + (tl.maximum(j0 - offset + left + 1 - lo, 0) // BLOCK_M) * BLOCK_M
+    b = tl.minimum(tl.maximum(b, a), end)
+    if j0 + BLOCK_N > kv_len:
+        a = end
+        b = end
     return a, b
 
 
