@@ -40,7 +40,7 @@ from attnkit.kernels.triton.common import (
     scalar_args,
     score_tile,
 )
-from attnkit.kernels.triton.forward import _bhld_strides, seq_bounds
+from attnkit.kernels.triton.forward import _bhld_strides, length_bucket, seq_bounds
 from attnkit.spec import AttentionSpec
 
 
@@ -108,7 +108,7 @@ def _dkdv_kernel(
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, slb, slh, slm,
     sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
     smb, smh, smm, smn,
-    n_heads, n_kv_heads, group, q_len_dense, kv_len_dense, head_dim, v_head_dim,
+    n_heads, n_kv_heads, group, q_len_dense, kv_len_dense, len_bucket, head_dim, v_head_dim,
     scale, softcap, left, right, seed, threshold, drop_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -244,7 +244,7 @@ def _dq_kernel(
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, slb, slh, slm,
     sdqb, sdqh, sdqm, sdqd,
     smb, smh, smm, smn,
-    n_heads, group, q_len_dense, kv_len_dense, head_dim, v_head_dim,
+    n_heads, group, q_len_dense, kv_len_dense, len_bucket, head_dim, v_head_dim,
     scale, softcap, left, right, seed, threshold, drop_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -334,7 +334,7 @@ _DQ_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm, bn, w, s in [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2), (64, 32, 4, 2)]
 ]  # fmt: skip
-_KEY = ["q_len_dense", "kv_len_dense", "BLOCK_D", "BLOCK_DV", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_LEFT", "HAS_RIGHT",
+_KEY = ["len_bucket", "BLOCK_D", "BLOCK_DV", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_LEFT", "HAS_RIGHT",
         "MASK_KIND", "DROPOUT", "VARLEN", "DOT_PRECISION"]  # fmt: skip
 _dkdv_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY)(_dkdv_kernel)
 _dq_tuned = triton.autotune(_DQ_CONFIGS, key=_KEY)(_dq_kernel)
@@ -387,7 +387,7 @@ def launch_backward(
     tail = (scale, softcap, left, right, seed, threshold, drop_scale)
     meta = dict(BLOCK_D=head_block(spec.head_dim), BLOCK_DV=head_block(spec.v_head_dim), VARLEN=varlen,
                 DOT_PRECISION=dot_precision(q.dtype), **flags(spec))  # fmt: skip
-    dims = (spec.q_len, spec.kv_len, spec.head_dim, spec.v_head_dim)
+    dims = (spec.q_len, spec.kv_len, length_bucket(spec), spec.head_dim, spec.v_head_dim)
     dkdv_args = (q, k, v, dout, lse, delta, dk, dv, slopes, mask, cu_q, cu_k, *common,
                  *_bhld_strides(dk, varlen), *_bhld_strides(dv, varlen), *mstrides,
                  spec.q_heads, spec.kv_heads, spec.group, *dims, *tail)  # fmt: skip

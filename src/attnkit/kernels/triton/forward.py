@@ -105,7 +105,7 @@ def _fwd_kernel(
     Q, K, V, O, LSE, Slopes, Mask, CuQ, CuK,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, slb, slh, slm,
     smb, smh, smm, smn,
-    n_heads, group, q_len_dense, kv_len_dense, head_dim, v_head_dim,
+    n_heads, group, q_len_dense, kv_len_dense, len_bucket, head_dim, v_head_dim,
     scale, softcap, left, right, seed, threshold, drop_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -200,9 +200,18 @@ _FWD_CONFIGS = [
 ]  # fmt: skip
 _fwd_tuned = triton.autotune(
     _FWD_CONFIGS,
-    key=["q_len_dense", "kv_len_dense", "BLOCK_D", "BLOCK_DV", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_LEFT", "HAS_RIGHT",
+    key=["len_bucket", "BLOCK_D", "BLOCK_DV", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_LEFT", "HAS_RIGHT",
          "MASK_KIND", "DROPOUT", "VARLEN", "DOT_PRECISION"],
 )(_fwd_kernel)  # fmt: skip
+
+
+def length_bucket(spec: AttentionSpec) -> int:
+    """The autotune key for lengths: the next power of two of the longest one.
+
+    Tuning once per bucket, not per length, keeps packed batches (whose longest sequence
+    changes every step) from re-tuning on every call. Not read by the kernels.
+    """
+    return triton.next_power_of_2(max(spec.q_len, spec.kv_len, 1))
 
 
 def _bhld_strides(x: torch.Tensor, varlen: bool) -> tuple[int, int, int, int]:
@@ -255,7 +264,7 @@ def launch_forward(
         q, k, v, out, lse, slopes, mask if mask is not None else lse, cu_q, cu_k,
         *_bhld_strides(q, varlen), *_bhld_strides(k, varlen), *_bhld_strides(v, varlen),
         *_bhld_strides(out, varlen), *lse_strides, *mstrides,
-        Hq, spec.group, spec.q_len, spec.kv_len, D, Dv,
+        Hq, spec.group, spec.q_len, spec.kv_len, length_bucket(spec), D, Dv,
         scale, softcap, left, right, seed, threshold, drop_scale,
     )  # fmt: skip
     meta = dict(BLOCK_D=head_block(D), BLOCK_DV=head_block(Dv), VARLEN=varlen, DOT_PRECISION=dot_precision(q.dtype),
