@@ -35,6 +35,14 @@ def test_cases_keep_16k_tokens_and_2048_hidden():
         bench.cases([128], [3000])
 
 
+def test_plan_runs_the_targets_first_and_flex_last():
+    plan = sorted(((c, p) for c in bench.cases() for p in bench.PROVIDERS), key=bench.plan_order)
+    first, last = plan[0], plan[-1]
+    assert first[0]["D"] == 128 and first[0]["N"] == 16384 and first[1] == "attnkit-triton"
+    assert all(p == "flex" for _, p in plan[-24:]) and last[1] == "flex"
+    assert len(plan) == 24 * len(bench.PROVIDERS)
+
+
 def test_card_slug():
     assert bench.card_slug("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3"
     assert bench.card_slug("") == "unknown_gpu"
