@@ -34,7 +34,7 @@ test: $(STAMP) browser lint
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(VENV)/bin/attnkit explain
+	$(VENV)/bin/attnkit show --out out/report.html --png out/png
 
 bench: $(STAMP)
 	$(VENV)/bin/attnkit bench kernels

@@ -9,6 +9,9 @@ import torch
 
 # Two cores: keep intra-op threads at the machine's size and tests deterministic.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Nothing in the suite may reach a model hub: every model is bundled or built from a config.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -243,3 +243,27 @@ def test_causal_and_window_skip_masked_tiles():
     causal = build_spec(*make_inputs(B=1, Hq=1, Hk=1, Lq=1024, Lk=1024, D=4, grad=False), causal=True)
     tiles = sum(len(tiled._segments(causal, i, i + 64, 64, False)) for i in range(0, 1024, 64))
     assert tiles == 16 * 17 // 2  # the lower triangle of 16 x 16 tiles
+
+
+def test_fused_causal_blocks_are_one_open_call_plus_the_diagonal():
+    causal = build_spec(*make_inputs(B=1, Hq=1, Hk=1, Lq=512, Lk=1024, D=4, grad=False), causal=True)
+    # Offset 512: block [64, 128) sees keys [0, 576) open, then the diagonal square [576, 640).
+    assert tiled._segments(causal, 64, 128, 64, True) == [(0, 576, False), (576, 640, True)]
+    with_alibi = build_spec(*make_inputs(B=1, Hq=1, Hk=1, Lq=512, Lk=1024, D=4, grad=False), causal=True, alibi=True)
+    assert all(not c for *_, c in tiled._segments(with_alibi, 64, 128, 64, True))
+
+
+@pytest.mark.parametrize("align", [-40, -3, 0, 17, 60, 200])
+def test_tiled_with_explicit_alignment_matches_reference(align):
+    """Ring attention computes blocks whose queries sit at an arbitrary offset among the keys."""
+    import dataclasses
+
+    from attnkit.kernels import reference
+
+    q, k, v = make_inputs(Lq=48, Lk=64, grad=False)
+    spec = dataclasses.replace(build_spec(q, k, v, causal=True), align=align)
+    ref, ref_lse = reference.forward(q, k, v, spec)
+    for engine in ("torch", "fused"):
+        out, lse = tiled.forward(q, k, v, spec, block_q=16, block_k=32, engine=engine)
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+        assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))

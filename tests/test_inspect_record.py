@@ -222,3 +222,21 @@ def test_attention_gradients_equal_autograd_through_eager():
     for layer, a in zip(rec, eager.attentions):
         torch.testing.assert_close(layer.grad, a.grad, rtol=1e-4, atol=1e-5)
     assert attnkit.inspect.Recording  # public
+
+
+def test_attention_gradients_from_attnkit_modules():
+    nn_mod = pytest.importorskip("attnkit.nn", reason="attnkit.nn is not on this branch")
+    attn = nn_mod.SelfAttention(16, 4, causal=True).eval()
+    seen = {}
+
+    def eager(q, k, v, *, dropout_p=0.0, **options):  # an independent path whose weights are a leaf
+        p = attnkit.attention_weights(q, k, **options).detach().requires_grad_()
+        seen["p"] = p
+        return torch.matmul(p, v)  # (B, H, L, D)
+
+    attn.attention_fn = eager
+    x = torch.randn(2, 9, 16)
+    with record(attn, grads=True) as rec:
+        attn(x).pow(2).sum().backward()
+    assert attn.attention_fn is eager  # restored
+    torch.testing.assert_close(rec[0].grad, seen["p"].grad, rtol=1e-5, atol=1e-6)

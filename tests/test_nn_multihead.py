@@ -148,6 +148,33 @@ def test_fully_masked_rows_give_zeros_not_nan():
             torch.testing.assert_close(w[0, [0, 1, 3]].sum(-1), torch.ones(3, dtype=torch.float64))
 
 
+def test_fully_masked_rows_have_finite_gradients():
+    _, ours = _pair(embed_dim=8, num_heads=2, batch_first=True)
+    x = torch.randn(1, 3, 8, dtype=torch.float64, requires_grad=True)
+    attn_mask = torch.zeros(3, 3, dtype=torch.float64)
+    attn_mask[1] = float("-inf")  # a float mask that closes a whole row
+    for need in (True, False):
+        x.grad = None
+        out, _ = ours(x, x, x, attn_mask=attn_mask, need_weights=need)
+        out.sum().backward()
+        assert torch.isfinite(x.grad).all(), need
+
+
+def test_weights_fast_path_equals_attention_weights():
+    _, ours = _pair(embed_dim=8, num_heads=2, batch_first=True)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    kpm = torch.tensor([[False] * 5, [True] * 5])  # the second sequence has no key at all
+    q = k = torch.randn(2, 2, 5, 4, dtype=torch.float64)
+    options = {"causal": False, "mask": ~kpm.view(2, 1, 1, 5), "window": None, "alibi": None, "softcap": None}
+    from attnkit.nn.multihead import _weights
+
+    torch.testing.assert_close(_weights(q, k, {**options, "scale": None}), attnkit.attention_weights(q, k, **options))
+    plain = {**options, "mask": None}
+    torch.testing.assert_close(_weights(q, k, {**plain, "scale": None}), attnkit.attention_weights(q, k, **plain))
+    _, w = ours(x, x, x, key_padding_mask=kpm, average_attn_weights=False)
+    assert torch.isfinite(w).all() and w[1].abs().max() == 0
+
+
 def test_state_dict_round_trip_both_ways():
     for kdim in (None, 6):
         t = torch.nn.MultiheadAttention(8, 2, kdim=kdim, vdim=kdim, add_bias_kv=True)
@@ -183,6 +210,13 @@ def test_attention_fn_is_used():
     x = torch.randn(1, 3, 8, dtype=torch.float64)
     ours(x, x, x, need_weights=False)
     assert len(calls) == 1 and calls[0]["dropout_p"] == 0.0
+    ref = torch.nn.MultiheadAttention(8, 2, batch_first=True, dtype=torch.float64)
+    ref.load_state_dict(ours.state_dict())
+    out, w = ours(x, x, x)  # with weights too, a swapped attention_fn computes the output
+    assert len(calls) == 2
+    want, want_w = ref(x, x, x)
+    torch.testing.assert_close(out, want, atol=1e-10, rtol=0)
+    torch.testing.assert_close(w, want_w, atol=1e-10, rtol=0)
 
 
 def test_dropout_trains_and_evaluates():
@@ -214,6 +248,11 @@ def test_dropout_trains_and_evaluates():
         ),
         (
             {"embed_dim": 8, "num_heads": 2},
+            lambda m: m(torch.randn(3, 2, 8), torch.randn(3, 1, 8), torch.randn(3, 1, 8)),
+            "batch",
+        ),
+        (
+            {"embed_dim": 8, "num_heads": 2},
             lambda m: m(*[torch.randn(3, 2, 8)] * 3, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool)),
             "key_padding_mask",
         ),
@@ -228,3 +267,68 @@ def test_bad_input_raises_clear_errors(kwargs, call, match):
     with pytest.raises(ValueError, match=match):
         m = MultiheadAttention(**kwargs)
         call(m)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_self_attention_projects_with_one_matmul(monkeypatch, batch_first):
+    _, ours = _pair(embed_dim=8, num_heads=2, batch_first=batch_first)
+    calls = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: calls.append(w.shape) or linear(x, w, b))
+    x, y = torch.randn(3, 2, 8, dtype=torch.float64), torch.randn(4, 2, 8, dtype=torch.float64)
+    if batch_first:
+        x, y = x.transpose(0, 1), y.transpose(0, 1)
+    ours(x, x, x)
+    assert calls == [(24, 8), (8, 8)]  # packed q, k, v; then out_proj
+    calls.clear()
+    ours(x, y, y)
+    assert calls == [(8, 8), (16, 8), (8, 8)]  # q; packed k, v; out_proj
+
+
+def test_bench_case_and_verdicts_on_a_tiny_configuration():
+    from attnkit.bench import mha
+
+    for impl in ("torch", "attnkit"):
+        for backward in (False, True):
+            r = mha.case(impl=impl, length=16, need_weights=True, backward=backward, dim=16, heads=2, batch=1, repeat=1)
+            assert r["time_s"] > 0 and r["peak_mib"] >= 0 and r["runs"] == 1
+    row = {"L": 8192, "pass": "forward", "torch_s": 2.0, "attnkit_s": 1.0, "speedup": 2.0}
+    rows = [
+        {**row, "mode": "default", "torch_mib": 1000.0, "attnkit_mib": 1000.0},
+        {**row, "mode": "need_weights=False", "speedup": 0.9, "torch_mib": 10.0, "attnkit_mib": 300.0},
+    ]
+    notes = mha._verdicts(rows, 8192)
+    assert "NOT met in L=8192 need_weights=False forward (0.90x)" in notes[0]
+    assert "0.300 of it, NOT met" in notes[1]
+
+
+def test_need_weights_false_never_allocates_an_l_by_l_tensor():
+    from torch.profiler import profile
+
+    m = MultiheadAttention(16, 2, batch_first=True)
+    L = 2048
+    x = torch.randn(2, L, 16, requires_grad=True)
+    kpm = torch.zeros(2, L, dtype=torch.bool)
+    kpm[1, 500:] = True
+    one_map = L * L * 4  # one fp32 L x L matrix, for a single head of a single sequence
+    with profile(profile_memory=True) as prof:
+        out, _ = m(x, x, x, key_padding_mask=kpm, need_weights=False)
+        out.sum().backward()
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    assert 0 < largest < one_map / 4, largest  # (the CPU flash backward keeps a fixed 2 MiB buffer)
+    with profile(profile_memory=True) as prof:  # the check can fail: with weights the maps do exist
+        m(x, x, x, key_padding_mask=kpm, need_weights=True)
+    assert max(e.cpu_memory_usage for e in prof.events()) >= 2 * 2 * one_map
+
+
+def test_drops_into_torch_transformer_encoder_layer():
+    layer = torch.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True, dtype=torch.float64)
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    pad = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
+    causal = torch.ones(6, 6, dtype=torch.bool).triu(1)  # True = masked out
+    want = layer(x, src_mask=causal, src_key_padding_mask=pad, is_causal=True)
+    ours = MultiheadAttention(16, 4, batch_first=True, dtype=torch.float64)
+    ours.load_state_dict(layer.self_attn.state_dict())
+    layer.self_attn = ours
+    got = layer(x, src_mask=causal, src_key_padding_mask=pad, is_causal=True)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=0)

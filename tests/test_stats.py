@@ -89,15 +89,41 @@ def test_masks_bool_float_and_fully_masked_rows():
 
 
 def test_exact_at_fp64_and_tiles_do_not_matter():
-    q, k, v = (torch.randn(1, 2, 150, 8, dtype=torch.float64) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 90, 8, dtype=torch.float64) for _ in range(3))
     opts = {"causal": True, "alibi": True}
     _, ref = reference_stats(q, k, opts, topk=3, pool=7)
     spec = attnkit.functional.build_spec(q, k, v, **opts)
     _, lse = attnkit.attention(q, k, v, **opts, return_lse=True)
-    for bq, bk in [(150, 150), (16, 32), (7, 9)]:
+    for bq, bk in [(90, 90), (16, 32), (13, 11)]:
         got = stats_kernel.stats_forward(q, k, v, spec, lse, topk=3, pool=7, block_q=bq, block_k=bk)
         for name in ("entropy", "mean_distance", "received", "pooled", "topk_weight"):
             torch.testing.assert_close(got[name], ref[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_peaked_rows_take_the_partial_top_k_path():
+    """Sharp attention: after the first key tiles most rows cannot change, so only some are merged."""
+    q, k = torch.randn(1, 2, 130, 8) * 3, torch.randn(1, 2, 400, 8) * 3
+    opts = {"causal": True}
+    _, ref = reference_stats(q, k, opts, topk=4, pool=9)
+    spec = attnkit.functional.build_spec(q, k, k, **opts)
+    _, lse = attnkit.attention(q, k, k, **opts, return_lse=True)
+    calls = []
+    original = stats_kernel._update_topk
+
+    def spy(p, j0, run_w, run_i, K):
+        need = p.amax(-1) > run_w[..., -1]  # the rows the update must merge
+        calls.append(0 < int(need.sum()) <= need.numel() // 2)
+        return original(p, j0, run_w, run_i, K)
+
+    stats_kernel._update_topk = spy
+    try:
+        got = stats_kernel.stats_forward(q, k, k, spec, lse, topk=4, pool=9, block_q=64, block_k=40)
+    finally:
+        stats_kernel._update_topk = original
+    torch.testing.assert_close(got["topk_weight"].double(), ref["topk_weight"], rtol=1e-5, atol=1e-6)
+    p = attnkit.attention_weights(q.double(), k.double(), **opts)
+    torch.testing.assert_close(torch.gather(p, -1, got["topk_index"]), ref["topk_weight"], rtol=1e-5, atol=1e-6)
+    assert any(calls)  # some tiles merged only a few of their rows
 
 
 def test_shapes_corners_and_output():

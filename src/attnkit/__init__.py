@@ -1,6 +1,5 @@
 """attnkit: exact, fast and memory-lean self-attention, the modules built on it, and tools to see what it does."""
 
-from attnkit import inspect  # noqa: F401  (attnkit.inspect.record, ...)
 from attnkit.backends import Backend, BackendChoice, available_backends, register_backend
 from attnkit.functional import attention, attention_weights, explain_backend
 from attnkit.masks import alibi_slopes, key_padding_mask
@@ -9,6 +8,8 @@ from attnkit.stats import AttentionStats, attention_stats
 from attnkit.varlen import attention_varlen
 
 __version__ = "0.1.0"
+
+from attnkit import inspect, nn  # after the names they use
 
 __all__ = [
     "AttentionSpec",
@@ -22,6 +23,8 @@ __all__ = [
     "attention_weights",
     "available_backends",
     "explain_backend",
+    "inspect",
     "key_padding_mask",
+    "nn",
     "register_backend",
 ]

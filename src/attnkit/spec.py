@@ -46,12 +46,16 @@ class AttentionSpec:
     dropout_p: float = 0.0
     dropout_seed: int | None = None
     acc_dtype: torch.dtype = torch.float32
+    # Where query 0 sits among the keys; None = ``Lk - Lq`` (bottom-right, the default).
+    # Set only by callers that compute a block of a larger problem (ring attention: a
+    # query shard against another rank's key shard, ``align = q_start - k_start``).
+    align: int | None = None
 
     # ----------------------------------------------------------------- geometry
     @property
     def offset(self) -> int:
-        """``Lk - Lq``: query ``i`` is aligned to key position ``i + offset``."""
-        return self.kv_len - self.q_len
+        """Query ``i`` is aligned to key position ``i + offset``: ``Lk - Lq`` unless ``align`` is set."""
+        return self.kv_len - self.q_len if self.align is None else self.align
 
     @property
     def group(self) -> int:
@@ -178,24 +182,32 @@ class AttentionSpec:
             ``(B, Hq, bq, bk)`` or None.
         """
         i1, j1 = i0 + q.shape[-2], j0 + k.shape[-2]
+        m = self.mask_tile(i0, i1, j0, j1)
+        # Outside autograd (the kernels' own passes) every step works in place on one buffer.
+        tracked = torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or (m is not None and m.requires_grad)
+        )
         s = self.raw_scores(q, k)
         dcap = None
         if self.softcap is not None:
-            t = torch.tanh(s / self.softcap)
+            t = torch.tanh(s / self.softcap) if tracked else s.div_(self.softcap).tanh_()
             if need_softcap_grad:
                 dcap = 1 - t * t
-            s = t * self.softcap
-        alibi = self.alibi_tile(i0, i1, j0, j1, q.device)
-        if alibi is not None:
-            s = s + alibi
-        m = self.mask_tile(i0, i1, j0, j1)
+            s = t * self.softcap if tracked else t.mul_(self.softcap)
+        if self.alibi_slopes is not None:
+            i = torch.arange(i0, i1, device=q.device)[:, None] + self.offset  # (bq, 1) aligned positions
+            j = torch.arange(j0, j1, device=q.device)[None, :]  # (1, bk)
+            dist = (i - j).abs().to(self.acc_dtype)  # (bq, bk)
+            neg_slopes = -self.alibi_slopes.to(device=q.device, dtype=self.acc_dtype).view(1, -1, 1, 1)
+            # s += -slope[h] * |i' - j|, fused into one pass without an (Hq, bq, bk) temporary.
+            s = torch.addcmul(s, neg_slopes, dist) if tracked else s.addcmul_(neg_slopes, dist)
         if m is not None and m.dtype != torch.bool:
-            s = s + m.to(self.acc_dtype)
+            s = s + m.to(self.acc_dtype) if tracked else s.add_(m.to(self.acc_dtype))
         allowed = self.structure_tile(i0, i1, j0, j1, q.device)
         if m is not None and m.dtype == torch.bool:
             allowed = m if allowed is None else (allowed & m)
         if allowed is not None:
-            s = s.masked_fill(~allowed, float("-inf"))
+            s = s.masked_fill(~allowed, float("-inf")) if tracked else s.masked_fill_(~allowed, float("-inf"))
         return s, dcap
 
     def dropout_tile(self, i0: int, i1: int, j0: int, j1: int, device: torch.device) -> Tensor:

@@ -4,20 +4,29 @@
   modules, Hugging Face ``transformers`` models and ``torch.nn.MultiheadAttention``.
 * `head_roles`: score every head (entropy, distance, locality, previous-token, sink,
   duplicate-token, induction, rare-token) and label it (`ROLE_DESCRIPTIONS`, `THRESHOLDS`).
+* `explain` / `rollout` / `gradient_weighted`: token saliency beyond raw weights, and
+  `faithfulness`: how much removing each explanation's top tokens moves the output, versus random.
 """
 
+from attnkit.inspect.explain import Faithfulness, explain, faithfulness, gradient_weighted, raw_attention, rollout
 from attnkit.inspect.record import LayerRecord, Recording, UnsupportedModelError, record
 from attnkit.inspect.roles import ROLE_DESCRIPTIONS, THRESHOLDS, HeadRoles, head_roles, rare_by_counts, rare_by_rank
 
 __all__ = [
     "ROLE_DESCRIPTIONS",
     "THRESHOLDS",
+    "Faithfulness",
     "HeadRoles",
     "LayerRecord",
     "Recording",
     "UnsupportedModelError",
+    "explain",
+    "faithfulness",
+    "gradient_weighted",
     "head_roles",
     "rare_by_counts",
     "rare_by_rank",
+    "raw_attention",
     "record",
+    "rollout",
 ]

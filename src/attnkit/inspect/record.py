@@ -243,12 +243,16 @@ def _mha_qkv(mha: nn.MultiheadAttention, args: tuple, kwargs: dict) -> tuple[Ten
         elif mask.dtype == torch.bool and m.dtype == torch.bool:
             mask = mask & m
         else:
-            to_float = lambda x: x if x.dtype != torch.bool else torch.zeros(x.shape, dtype=q.dtype).masked_fill(
-                ~x, float("-inf")
-            )  # fmt: skip
-            mask = to_float(mask) + to_float(m)
+            mask = _as_float(mask, q.dtype) + _as_float(m, q.dtype)
     causal = bool(bound.get("is_causal", False)) and attn_mask is None
     return q, k, v, {"mask": mask, "causal": causal, "scale": 1.0 / math.sqrt(D)}
+
+
+def _as_float(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """An attnkit mask as an additive float mask (``-inf`` where a bool mask forbids)."""
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def _hook_mha(recorder: _Recorder, mha: nn.MultiheadAttention, stack: contextlib.ExitStack) -> None:

@@ -30,6 +30,8 @@ def refusal(q: Tensor, spec: AttentionSpec, return_lse: bool) -> str | None:
         return "a window would need an Lq x Lk mask"
     if spec.dropout_p > 0:
         return "SDPA's dropout pattern differs from attnkit's counter-based one"
+    if spec.align is not None and spec.align != spec.kv_len - spec.q_len:
+        return "custom query/key alignment (spec.align) is computed by the tiled kernel"
     if spec.causal and spec.q_len not in (1, spec.kv_len):
         return "SDPA aligns causal top-left; attnkit aligns bottom-right and Lq != Lk"
     if spec.causal and spec.mask is not None and spec.q_len != 1:

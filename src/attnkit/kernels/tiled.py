@@ -49,22 +49,32 @@ def fused_supported(q: Tensor, spec: AttentionSpec) -> bool:
 
 
 # --------------------------------------------------------------------------- plan
-def _segments(spec: AttentionSpec, i0: int, i1: int, block_k: int, merge_open: bool) -> list[tuple[int, int]]:
-    """Key ranges ``[j0, j1)`` visited by query block ``[i0, i1)``.
+def _pure_causal(spec: AttentionSpec) -> bool:
+    """Causal with nothing else per tile: the diagonal tile is the flash kernel's own ``is_causal``."""
+    return spec.bounds == (None, 0) and spec.alibi_slopes is None and spec.mask is None
+
+
+def _segments(spec: AttentionSpec, i0: int, i1: int, block_k: int, merge_open: bool) -> list[tuple[int, int, bool]]:
+    """Key ranges ``(j0, j1, is_causal)`` visited by query block ``[i0, i1)``.
 
     Tiles of ``block_k`` keys; with ``merge_open`` consecutive tiles that causal/window
-    leave fully open become one range (the fused engine then runs them in one call).
+    leave fully open become one range (the fused engine then runs them in one call), and
+    under plain causal masking the block is one open range plus the diagonal square, where
+    the fused kernel's top-left ``is_causal`` equals attnkit's alignment and no mask is built.
     """
+    d0, d1 = i0 + spec.offset, i1 + spec.offset  # the block's aligned diagonal
+    if merge_open and _pure_causal(spec) and 0 <= d0 and d1 <= spec.kv_len:
+        return ([(0, d0, False)] if d0 > 0 else []) + [(d0, d1, True)]
     lo, hi = spec.key_range(i0, i1)
-    tiles = [(j, min(j + block_k, hi)) for j in range(lo, hi, block_k)]
+    tiles = [(j, min(j + block_k, hi), False) for j in range(lo, hi, block_k)]
     if not merge_open:
         return tiles
-    merged: list[tuple[int, int]] = []
-    for j0, j1 in tiles:
-        if merged and spec.block_is_open(i0, i1, j0, j1) and spec.block_is_open(i0, i1, *merged[-1]):
-            merged[-1] = (merged[-1][0], j1)
+    merged: list[tuple[int, int, bool]] = []
+    for j0, j1, _ in tiles:
+        if merged and spec.block_is_open(i0, i1, j0, j1) and spec.block_is_open(i0, i1, *merged[-1][:2]):
+            merged[-1] = (merged[-1][0], j1, False)
         else:
-            merged.append((j0, j1))
+            merged.append((j0, j1, False))
     return merged
 
 
@@ -100,7 +110,7 @@ def _empty_rows(mask: Tensor | None, shape: tuple[int, int, int]) -> Tensor | No
 
 # ----------------------------------------------------------------------- forward
 def _tile_forward_torch(
-    spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, i0: int, j0: int
+    spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, i0: int, j0: int, is_causal: bool = False
 ) -> tuple[Tensor, Tensor]:
     """One tile in plain PyTorch: normalised ``out (B, Hq, bq, Dv)`` and ``lse (B, Hq, bq)``."""
     s, _ = spec.scores(q, k, i0, j0)  # (B, Hq, bq, bk)
@@ -120,19 +130,29 @@ def _tile_forward_torch(
 
 
 def _tile_forward_fused(
-    spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, i0: int, j0: int
+    spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, i0: int, j0: int, is_causal: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """One tile through the fused CPU flash kernel; ``k``, ``v`` already have ``Hq`` heads."""
+    """One tile through the fused CPU flash kernel; ``k``, ``v`` already have ``Hq`` heads.
+
+    ``is_causal`` marks the diagonal square of `_segments`, masked by the kernel itself.
+    """
     i1, j1 = i0 + q.shape[-2], j0 + k.shape[-2]
-    mask = _tile_float_mask(spec, i0, i1, j0, j1, q.device)
+    mask = None if is_causal else _tile_float_mask(spec, i0, i1, j0, j1, q.device)
     if mask is not None:
         mask = mask.to(q.dtype)
-    out, lse = _flash_cpu(q, k, v, attn_mask=mask, scale=spec.scale)[:2]
+    out, lse = _flash_cpu(q, k, v, is_causal=is_causal, attn_mask=mask, scale=spec.scale)[:2]
     empty = _empty_rows(mask, tuple(lse.shape))
     if empty is not None:  # the fused kernel reports lse = 0 for a row with no key
         lse = lse.masked_fill(empty, float("-inf"))
         out = out.masked_fill(empty.unsqueeze(-1), 0)
     return out, lse.to(spec.acc_dtype)
+
+
+def _query_block(spec: AttentionSpec, fused: bool, merge_open: bool, block_q: int) -> int:
+    """Rows per query block. With nothing to build per tile, the fused kernel takes all rows at once."""
+    if fused and merge_open and not spec.has_structure_mask:
+        return max(block_q, spec.q_len)
+    return block_q
 
 
 def _expand_heads(x: Tensor, group: int) -> Tensor:
@@ -160,15 +180,18 @@ def forward(
     block_q: int = BLOCK_Q,
     block_k: int = BLOCK_K,
     engine: Engine = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Tiled attention forward.
 
     Args:
         q: ``(B, Hq, Lq, D)``; k: ``(B, Hk, Lk, D)``; v: ``(B, Hk, Lk, Dv)``.
         engine: the tile engine (module docstring); None picks fused where it is exact.
+        out_dtype: dtype of ``out``; default ``q.dtype`` (ring attention asks for the
+            accumulation dtype, so that partial outputs merge without rounding).
 
     Returns:
-        ``out (B, Hq, Lq, Dv)`` in ``q.dtype`` and ``lse (B, Hq, Lq)`` in the accumulation dtype.
+        ``out (B, Hq, Lq, Dv)`` in ``out_dtype`` and ``lse (B, Hq, Lq)`` in the accumulation dtype.
     """
     B, Hq, Lq, _ = q.shape
     fused = _choose_engine(q, spec, engine)
@@ -179,20 +202,21 @@ def forward(
         merge_open = spec.alibi_slopes is None and (spec.mask is None or spec.mask.shape[-2] == 1)
     else:
         tile, merge_open = _tile_forward_torch, False
-    out = q.new_zeros(B, Hq, Lq, spec.v_head_dim)
+    block_q = _query_block(spec, fused, merge_open, block_q)
+    out = q.new_zeros(B, Hq, Lq, spec.v_head_dim, dtype=out_dtype or q.dtype)
     lse = torch.full((B, Hq, Lq), float("-inf"), dtype=spec.acc_dtype, device=q.device)
     for i0 in range(0, Lq, block_q):
         i1 = min(i0 + block_q, Lq)
         q_blk = q[:, :, i0:i1]  # (B, Hq, bq, D)
         acc, acc_lse = None, None
-        for j0, j1 in _segments(spec, i0, i1, block_k, merge_open):
-            o_t, lse_t = tile(spec, q_blk, k[:, :, j0:j1], v[:, :, j0:j1], i0, j0)
+        for j0, j1, is_causal in _segments(spec, i0, i1, block_k, merge_open):
+            o_t, lse_t = tile(spec, q_blk, k[:, :, j0:j1], v[:, :, j0:j1], i0, j0, is_causal)
             if acc is None:
                 acc, acc_lse = o_t.to(spec.acc_dtype), lse_t
             else:
                 acc, acc_lse = merge_partials(acc, acc_lse, o_t, lse_t)
         if acc is not None:
-            out[:, :, i0:i1] = acc.to(q.dtype)
+            out[:, :, i0:i1] = acc.to(out.dtype)
             lse[:, :, i0:i1] = acc_lse
     return out, lse
 
@@ -218,6 +242,7 @@ def backward(
     block_q: int = BLOCK_Q,
     block_k: int = BLOCK_K,
     engine: Engine = None,
+    grad_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Gradients of tiled attention, recomputing each tile from the saved ``lse``.
 
@@ -230,9 +255,11 @@ def backward(
         mask_grad: also return the gradient of the float mask ``spec.mask``.
         engine: as in `forward`; the fused engine cannot take ``dlse`` or ``mask_grad``,
             so those use the torch engine.
+        grad_dtype: dtype of ``dq, dk, dv``; default the inputs' dtypes (ring attention asks
+            for the accumulation dtype, so that per-shard gradients add up without rounding).
 
     Returns:
-        ``dq, dk, dv`` in the inputs' dtypes and ``dmask`` (shape of ``spec.mask``) or None.
+        ``dq, dk, dv`` in ``grad_dtype`` (default the inputs' dtypes) and ``dmask`` (shape of ``spec.mask``) or None.
     """
     B, _, Lq, _ = q.shape
     acc = spec.acc_dtype
@@ -250,11 +277,12 @@ def backward(
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
     dmask = torch.zeros(spec.mask.shape, dtype=acc, device=q.device) if mask_grad else None
     merge_open = fused and spec.alibi_slopes is None and (spec.mask is None or spec.mask.shape[-2] == 1)
+    block_q = _query_block(spec, fused, merge_open, block_q)
     for i0 in range(0, Lq, block_q):
         i1 = min(i0 + block_q, Lq)
-        for j0, j1 in _segments(spec, i0, i1, block_k, merge_open):
+        for j0, j1, is_causal in _segments(spec, i0, i1, block_k, merge_open):
             if fused:
-                mask = _tile_float_mask(spec, i0, i1, j0, j1, q.device)
+                mask = None if is_causal else _tile_float_mask(spec, i0, i1, j0, j1, q.device)
                 gq, gk, gv = _flash_cpu_backward(
                     dout[:, :, i0:i1],
                     q[:, :, i0:i1],
@@ -263,7 +291,7 @@ def backward(
                     out[:, :, i0:i1],
                     lse_bwd[:, :, i0:i1].to(torch.float32 if q.dtype != torch.float64 else q.dtype),
                     0.0,
-                    False,
+                    is_causal,
                     attn_mask=None if mask is None else mask.to(q.dtype),
                     scale=spec.scale,
                 )
@@ -276,7 +304,7 @@ def backward(
         G = spec.group
         dk = dk_e.view(B, spec.kv_heads, G, *k.shape[2:]).sum(2)  # (B, Hk, Lk, D)
         dv = dv_e.view(B, spec.kv_heads, G, *v.shape[2:]).sum(2)  # (B, Hk, Lk, Dv)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask
+    return dq.to(grad_dtype or q.dtype), dk.to(grad_dtype or k.dtype), dv.to(grad_dtype or v.dtype), dmask
 
 
 def _tile_backward_torch(
@@ -303,7 +331,7 @@ def _tile_backward_torch(
     q_t, k_t, v_t = q[:, :, i0:i1].to(acc), k[:, :, j0:j1].to(acc), v[:, :, j0:j1].to(acc)
     do_t = dout[:, :, i0:i1].to(acc)  # (B, Hq, bq, Dv)
     s, dcap = spec.scores(q_t, k_t, i0, j0, need_softcap_grad=spec.softcap is not None)
-    p = torch.exp(s - lse_bwd[:, :, i0:i1, None])  # (B, Hq, bq, bk): the exact global weights
+    p = s.sub_(lse_bwd[:, :, i0:i1, None]).exp_()  # (B, Hq, bq, bk): the exact global weights
     do5 = do_t.view(B, Hk, G, bq, -1)  # (B, Hk, G, bq, Dv)
     dp = torch.matmul(do5, v_t.unsqueeze(2).transpose(-1, -2)).view(B, Hk * G, bq, bk)  # dO v^T
     if spec.dropout_p > 0:
@@ -314,18 +342,18 @@ def _tile_backward_torch(
         p_used = p
     # dV_j = sum_i p_ij dO_i, summed over the query heads that share the key head.
     dv[:, :, j0:j1] += torch.matmul(p_used.view(B, Hk, G, bq, bk).transpose(-1, -2), do5).sum(2)
-    ds = p * (dp - delta[:, :, i0:i1, None])  # (B, Hq, bq, bk): softmax backward
+    ds = dp.sub_(delta[:, :, i0:i1, None]).mul_(p)  # (B, Hq, bq, bk): softmax backward, in dp's buffer
     if dmask is not None:
         m_t = spec.mask_tile(i0, i1, j0, j1)
         sl_q = slice(None) if dmask.shape[-2] == 1 else slice(i0, i1)
         sl_k = slice(None) if dmask.shape[-1] == 1 else slice(j0, j1)
         dmask[..., sl_q, sl_k] += _reduce_to(ds, m_t.shape)
     if dcap is not None:
-        ds = ds * dcap
-    ds = ds * spec.scale
+        ds.mul_(dcap)
     ds5 = ds.view(B, Hk, G, bq, bk)  # (B, Hk, G, bq, bk)
-    dq[:, :, i0:i1] += torch.matmul(ds5, k_t.unsqueeze(2)).view(B, Hk * G, bq, -1)
-    dk[:, :, j0:j1] += torch.matmul(ds5.transpose(-1, -2), q_t.view(B, Hk, G, bq, -1)).sum(2)
+    # The score scale is applied to the (bq, D) and (bk, D) products, not to the (bq, bk) tile.
+    dq[:, :, i0:i1] += torch.matmul(ds5, k_t.unsqueeze(2)).view(B, Hk * G, bq, -1).mul_(spec.scale)
+    dk[:, :, j0:j1] += torch.matmul(ds5.transpose(-1, -2), q_t.view(B, Hk, G, bq, -1)).sum(2).mul_(spec.scale)
 
 
 # ---------------------------------------------------------------------- autograd

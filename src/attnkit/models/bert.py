@@ -198,6 +198,10 @@ class BertTokenizer:
         self._tok.enable_padding(pad_id=pad.get("pad_id", 0), pad_token=pad.get("pad_token", "[PAD]"))
         self._tok.enable_truncation(max_length)
 
+    def tokenize(self, text: str) -> list[str]:
+        """The word pieces of one text, special tokens included (``[CLS] ... [SEP]``)."""
+        return self._tok.encode(text).tokens
+
     def __call__(self, texts: str | list[str]) -> dict[str, Tensor]:
         texts = [texts] if isinstance(texts, str) else list(texts)
         enc = self._tok.encode_batch(texts)

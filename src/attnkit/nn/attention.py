@@ -212,8 +212,8 @@ class SelfAttention(_Attention):
         """Self-attention over ``x (B, L, dim)``.
 
         Args:
-            padding_mask: ``(B, Lk)`` bool, True for real tokens (``Lk = L``, or with a cache
-                the keys it holds after this step, ``cache.length``).
+            padding_mask: ``(B, L)`` bool, True for the real tokens of ``x``; with a cache it is
+                remembered, so later steps need pass only their own tokens' mask.
             mask: any extra `attnkit.attention` mask, broadcastable to ``(B, H, L, Lk)``.
             cache: a `KVCache`: ``x`` holds the next tokens, at positions ``cache.position ..``;
                 their keys and values are appended and the queries attend to all held keys.
@@ -230,7 +230,8 @@ class SelfAttention(_Attention):
         if self.rope is not None:
             q, k = self.rope(q, k, offset=offset)
         if cache is not None:
-            k, v = cache.update(k, v)  # (B, Hk, Lk, D): every key held
+            k, v = cache.update(k, v, padding=padding_mask)  # (B, Hk, Lk, D): every key held
+            padding_mask = cache.padding  # (B, Lk) or None
         mask = padding_to_mask(padding_mask, mask, x.shape[0], k.shape[2])
         return self._attend(q, k, v, self.options(mask), return_weights)
 

@@ -17,6 +17,7 @@ Shapes: keys ``(B, Hk, L, D)``, values ``(B, Hk, L, Dv)``.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 __all__ = ["KVCache"]
@@ -46,6 +47,7 @@ class KVCache:
         self.position = 0  # tokens fed so far: the position of the next token
         self._k: Tensor | None = None
         self._v: Tensor | None = None
+        self._pad: Tensor | None = None  # (B, max_len) bool, True = real token; None until padding is given
 
     def reset(self) -> None:
         """Forget every token (the buffers are kept for reuse)."""
@@ -59,14 +61,22 @@ class KVCache:
         return self._k[:, :, : self.length]
 
     @property
+    def padding(self) -> Tensor | None:
+        """``(B, length)`` bool, True for real tokens, or None if no padding was ever given."""
+        return None if self._pad is None else self._pad[:, : self.length]
+
+    @property
     def values(self) -> Tensor:
         """``(B, Hk, length, Dv)``, a view of the buffer."""
         if self._v is None:
             raise ValueError("KVCache: empty; call update() first")
         return self._v[:, :, : self.length]
 
-    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def update(self, k: Tensor, v: Tensor, *, padding: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Append ``k (B, Hk, Ln, D)`` and ``v (B, Hk, Ln, Dv)``; return all held keys and values.
+
+        ``padding (B, Ln)`` bool marks which new tokens are real (e.g. left-padded prompts);
+        `padding` then covers every held key (tokens given without it count as real).
 
         Returns views ``(B, Hk, length, D)`` and ``(B, Hk, length, Dv)`` of the buffers.
         """
@@ -89,6 +99,15 @@ class KVCache:
                 )
             self._k = k.new_empty(B, Hk, self.max_len, D)
             self._v = v.new_empty(B, Hk, self.max_len, v.shape[-1])
+            self._pad = None
+        if padding is not None:
+            if padding.dtype != torch.bool or tuple(padding.shape) != (B, Ln):
+                raise ValueError(
+                    f"KVCache.update: padding must be bool (B, Ln) = {(B, Ln)}, True for real tokens, got "
+                    f"{padding.dtype} {tuple(padding.shape)}"
+                )
+            if self._pad is None:
+                self._pad = torch.ones(B, self.max_len, dtype=torch.bool, device=k.device)
         if self.length + Ln > self.max_len:
             if self.window is None:
                 raise ValueError(
@@ -104,9 +123,13 @@ class KVCache:
             start = self.length - keep
             self._k[:, :, :keep] = self._k[:, :, start : self.length].clone()
             self._v[:, :, :keep] = self._v[:, :, start : self.length].clone()
+            if self._pad is not None:
+                self._pad[:, :keep] = self._pad[:, start : self.length].clone()
             self.length = keep
         self._k[:, :, self.length : self.length + Ln] = k
         self._v[:, :, self.length : self.length + Ln] = v
+        if self._pad is not None:
+            self._pad[:, self.length : self.length + Ln] = True if padding is None else padding
         self.length += Ln
         self.position += Ln
         return self.keys, self.values

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 import attnkit
 from attnkit import observers
+from attnkit.functional import build_spec
 from attnkit.nn.attention import call_attention
 
 __all__ = ["MultiheadAttention"]
@@ -45,6 +46,31 @@ def _merge(a: Tensor | None, b: Tensor | None, dtype: torch.dtype) -> Tensor | N
     if a.dtype == torch.bool and b.dtype == torch.bool:
         return a & b
     return _as_float(a, dtype) + _as_float(b, dtype)
+
+
+def _weights(q: Tensor, k: Tensor, options: dict) -> Tensor:
+    """The attention weights ``(N, H, L, S)`` of ``q (N, H, L, D)``, ``k (N, H, S, D)``, in the accumulation dtype.
+
+    The same values as `attnkit.attention_weights` (the scores come from the one definition,
+    `AttentionSpec.scores`), computed in the fewest passes over the ``L x S`` matrix so that
+    ``need_weights=True`` costs what torch's own path costs: PyTorch's fused softmax, then
+    zeros for the rows with no allowed key (where softmax gives NaN), only when a mask or
+    causal alignment can produce such rows.
+    """
+    spec = build_spec(q, k, None, **options)
+    may_be_empty = spec.mask is not None or spec.has_structure_mask
+    if may_be_empty and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        # softmax's gradient is NaN on an all -inf row; the reference's is 0 there
+        return attnkit.attention_weights(q, k, **options)
+    if may_be_empty or spec.has_bias or spec.softcap is not None or spec.kv_heads != spec.q_heads:
+        scores, _ = spec.scores(q, k, 0, 0)  # (N, H, L, S): scaled, biased, masked with -inf
+    else:  # plain scores q·kᵀ·scale; scaling q (L x D) rather than the scores saves a pass over L x S
+        acc = spec.acc_dtype
+        scores = torch.matmul(q.to(acc) * spec.scale, k.to(acc).transpose(-1, -2))  # (N, H, L, S)
+    p = torch.softmax(scores, dim=-1)
+    if may_be_empty:
+        p = p.nan_to_num_(0.0)  # a row of all -inf: weights 0, as attnkit defines it
+    return p
 
 
 class MultiheadAttention(nn.Module):
@@ -141,18 +167,23 @@ class MultiheadAttention(nn.Module):
             nn.init.xavier_normal_(self.bias_v)
 
     # ------------------------------------------------------------------ pieces
-    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``query (N, L, E)``, ``key (N, S, kdim)``, ``value (N, S, vdim)`` -> ``q (N, L, E)``, ``k, v (N, S, E)``."""
+    def _project(
+        self, query: Tensor, key: Tensor, value: Tensor, *, self_attention: bool, shared_kv: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``query (N, L, E)``, ``key (N, S, kdim)``, ``value (N, S, vdim)`` -> ``q (N, L, E)``, ``k, v (N, S, E)``.
+
+        ``self_attention``: query, key and value are one tensor (one matmul); ``shared_kv``: key is value.
+        """
         E = self.embed_dim
         b = self.in_proj_bias
         bq, bk, bv = (None, None, None) if b is None else b.split(E)
         if self._qkv_same_embed_dim:
             w = self.in_proj_weight
-            if query is key and key is value:  # self-attention: one matmul
+            if self_attention:  # one matmul
                 return F.linear(query, w, b).chunk(3, dim=-1)  # 3 x (N, L, E)
             wq, wkv = w.split([E, 2 * E])
             q = F.linear(query, wq, bq)
-            if key is value:
+            if shared_kv:
                 k, v = F.linear(key, wkv, None if b is None else b[E:]).chunk(2, dim=-1)  # 2 x (N, S, E)
                 return q, k, v
             wk, wv = wkv.split(E)
@@ -177,6 +208,12 @@ class MultiheadAttention(nn.Module):
             raise ValueError(
                 f"MultiheadAttention: key and value must share length and batch, got key {tuple(key.shape)}, "
                 f"value {tuple(value.shape)}"
+            )
+        batch_axis = 0 if self.batch_first else 1
+        if query.dim() == 3 and query.shape[batch_axis] != key.shape[batch_axis]:
+            raise ValueError(
+                f"MultiheadAttention: query and key batch sizes differ (batch_first={self.batch_first}): "
+                f"query {tuple(query.shape)}, key {tuple(key.shape)}"
             )
         return query.dim() == 3
 
@@ -247,6 +284,7 @@ class MultiheadAttention(nn.Module):
             are those before dropout.
         """
         batched = self._check_inputs(query, key, value)
+        self_attention, shared_kv = query is key and key is value, key is value  # before any view
         if is_causal and attn_mask is None:
             raise RuntimeError(
                 "MultiheadAttention: is_causal is a hint that attn_mask is the causal mask; pass attn_mask too "
@@ -267,7 +305,8 @@ class MultiheadAttention(nn.Module):
         if causal:
             mask = None
 
-        q, k, v = self._project(query, key, value)  # (N, L, E), (N, S, E), (N, S, E)
+        q, k, v = self._project(query, key, value, self_attention=self_attention, shared_kv=shared_kv)
+        # q (N, L, E), k and v (N, S, E)
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.expand(N, 1, -1)], dim=1)  # (N, S + 1, E)
             v = torch.cat([v, self.bias_v.expand(N, 1, -1)], dim=1)  # (N, S + 1, E)
@@ -292,11 +331,13 @@ class MultiheadAttention(nn.Module):
         if need_weights:
             if observers.active():
                 observers.notify(self, q, k, v, options)
-            p = attnkit.attention_weights(q, k, **options)  # (N, H, L, S'), before dropout
+            p = _weights(q, k, options)  # (N, H, L, S'), before dropout
             weights = p.to(query.dtype)
-            if dropout_p > 0:  # the output must see dropout; the weights returned are those before it
-                out = self.attention_fn(q, k, v, dropout_p=dropout_p, **options)
-            else:  # one pass: the output is the weights applied to the values
+            if dropout_p > 0 or self.attention_fn is not attnkit.attention:
+                # a swapped attention_fn (ring attention, an inspector's wrapper) always computes the
+                # output; so does dropout, which the weights returned here do not include
+                out = self.attention_fn(q, k, v, dropout_p=dropout_p, **options)  # (N, H, L, D)
+            else:  # the output is the weights applied to the values: one matmul more, as in torch
                 out = torch.matmul(p, v.to(p.dtype)).to(query.dtype)  # (N, H, L, D)
             if average_attn_weights:
                 weights = weights.mean(dim=1)  # (N, L, S')

@@ -76,6 +76,12 @@ def _check_norm(norm: str) -> None:
         raise ValueError(f"norm must be 'pre' or 'post', got {norm!r}")
 
 
+def _cache_window(attn: SelfAttention, max_len: int) -> int | None:
+    """The window a layer's `KVCache` must keep; None when it spans the whole cache anyway."""
+    left = attn.window_left
+    return left if left is not None and left < max_len else None
+
+
 class TransformerEncoderLayer(nn.Module):
     """Self-attention and feed-forward, each in a residual block.
 
@@ -256,7 +262,10 @@ class TransformerDecoder(nn.Module):
 
         ``max_len`` target tokens; ``context_len`` the context's length (its keys are cached once).
         """
-        return [(KVCache(max_len, window=layer.self_attn.window_left), KVCache(context_len)) for layer in self.layers]
+        return [
+            (KVCache(max_len, window=_cache_window(layer.self_attn, max_len)), KVCache(context_len))
+            for layer in self.layers
+        ]
 
     def forward(
         self,
@@ -333,6 +342,7 @@ class LanguageModel(nn.Module):
         if "causal" in layer or "norm" in layer:
             raise ValueError("LanguageModel: the layers are always causal and pre-norm; do not pass causal or norm")
         self.embed = nn.Embedding(vocab_size, dim)
+        nn.init.normal_(self.embed.weight, std=0.02)  # GPT-2's initialisation (Radford et al., 2019)
         self.absolute: nn.Module | None = None
         attention_positions = None
         if positions in ("rope", "alibi"):
@@ -358,7 +368,7 @@ class LanguageModel(nn.Module):
 
     def new_cache(self, max_len: int) -> list[KVCache]:
         """One `KVCache` per layer; windowed layers keep only what their window needs."""
-        return [KVCache(max_len, window=layer.attn.window_left) for layer in self.layers]
+        return [KVCache(max_len, window=_cache_window(layer.attn, max_len)) for layer in self.layers]
 
     def forward(
         self, tokens: Tensor, *, padding_mask: Tensor | None = None, cache: list[KVCache] | None = None
@@ -367,7 +377,9 @@ class LanguageModel(nn.Module):
 
         With ``cache`` (from `new_cache`), ``tokens`` are the next tokens of the sequences the
         cache holds; decoding token by token gives the logits of one full causal pass.
-        ``padding_mask (B, Lk)``: True for real tokens (left padding for batched prompts).
+        ``padding_mask (B, L)``: True for the real tokens of ``tokens`` (left-pad batched prompts;
+        the cache remembers it). With RoPE or ALiBi, which see only relative positions, a
+        left-padded sequence gets the logits it would get alone.
         """
         if tokens.dim() != 2:
             raise ValueError(f"LanguageModel: tokens must be (B, L), got shape {tuple(tokens.shape)}")
@@ -381,14 +393,22 @@ class LanguageModel(nn.Module):
         return self.head(self.norm(x))  # (B, L, V)
 
     @torch.no_grad()
-    def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float | None = None) -> Tensor:
+    def generate(
+        self,
+        prompt: Tensor,
+        max_new_tokens: int,
+        *,
+        padding_mask: Tensor | None = None,
+        temperature: float | None = None,
+    ) -> Tensor:
         """Continue ``prompt (B, Lp)`` by ``max_new_tokens`` tokens using a KV cache.
 
+        ``padding_mask (B, Lp)`` marks the real prompt tokens of left-padded prompts.
         ``temperature=None`` is greedy decoding; otherwise sample from ``softmax(logits / T)``.
         Returns ``(B, Lp + max_new_tokens)``.
         """
         cache = self.new_cache(prompt.shape[1] + max_new_tokens)
-        logits = self(prompt, cache=cache)[:, -1]  # (B, V)
+        logits = self(prompt, padding_mask=padding_mask, cache=cache)[:, -1]  # (B, V)
         out = [prompt]
         for step in range(max_new_tokens):
             if temperature is None:

@@ -1,0 +1,372 @@
+"""The offline attention report: one self-contained HTML file (no CDN, no network, opens from disk).
+
+`ReportData` holds what the page shows, as plain arrays; `ReportData.to_dict` makes it
+JSON-serialisable (the large arrays quantised, deflate-compressed and base64-encoded), and
+`render_report` inlines it with the page's HTML, CSS and JavaScript (package data under
+``attnkit/viz/assets/``). The page decompresses with the browser's ``DecompressionStream``.
+
+Two map modes keep the file small and the page responsive:
+
+* full maps, ``(layers, H, L, L)``, while ``L <= map_budget`` tokens;
+* beyond that, maps averaged over ``P x P`` tiles (``edges`` gives the token range of each tile)
+  plus, for every query, its ``k`` strongest keys (``topk_index``/``topk_weight``), which is
+  what the hover links use in both modes.
+
+Security: every string that comes from the input (tokens, title, notes) reaches the page only
+through JSON inside a ``<script type="application/json">`` block (with ``<``, ``>``, ``&`` and the
+line separators escaped) or `html.escape`, and the page writes it with ``textContent``. A
+Content-Security-Policy allows only the page's own script and style (by hash) and no network.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import json
+import math
+import zlib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from attnkit.viz.plots import pool_map, tile_edges
+
+__all__ = ["FORMAT_VERSION", "ReportData", "render_report", "write_report"]
+
+FORMAT_VERSION = 1
+# Full maps up to this many tokens; above it, pooled maps plus top-k links.
+MAP_BUDGET = 384
+# Tiles per side of a pooled map.
+POOL_TILES = 96
+# Strongest keys kept per query for the hover links.
+TOPK = 5
+
+
+def _np(x: Any, dtype=np.float32) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch.Tensor, without importing torch
+        x = x.detach().to("cpu").float().numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(zlib.compress(raw, 6)).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return zlib.decompress(base64.b64decode(text))
+
+
+def topk_links(maps: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's ``k`` strongest keys.
+
+    Args:
+        maps: ``(layers, H, L, L)`` attention probabilities.
+
+    Returns:
+        ``index (layers, H, L, k)`` int64 and ``weight (layers, H, L, k)`` float32, strongest first.
+    """
+    m = _np(maps)
+    k = min(k, m.shape[-1])
+    index = np.argpartition(-m, k - 1, axis=-1)[..., :k]  # (layers, H, L, k), unordered
+    weight = np.take_along_axis(m, index, axis=-1)
+    order = np.argsort(-weight, axis=-1, kind="stable")
+    return np.take_along_axis(index, order, axis=-1).astype(np.int64), np.take_along_axis(weight, order, axis=-1)
+
+
+@dataclass
+class ReportData:
+    """Everything the report shows. Shapes: ``N`` layers, ``H`` heads, ``L`` tokens, ``P`` map size, ``k`` links.
+
+    Attributes:
+        tokens: ``L`` token strings as they should read (word pieces without ``##``).
+        maps: ``(N, H, P, P)`` attention maps: full (``P == L``, ``edges`` None) or pooled over tiles.
+        topk_index: ``(N, H, L, k)`` each query's strongest keys, strongest first.
+        topk_weight: ``(N, H, L, k)`` their weights.
+        edges: ``(P + 1,)`` token boundaries of the tiles of a pooled map; None for full maps.
+        spacing: ``L`` strings, the white space before each token in the text: ``""``, ``" "`` or ``"\n"``
+            (None: a space between every two tokens).
+        special: positions of special tokens ([CLS], [SEP]); saliency colours are scaled to the
+            largest value among the other tokens, since these sinks would wash everything else out.
+        title, model: shown in the header.
+        layer_names: ``N`` names (default ``layer 0``...).
+        entropy: ``(N, H)`` mean attention entropy per head, nats.
+        mean_distance: ``(N, H)`` mean attention distance per head, tokens.
+        roles: head-role rows ``{"layer", "head", "role", "scores": {name: float}}``.
+        role_descriptions: one line per role name.
+        saliency: name -> ``(L,)`` token scores (rollout, gradient-weighted, received attention).
+        faithfulness: rows ``{"name", "value", "note"}`` shown beside the saliency.
+        notes: messages for the reader (truncation, untrained weights, pooling).
+    """
+
+    tokens: list[str]
+    maps: np.ndarray
+    topk_index: np.ndarray
+    topk_weight: np.ndarray
+    edges: np.ndarray | None = None
+    spacing: list[str] | None = None
+    special: list[int] = field(default_factory=list)
+    title: str = "attnkit attention report"
+    model: str = ""
+    layer_names: list[str] | None = None
+    entropy: np.ndarray | None = None
+    mean_distance: np.ndarray | None = None
+    roles: list[dict] = field(default_factory=list)
+    role_descriptions: dict[str, str] = field(default_factory=dict)
+    saliency: dict[str, np.ndarray] = field(default_factory=dict)
+    faithfulness: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.tokens = [str(t) for t in self.tokens]
+        L = len(self.tokens)
+        self.maps = _np(self.maps)
+        self.topk_index = _np(self.topk_index, np.int64)
+        self.topk_weight = _np(self.topk_weight)
+        if self.maps.ndim != 4 or self.maps.shape[2] != self.maps.shape[3]:
+            raise ValueError(f"ReportData: maps must be (layers, H, P, P), got {self.maps.shape}")
+        N, H, P, _ = self.maps.shape
+        if self.edges is None:
+            if P != L:
+                raise ValueError(f"ReportData: full maps must be ({N}, {H}, L, L) with L={L} tokens, got {P}x{P}")
+        else:
+            self.edges = _np(self.edges, np.int64)
+            if self.edges.shape != (P + 1,) or self.edges[0] != 0 or self.edges[-1] != L:
+                raise ValueError(
+                    f"ReportData: edges must be ({P + 1},) from 0 to {L}, got {self.edges.tolist()[:8]}..."
+                )
+            if np.any(np.diff(self.edges) < 1):
+                raise ValueError("ReportData: edges must be strictly increasing")
+        if self.topk_index.shape != self.topk_weight.shape or self.topk_index.shape[:3] != (N, H, L):
+            raise ValueError(
+                f"ReportData: topk_index and topk_weight must both be ({N}, {H}, {L}, k), "
+                f"got {self.topk_index.shape} and {self.topk_weight.shape}"
+            )
+        if self.topk_index.size and (self.topk_index.min() < 0 or self.topk_index.max() >= L):
+            raise ValueError(f"ReportData: topk_index must lie in [0, {L}), got [{self.topk_index.min()}, ...]")
+        if self.spacing is not None:
+            self.spacing = [str(s) for s in self.spacing]
+            if len(self.spacing) != L or not set(self.spacing) <= {"", " ", "\n"}:
+                raise ValueError(
+                    f"ReportData: spacing must be {L} strings from '', ' ', '\\n', got {len(self.spacing)}"
+                )
+        self.special = sorted({int(i) for i in self.special})
+        if self.special and (self.special[0] < 0 or self.special[-1] >= L):
+            raise ValueError(f"ReportData: special positions must lie in [0, {L}), got {self.special}")
+        if self.layer_names is not None and len(self.layer_names) != N:
+            raise ValueError(f"ReportData: layer_names must have {N} entries, got {len(self.layer_names)}")
+        for name in ("entropy", "mean_distance"):
+            value = getattr(self, name)
+            if value is not None:
+                value = _np(value)
+                if value.shape != (N, H):
+                    raise ValueError(f"ReportData: {name} must be ({N}, {H}), got {value.shape}")
+                setattr(self, name, value)
+        self.saliency = {str(k): _np(v).reshape(-1) for k, v in self.saliency.items()}
+        for name, values in self.saliency.items():
+            if values.shape != (L,):
+                raise ValueError(f"ReportData: saliency[{name!r}] must be ({L},), got {values.shape}")
+
+    @classmethod
+    def from_maps(
+        cls,
+        tokens: list[str],
+        maps: Any,
+        *,
+        map_budget: int = MAP_BUDGET,
+        tiles: int = POOL_TILES,
+        topk: int = TOPK,
+        **fields: Any,
+    ) -> ReportData:
+        """Build from full maps ``(N, H, L, L)``: top-k links, and pooled tiles when ``L > map_budget``."""
+        m = _np(maps)
+        if m.ndim != 4 or m.shape[2:] != (len(tokens), len(tokens)):
+            raise ValueError(
+                f"ReportData.from_maps: maps must be (layers, H, {len(tokens)}, {len(tokens)}), got {m.shape}"
+            )
+        index, weight = topk_links(m, topk)
+        edges = None
+        if len(tokens) > map_budget:
+            edges = tile_edges(len(tokens), tiles)
+            m = pool_map(m, edges).astype(np.float32)
+            note = (
+                f"{len(tokens)} tokens is over the report's map budget of {map_budget}: maps are averaged over "
+                f"{len(edges) - 1}x{len(edges) - 1} tiles; hover links use each token's "
+                f"{index.shape[-1]} strongest keys."
+            )
+            fields["notes"] = [*fields.get("notes", []), note]
+        return cls(list(tokens), m, index, weight, edges=edges, **fields)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(layers, heads, tokens)``."""
+        return self.maps.shape[0], self.maps.shape[1], len(self.tokens)
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict (the format the page reads; `from_dict` reads it back).
+
+        Maps are stored per head as ``round(255 * sqrt(w / max))`` (uint8) with the head's max,
+        links as uint16/uint32 indices and ``round(65535 * w)`` (uint16) weights, all deflate + base64.
+        """
+        N, H, L = self.shape
+        P = self.maps.shape[-1]
+        peak = np.clip(self.maps, 0, None).reshape(N, H, -1).max(axis=-1)  # (N, H)
+        safe = np.where(peak > 0, peak, 1.0)[..., None, None]
+        quantised = np.round(255 * np.sqrt(np.clip(self.maps, 0, None) / safe)).astype(np.uint8)  # (N, H, P, P)
+        index_dtype = np.uint16 if L <= 65535 else np.uint32
+        k = self.topk_index.shape[-1]
+        weights = np.round(np.clip(self.topk_weight, 0, 1) * 65535).astype("<u2")
+        return {
+            "version": FORMAT_VERSION,
+            "title": self.title,
+            "model": self.model,
+            "notes": list(self.notes),
+            "tokens": self.tokens,
+            "spacing": self.spacing,
+            "special": self.special,
+            "layers": N,
+            "heads": H,
+            "length": L,
+            "layer_names": self.layer_names or [f"layer {i}" for i in range(N)],
+            "map": {
+                "size": P,
+                "edges": self.edges.tolist() if self.edges is not None else None,
+                "peak": np.round(peak, 6).tolist(),
+                "data": _b64(quantised.tobytes()),
+            },
+            "links": {
+                "k": k,
+                "index_bytes": np.dtype(index_dtype).itemsize,
+                "index": _b64(self.topk_index.astype(np.dtype(index_dtype).newbyteorder("<")).tobytes()),
+                "weight": _b64(weights.tobytes()),
+            },
+            "entropy": _rounded(self.entropy),
+            "mean_distance": _rounded(self.mean_distance),
+            "roles": [_json_row(row) for row in self.roles],
+            "role_descriptions": dict(self.role_descriptions),
+            "saliency": {name: _rounded(values) for name, values in self.saliency.items()},
+            "faithfulness": [_json_row(row) for row in self.faithfulness],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ReportData:
+        """Read back `to_dict`'s output (maps and link weights come back quantised)."""
+        if data.get("version") != FORMAT_VERSION:
+            raise ValueError(
+                f"ReportData.from_dict: expected format version {FORMAT_VERSION}, got {data.get('version')}"
+            )
+        N, H, L, P = data["layers"], data["heads"], data["length"], data["map"]["size"]
+        k = data["links"]["k"]
+        q = np.frombuffer(_unb64(data["map"]["data"]), dtype=np.uint8).reshape(N, H, P, P)
+        peak = np.asarray(data["map"]["peak"], dtype=np.float32)[..., None, None]
+        maps = (q.astype(np.float32) / 255) ** 2 * peak
+        index_dtype = np.dtype("<u2" if data["links"]["index_bytes"] == 2 else "<u4")
+        index = np.frombuffer(_unb64(data["links"]["index"]), dtype=index_dtype).reshape(N, H, L, k)
+        weight = np.frombuffer(_unb64(data["links"]["weight"]), dtype="<u2").reshape(N, H, L, k) / 65535
+        edges = data["map"]["edges"]
+        return cls(
+            data["tokens"],
+            maps,
+            index.astype(np.int64),
+            weight.astype(np.float32),
+            edges=np.asarray(edges) if edges is not None else None,
+            spacing=data["spacing"],
+            special=data["special"],
+            title=data["title"],
+            model=data["model"],
+            layer_names=data["layer_names"],
+            entropy=np.asarray(data["entropy"]) if data["entropy"] is not None else None,
+            mean_distance=np.asarray(data["mean_distance"]) if data["mean_distance"] is not None else None,
+            roles=data["roles"],
+            role_descriptions=data["role_descriptions"],
+            saliency={name: np.asarray(v) for name, v in data["saliency"].items()},
+            faithfulness=data["faithfulness"],
+            notes=data["notes"],
+        )
+
+
+def _rounded(values: np.ndarray | None) -> list | None:
+    if values is None:
+        return None
+    return np.round(np.asarray(values, dtype=np.float64), 5).tolist()
+
+
+def _json_value(value: Any) -> Any:
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, float):
+        return round(value, 6)
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_value(v) for v in value]
+    if isinstance(value, str | int | bool) or value is None:
+        return value
+    return str(value)
+
+
+def _json_row(row: dict) -> dict:
+    return {str(k): _json_value(v) for k, v in row.items()}
+
+
+def _asset(name: str) -> str:
+    return resources.files("attnkit.viz").joinpath("assets", name).read_text(encoding="utf-8")
+
+
+def _script_json(data: dict) -> str:
+    """JSON that cannot close its ``<script>`` element or open a comment: ``<``, ``>``, ``&``, U+2028/9 escaped."""
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    for raw, escaped in (
+        ("<", "\\u003c"),
+        (">", "\\u003e"),
+        ("&", "\\u0026"),
+        ("\u2028", "\\u2028"),
+        ("\u2029", "\\u2029"),
+    ):
+        text = text.replace(raw, escaped)
+    return text
+
+
+def _csp_hash(source: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(source.encode("utf-8")).digest()).decode("ascii") + "'"
+
+
+def render_report(data: ReportData) -> str:
+    """The report as one HTML document (a string)."""
+    css = _asset("report.css")
+    js = _asset("report.js")
+    policy = (
+        "default-src 'none'; "
+        f"script-src {_csp_hash(js)}; "
+        f"style-src {_csp_hash(css)}; "
+        "img-src data: blob:; connect-src 'none'; base-uri 'none'; form-action 'none'"
+    )
+    page = _asset("report.html")
+    # Substitute each placeholder exactly once, data last, so no input text is ever re-scanned.
+    parts = {
+        "{{CSP}}": html.escape(policy, quote=True),
+        "{{TITLE}}": html.escape(data.title),
+        "{{CSS}}": css,
+        "{{JS}}": js,
+        "{{DATA}}": _script_json(data.to_dict()),
+    }
+    out = page
+    for key, value in parts.items():
+        if out.count(key) != 1:
+            raise RuntimeError(f"render_report: template must contain {key} exactly once")
+        head, tail = out.split(key)
+        out = head + value + tail
+    return out
+
+
+def write_report(data: ReportData, path: str | Path) -> Path:
+    """Write the report to ``path`` (UTF-8); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_report(data), encoding="utf-8")
+    return path

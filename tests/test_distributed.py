@@ -1,0 +1,461 @@
+"""Ring and Ulysses attention over gloo on loopback, against single-process float64 attention.
+
+The tests spawn ``P`` = 2, 3 and 4 worker processes (this file run as a script), one
+process group per world size running every case, so the cost of starting processes is
+paid once per world size. Every worker compares its own shard of the output and of the
+gradients of ``q``, ``k``, ``v`` with the same shard of `attnkit.attention` computed in
+float64 on the whole sequence, and writes the errors to a JSON file; the tests read them.
+
+Bounded in time three ways: the process group's ``timeout`` (``GROUP_TIMEOUT_S``), the
+``Popen.wait`` on each worker (``WORKER_TIMEOUT_S``, then killed) and pytest-timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import attnkit
+from attnkit.distributed import (
+    merge_shards,
+    overlap_block_length,
+    padded_length,
+    ring_attention,
+    segments,
+    shard,
+    ulysses_attention,
+)
+
+GROUP_TIMEOUT_S = 20  # init_process_group(timeout=...) in the workers
+FAULT_TIMEOUT_S = 3  # the group timeout in the fault tests: the survivor must fail about this fast
+WORKER_TIMEOUT_S = 120  # each worker process is killed after this
+TOL = 1e-5  # fp32 ring/Ulysses against the float64 single-process result
+
+# name -> options. Ring cases use Hq=4; Ulysses cases Hq=12 (divisible by 2, 3 and 4).
+CASES: dict[str, dict] = {
+    "ring-contiguous-full": dict(fn="ring", layout="contiguous", hk=4),
+    "ring-contiguous-causal-gqa": dict(fn="ring", layout="contiguous", hk=2, causal=True),
+    "ring-zigzag-causal-gqa": dict(fn="ring", layout="zigzag", hk=2, causal=True),
+    "ring-zigzag-full-mqa-dv": dict(fn="ring", layout="zigzag", hk=1, dv=6),
+    "ring-zigzag-causal-alibi": dict(fn="ring", layout="zigzag", hk=4, causal=True, alibi=True),
+    "ring-contiguous-alibi-softcap-scale": dict(
+        fn="ring", layout="contiguous", hk=2, alibi=True, softcap=2.0, scale=0.5
+    ),
+    "ring-contiguous-window": dict(fn="ring", layout="contiguous", hk=2, window=(5, 3)),
+    "ring-zigzag-causal-window": dict(fn="ring", layout="zigzag", hk=2, causal=True, window=(4, None)),
+    "ring-contiguous-causal-padded": dict(fn="ring", layout="contiguous", hk=2, causal=True, short=3),
+    "ring-zigzag-full-padded": dict(fn="ring", layout="zigzag", hk=2, short=5),
+    "ring-zigzag-causal-gqa-bf16": dict(fn="ring", layout="zigzag", hk=2, causal=True, dtype="bfloat16"),
+    "ulysses-contiguous-causal-gqa": dict(fn="ulysses", layout="contiguous", hq=12, hk=6, causal=True),
+    "ulysses-zigzag-causal-alibi-mqa": dict(fn="ulysses", layout="zigzag", hq=12, hk=1, causal=True, alibi=True),
+    "ulysses-contiguous-window-padded": dict(fn="ulysses", layout="contiguous", hq=12, hk=3, window=(3, 2), short=3),
+    "ulysses-zigzag-full-padded": dict(fn="ulysses", layout="zigzag", hq=12, hk=12, short=5),
+}
+# Whole models made context-parallel by context_parallel(), in float64, against the same model in one process.
+MODEL_CASES: dict[str, dict] = {
+    "model-ring-zigzag-rope-gqa-padded": dict(method="ring", layout="zigzag", positions="rope", short=3),
+    "model-ring-contiguous-learned": dict(method="ring", layout="contiguous", positions="learned"),
+    "model-ulysses-zigzag-sinusoidal-window": dict(method="ulysses", layout="zigzag", positions="sinusoidal", window=4),
+}
+MODEL_TOL = 1e-9
+WORLDS = (2, 3, 4)
+# Each fault suite runs 4 ranks as two pairs: (what rank 1 does, method of pair 0), (rank 3, pair 1).
+FAULT_SUITES = {
+    "faults-a": (("dies", "ring"), ("hangs", "ulysses")),
+    "faults-b": (("hangs", "ring"), ("dies", "ulysses")),
+}
+
+
+# ------------------------------------------------------------------ the worker
+def _init(rank: int, world: int, port: int, timeout_s: float) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+
+
+def _run_case(opts: dict, rank: int, world: int) -> dict[str, float]:
+    """Errors of this rank's shard of ``out``, ``dq``, ``dk``, ``dv`` against float64 attention."""
+    layout = opts["layout"]
+    B, Hq, Hk, D, Dv = 2, opts.get("hq", 4), opts["hk"], 8, opts.get("dv", 8)
+    L = padded_length(6 * world, world, layout) - opts.get("short", 0)  # the true length
+    gen = torch.Generator().manual_seed(1234 + world)  # the same full inputs on every rank
+    q = torch.randn(B, Hq, L, D, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, Hk, L, D, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, Hk, L, Dv, generator=gen, dtype=torch.float64)
+    dout = torch.randn(B, Hq, L, Dv, generator=gen, dtype=torch.float64)
+    kw = {name: opts[name] for name in ("causal", "window", "alibi", "softcap", "scale") if name in opts}
+
+    # The single-process truth, in float64.
+    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    ref = attnkit.attention(qr, kr, vr, backend="reference", **kw)
+    ref.backward(dout)
+
+    # This rank's shards, in fp32 (or the case's dtype), padded if L does not divide.
+    def sh(x):
+        return shard(x, rank, world, layout=layout)
+
+    dtype = getattr(torch, opts.get("dtype", "float32"))
+    base = {}
+    if dtype != torch.float32:  # low precision: the error of one-process attention in that dtype is the yardstick
+        qb, kb, vb = (x.to(dtype).requires_grad_() for x in (q, k, v))
+        out_b = attnkit.attention(qb, kb, vb, **kw)
+        out_b.backward(dout.to(dtype))
+        base = {
+            "base_out": (sh(out_b.detach()).double() - sh(ref.detach())).abs().max().item(),
+            "base_dq": (sh(qb.grad).double() - sh(qr.grad)).abs().max().item(),
+            "base_dk": (sh(kb.grad).double() - sh(kr.grad)).abs().max().item(),
+            "base_dv": (sh(vb.grad).double() - sh(vr.grad)).abs().max().item(),
+        }
+    qs, ks, vs = (sh(x).to(dtype).requires_grad_() for x in (q, k, v))
+    fn = ring_attention if opts["fn"] == "ring" else ulysses_attention
+    sent = _count_sent_bytes()
+    try:
+        out = fn(qs, ks, vs, layout=layout, seq_len=L, **kw)
+        out.backward(sh(dout).to(dtype))  # zero at padded positions
+    finally:
+        sent.stop()
+    n = qs.shape[2]
+    pos = torch.cat([torch.arange(g.start, g.start + g.length) for g in segments(rank, world, layout, n)])  # (n,)
+    real = pos < L  # the local rows that are not padding
+    return {
+        "out": (out[:, :, real].double() - sh(ref.detach())[:, :, real]).abs().max().item(),
+        "dq": (qs.grad.double() - sh(qr.grad)).abs().max().item(),
+        "dk": (ks.grad.double() - sh(kr.grad)).abs().max().item(),
+        "dv": (vs.grad.double() - sh(vr.grad)).abs().max().item(),
+        "sent_bytes": sent.bytes,
+        "shape": [B, Hq, Hk, L, D, Dv],
+        "itemsize": qs.element_size(),
+        **base,
+    }
+
+
+class _count_sent_bytes:
+    """Count the bytes this process hands to ``batch_isend_irecv`` and ``all_to_all_single``."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.bytes = 0
+        self._batch, self._a2a = dist.batch_isend_irecv, dist.all_to_all_single
+
+        def batch(ops):
+            self.bytes += sum(op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.isend)
+            return self._batch(ops)
+
+        def a2a(output, input, *args, group=None, **kwargs):
+            world = dist.get_world_size(group)
+            self.bytes += (input.numel() - input.numel() // world) * input.element_size()  # own row stays
+            return self._a2a(output, input, *args, group=group, **kwargs)
+
+        dist.batch_isend_irecv, dist.all_to_all_single = batch, a2a
+
+    def stop(self) -> None:
+        import torch.distributed as dist
+
+        dist.batch_isend_irecv, dist.all_to_all_single = self._batch, self._a2a
+
+
+def _run_model_case(opts: dict, rank: int, world: int) -> dict[str, float]:
+    """A small LanguageModel: this rank's logits and the all-reduced parameter gradients against one process."""
+    import torch.distributed as dist
+
+    from attnkit.distributed import context_parallel
+    from attnkit.nn import LanguageModel
+
+    layout = opts["layout"]
+    L = padded_length(4 * world, world, layout) - opts.get("short", 0)
+    extra = {"window": opts["window"]} if "window" in opts else {}
+    torch.manual_seed(7)  # the same weights and tokens on every rank
+    model = LanguageModel(32, 24, 12, 2, kv_heads=6, positions=opts["positions"], max_len=64, **extra).double()
+    tokens = torch.randint(0, 32, (2, L))
+    weight = torch.randn(2, L, 32, dtype=torch.float64)  # loss = sum(logits * weight)
+
+    ref = model(tokens)  # (B, L, V)
+    (ref * weight).sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    with context_parallel(model, layout=layout, method=opts["method"], seq_len=L):
+        logits = model(shard(tokens, rank, world, layout=layout, dim=1))  # (B, L_pad / P, V)
+        (logits * shard(weight, rank, world, layout=layout, dim=1)).sum().backward()
+    for p in model.parameters():  # each rank holds a partial sum of the gradient
+        dist.all_reduce(p.grad)
+    n = logits.shape[1]
+    pos = torch.cat([torch.arange(g.start, g.start + g.length) for g in segments(rank, world, layout, n)])
+    real = pos < L
+    want = shard(ref.detach(), rank, world, layout=layout, dim=1)
+    return {
+        "out": (logits[:, real] - want[:, real]).abs().max().item(),
+        "grads": max((p.grad - ref_grads[n]).abs().max().item() for n, p in model.named_parameters()),
+    }
+
+
+def _worker(args: argparse.Namespace) -> int:
+    out_path = Path(args.out) / f"rank{args.rank}.json"
+    try:
+        _init(args.rank, args.world, args.port, args.group_timeout)
+    except Exception as e:
+        out_path.write_text(json.dumps({"init_error": repr(e)}))
+        return 1
+    results: dict = {}
+    if args.suite == "equal":
+        for name, opts in CASES.items():
+            try:
+                results[name] = _run_case(opts, args.rank, args.world)
+            except Exception as e:
+                results[name] = {"error": f"{type(e).__name__}: {e}"}
+        for name, opts in MODEL_CASES.items():
+            try:
+                results[name] = _run_model_case(opts, args.rank, args.world)
+            except Exception as e:
+                results[name] = {"error": f"{type(e).__name__}: {e}"}
+    else:  # faults: two pairs {0, 1} and {2, 3}; ranks 1 and 3 misbehave, ranks 0 and 2 must raise PeerError
+        import torch.distributed as dist
+
+        timeout = datetime.timedelta(seconds=args.group_timeout)  # a new group does not inherit the default's
+        pairs = [dist.new_group(pair, timeout=timeout) for pair in ([0, 1], [2, 3])]  # every rank creates both
+        pair = args.rank // 2
+        fault, method = FAULT_SUITES[args.suite][pair]
+        if args.rank % 2 == 1:
+            if fault == "dies":
+                os._exit(3)
+            time.sleep(WORKER_TIMEOUT_S)  # hangs (the test kills it)
+        x = torch.randn(1, 2, 4, 8)
+        fn = ring_attention if method == "ring" else ulysses_attention
+        start = time.monotonic()
+        try:
+            fn(x, x, x, group=pairs[pair])
+            results["fault"] = {"error": None}
+        except Exception as e:
+            results["fault"] = {"error": f"{type(e).__name__}: {e}", "elapsed": time.monotonic() - start}
+    out_path.write_text(json.dumps(results))
+    return 0
+
+
+# ------------------------------------------------------------- the spawning
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(world: int, suite: str, tmp: Path, group_timeout: float) -> list[subprocess.Popen]:
+    """Start ``world`` workers (this file as a script) on a free loopback port."""
+    src = str(Path(attnkit.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, __file__, "--world", str(world), "--port", str(_free_port()), "--suite", suite]
+    cmd += ["--out", str(tmp), "--group-timeout", str(group_timeout)]
+    return [subprocess.Popen([*cmd, "--rank", str(r)], env=env, stderr=subprocess.DEVNULL) for r in range(world)]
+
+
+def _spawn(world: int, suite: str, tmp: Path, group_timeout: float) -> dict[int, dict]:
+    """Run ``world`` workers to the end; return each rank's results (ranks that wrote none are absent)."""
+    procs = _start(world, suite, tmp, group_timeout)
+    deadline = time.monotonic() + WORKER_TIMEOUT_S
+    for p in procs:
+        try:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    return {
+        r: json.loads((tmp / f"rank{r}.json").read_text()) for r in range(world) if (tmp / f"rank{r}.json").exists()
+    }
+
+
+@pytest.fixture(scope="module")
+def equal_results(tmp_path_factory) -> dict[int, dict[int, dict]]:
+    out = {}
+    for world in WORLDS:
+        tmp = tmp_path_factory.mktemp(f"world{world}")
+        out[world] = _spawn(world, "equal", tmp, GROUP_TIMEOUT_S)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_single_process(equal_results, world, case):
+    ranks = equal_results[world]
+    assert sorted(ranks) == list(range(world)), f"workers that wrote no results: {set(range(world)) - set(ranks)}"
+    for rank, res in ranks.items():
+        assert "init_error" not in res, res
+        errs = res[case]
+        assert "error" not in errs, f"rank {rank}: {errs['error']}"
+        for name in ("out", "dq", "dk", "dv"):
+            # fp32: within TOL of float64. Low precision: FlashAttention's rule, at most twice the error of
+            # single-process attnkit.attention in the same dtype.
+            tol = TOL if "dtype" not in CASES[case] else 2 * errs[f"base_{name}"]
+            assert errs[name] <= tol, f"rank {rank} of {world}: {name} differs by {errs[name]:.2e} (> {tol:.2e})"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("case", [c for c in CASES if "padded" not in c and "-dv" not in c])
+def test_bytes_sent_match_the_formula(equal_results, world, case):
+    """What the benchmark and docs/distributed.md compute is what the ranks actually send."""
+    from attnkit.bench.distributed import computed_bytes
+
+    B, Hq, Hk, L, D, _ = equal_results[world][0][case]["shape"]
+    itemsize = equal_results[world][0][case]["itemsize"]
+    want = computed_bytes(
+        CASES[case]["fn"], world, batch=B, heads=Hq, kv_heads=Hk, length=L, head_dim=D, itemsize=itemsize
+    )
+    for rank, res in equal_results[world].items():
+        assert res[case]["sent_bytes"] == want, f"rank {rank}: sent {res[case]['sent_bytes']} bytes, formula {want}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("case", list(MODEL_CASES))
+def test_context_parallel_model_matches_single_process(equal_results, world, case):
+    for rank, res in equal_results[world].items():
+        errs = res[case]
+        assert "error" not in errs, f"rank {rank}: {errs['error']}"
+        assert errs["out"] <= MODEL_TOL, f"rank {rank} of {world}: logits differ by {errs['out']:.2e}"
+        assert errs["grads"] <= MODEL_TOL, f"rank {rank} of {world}: parameter gradients differ by {errs['grads']:.2e}"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("suite", list(FAULT_SUITES))
+def test_dead_or_hung_peer_fails_fast(tmp_path, suite):
+    start = time.monotonic()
+    results = _spawn_until(4, suite, tmp_path, ranks=(0, 2), limit=40)
+    for rank, (fault, method) in zip((0, 2), FAULT_SUITES[suite]):
+        got = results[rank]["fault"]
+        assert got["error"] is not None, f"{method} returned although its peer {fault}"
+        assert got["error"].startswith(f"PeerError: {method}_attention"), got
+        assert f"Process-group timeout: {FAULT_TIMEOUT_S} s" in got["error"], got
+        assert got["elapsed"] <= FAULT_TIMEOUT_S + 5, f"{method}, peer {fault}: failed after {got['elapsed']:.1f} s"
+        if fault == "dies":  # a closed connection is noticed at once, not at the timeout
+            assert got["elapsed"] < FAULT_TIMEOUT_S, got
+    assert time.monotonic() - start < 60
+
+
+def _spawn_until(world: int, suite: str, tmp: Path, *, ranks: tuple[int, ...], limit: float) -> dict[int, dict]:
+    """Like `_spawn`, but return once ``ranks`` have finished (at most ``limit`` s); kill the others."""
+    procs = _start(world, suite, tmp, FAULT_TIMEOUT_S)
+    deadline = time.monotonic() + limit
+    try:
+        for r in ranks:
+            procs[r].wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    missing = [r for r in ranks if not (tmp / f"rank{r}.json").exists()]
+    assert not missing, f"ranks {missing} wrote no result within {limit} s"
+    return {r: json.loads((tmp / f"rank{r}.json").read_text()) for r in ranks}
+
+
+# --------------------------------------------------------- in one process
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("L", [1, 7, 24, 25])
+def test_shard_and_merge_round_trip(layout, world, L):
+    x = torch.randn(2, 3, L, 5)
+    shards = [shard(x, r, world, layout=layout) for r in range(world)]
+    assert len({s.shape for s in shards}) == 1
+    assert shards[0].shape[2] * world == padded_length(L, world, layout)
+    assert torch.equal(merge_shards(shards, layout=layout, seq_len=L), x)
+    held = sorted(
+        p
+        for r in range(world)
+        for g in segments(r, world, layout, shards[0].shape[2])
+        for p in range(g.start, g.start + g.length)
+    )
+    assert held == list(range(padded_length(L, world, layout)))  # every position exactly once
+
+
+def test_zigzag_holds_an_early_and_a_late_chunk():
+    assert segments(0, 2, "zigzag", 6) == [(0, 0, 3), (3, 9, 3)]
+    assert segments(1, 2, "zigzag", 6) == [(0, 3, 3), (3, 6, 3)]
+    assert segments(2, 3, "contiguous", 4) == [(0, 8, 4)]
+
+
+def test_one_rank_is_plain_attention(tmp_path):
+    """A group of one: no peers, no messages, the same result and gradients as attnkit.attention."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a default process group already exists in this process")
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=datetime.timedelta(seconds=20))
+    try:
+        q, k, v = torch.randn(2, 4, 10, 8), torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8)
+        ref = [x.clone().requires_grad_() for x in (q, k, v)]
+        attnkit.attention(*ref, causal=True, alibi=True).sum().backward()
+        for fn, layout in ((ring_attention, "zigzag"), (ulysses_attention, "contiguous")):
+            got = [x.clone().requires_grad_() for x in (q, k, v)]
+            out = fn(*got, causal=True, alibi=True, layout=layout)
+            out.sum().backward()
+            torch.testing.assert_close(out, attnkit.attention(q, k, v, causal=True, alibi=True), atol=1e-5, rtol=0)
+            for g, r in zip(got, ref):
+                torch.testing.assert_close(g.grad, r.grad, atol=1e-5, rtol=0)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_errors_name_the_argument():
+    x = torch.randn(1, 2, 3, 4)
+    with pytest.raises(ValueError, match="zigzag shard"):
+        ring_attention(x, x, x, layout="zigzag")
+    with pytest.raises(ValueError, match="layout"):
+        ring_attention(x, x, x, layout="striped")
+    with pytest.raises(RuntimeError, match="not initialised"):
+        ring_attention(x, x, x)
+    with pytest.raises(ValueError, match="multiple of 2"):
+        segments(0, 2, "zigzag", 5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("backward", [False, True])
+def test_overlap_model_balances_compute_and_transfer(causal, backward):
+    """At n*, one block's compute time equals one hop's transfer time (the docs' formulas, checked)."""
+    F, BW, H, Hk, D, B, e = 400e12, 50e9, 32, 8, 128, 2, 2
+    n = overlap_block_length(BW, F, heads=H, kv_heads=Hk, itemsize=e, causal=causal, backward=backward)
+    c = 0.5 if causal else 1.0
+    compute = (2.5 if backward else 1.0) * 4 * B * H * n * n * D * c / F
+    transfer = 2 * B * Hk * n * D * (e + (4 if backward else 0)) / BW
+    assert compute == pytest.approx(transfer, rel=1e-12)
+    assert overlap_block_length(450e9, 400e12) == pytest.approx(400e12 / 450e9)  # MHA, bf16, forward: F / BW
+    # A per-hop latency raises the threshold, and then compute = latency + transfer exactly.
+    alpha = 10e-6
+    m = overlap_block_length(BW, F, heads=H, kv_heads=Hk, causal=causal, backward=backward, latency_s=alpha,
+                             batch_heads_dim=B * H * D)  # fmt: skip
+    assert m > n
+    compute = (2.5 if backward else 1.0) * 4 * B * H * m * m * D * c / F
+    transfer = alpha + 2 * B * Hk * m * D * (e + (4 if backward else 0)) / BW
+    assert compute == pytest.approx(transfer, rel=1e-9)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="one worker of tests/test_distributed.py")
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--suite", choices=["equal", *FAULT_SUITES], required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--group-timeout", type=float, default=GROUP_TIMEOUT_S)
+    sys.exit(_worker(parser.parse_args()))

@@ -1,0 +1,102 @@
+"""attnkit.viz.report without a browser: the data format, escaping, pooling and size."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import attnkit
+from attnkit.viz.report import ReportData, render_report, topk_links, write_report
+
+HOSTILE = ["<img src=x onerror=alert(1)>", "</script><script>window.__pwned=1</script>", "a&b", "\u2028x"]
+
+
+def _maps(layers: int, heads: int, length: int) -> torch.Tensor:
+    q = torch.randn(1, layers * heads, length, 8)
+    k = torch.randn(1, layers * heads, length, 8)
+    return attnkit.attention_weights(q, k)[0].reshape(layers, heads, length, length)  # (layers, H, L, L)
+
+
+def _embedded(page: str) -> dict:
+    body = re.search(r'<script type="application/json" id="attnkit-data">(.*?)</script>', page, re.S).group(1)
+    return json.loads(body)
+
+
+def test_topk_links_match_torch_topk():
+    maps = _maps(2, 3, 30)
+    index, weight = topk_links(maps, 4)
+    ref = torch.topk(maps, 4, dim=-1)
+    np.testing.assert_allclose(weight, ref.values.numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(index, ref.indices.numpy())
+
+
+def test_round_trip_within_quantisation():
+    maps = _maps(2, 3, 25)
+    data = ReportData.from_maps([f"t{i}" for i in range(25)], maps, topk=3, saliency={"rollout": torch.rand(25)})
+    back = ReportData.from_dict(json.loads(json.dumps(data.to_dict())))
+    assert back.tokens == data.tokens and back.edges is None
+    # Maps are stored as round(255 * sqrt(w / head max)): the error is at most about one step of that scale.
+    peak = maps.amax(dim=(-1, -2), keepdim=True).numpy()
+    assert np.all(np.abs(np.sqrt(back.maps / peak) - np.sqrt(maps.numpy() / peak)) <= 0.5 / 255 + 1e-6)
+    np.testing.assert_array_equal(back.topk_index, data.topk_index)
+    np.testing.assert_allclose(back.topk_weight, data.topk_weight, atol=1 / 65535)
+    np.testing.assert_allclose(back.saliency["rollout"], data.saliency["rollout"], atol=1e-5)
+
+
+def test_long_inputs_are_pooled_with_a_note():
+    maps = _maps(1, 2, 120)
+    data = ReportData.from_maps([f"t{i}" for i in range(120)], maps, map_budget=100, tiles=12, topk=2)
+    assert data.maps.shape == (1, 2, 12, 12) and data.edges.tolist()[-1] == 120
+    # Pooled rows keep their mass: sum over key tiles of mean weight * tile size = 1 per query.
+    sizes = np.diff(data.edges)
+    np.testing.assert_allclose((data.maps * sizes).sum(-1), 1.0, rtol=1e-5)
+    assert any("map budget" in note for note in data.notes)
+
+
+def test_validation_names_the_field():
+    maps = _maps(1, 1, 5)
+    tokens = list("abcde")
+    index, weight = topk_links(maps, 2)
+    with pytest.raises(ValueError, match="full maps"):
+        ReportData(tokens[:4], maps, index[:, :, :4], weight[:, :, :4])
+    with pytest.raises(ValueError, match="topk_index"):
+        ReportData(tokens, maps, index[..., :1], weight)
+    with pytest.raises(ValueError, match="spacing"):
+        ReportData(tokens, maps, index, weight, spacing=["", " ", "\t", " ", " "])
+    with pytest.raises(ValueError, match="saliency"):
+        ReportData(tokens, maps, index, weight, saliency={"rollout": np.ones(4)})
+    with pytest.raises(ValueError, match="entropy"):
+        ReportData(tokens, maps, index, weight, entropy=np.ones((2, 1)))
+
+
+def test_input_text_cannot_escape_its_script_block():
+    tokens = [*HOSTILE, "ok"]
+    data = ReportData.from_maps(tokens, _maps(1, 1, len(tokens)), title="<b>title</b>", notes=["</script>"])
+    page = render_report(data)
+    for raw in [*HOSTILE[:2], "<b>title</b>"]:
+        assert raw not in page
+    assert page.count("</script>") == 2  # the data block's and the code's own
+    assert "&lt;b&gt;title&lt;/b&gt;" in page
+    assert _embedded(page)["tokens"] == tokens  # and the JSON still decodes to the exact text
+    assert "http://" not in page and "https://" not in page  # nothing to fetch
+    policy = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', page).group(1)
+    assert "default-src &#x27;none&#x27;" in policy and "unsafe-inline" not in policy
+
+
+def test_4k_token_report_stays_under_10_mb(tmp_path):
+    # What a 4096-token input through a 6-layer, 12-head model (MiniLM's shape) produces: pooled maps + top-k.
+    N, H, L, P, k = 6, 12, 4096, 96, 5
+    rng = np.random.default_rng(0)
+    pooled = rng.dirichlet(np.ones(P), size=(N, H, P)).astype(np.float32) / (L / P)
+    index = rng.integers(0, L, size=(N, H, L, k))
+    weight = np.sort(rng.dirichlet(np.ones(64), size=(N, H, L))[..., :k], axis=-1)[..., ::-1]
+    tokens = [f"tok{i % 977}" for i in range(L)]
+    edges = np.round(np.linspace(0, L, P + 1)).astype(int)
+    data = ReportData(tokens, pooled, index, weight, edges=edges, saliency={"rollout": rng.random(L)})
+    path = write_report(data, tmp_path / "long.html")
+    size = path.stat().st_size
+    assert size < 10 * 2**20, f"report is {size / 2**20:.1f} MiB"

@@ -1,0 +1,205 @@
+"""The HTML report in a real browser: Debian's Chromium driven by Playwright.
+
+Skips, with the reason in the test summary, where /usr/bin/chromium or playwright is missing
+(`make test` installs Chromium when it runs as root).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import attnkit
+from attnkit.viz.report import ReportData, write_report
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+HOSTILE = "<img src=x onerror=alert(1)>"
+HOSTILE_SCRIPT = "</script><script>window.__pwned=1</script>"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(
+            f"{CHROMIUM} is absent: install Debian's chromium (apt-get install -y chromium) to run browser tests"
+        )
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+class Page:
+    """A loaded report with everything it logged and requested."""
+
+    def __init__(self, browser, path: Path):
+        self.page = browser.new_page(viewport={"width": 1280, "height": 900})
+        self.console, self.requests, self.dialogs = [], [], []
+        self.page.on("console", lambda m: self.console.append((m.type, m.text)))
+        self.page.on("pageerror", lambda e: self.console.append(("pageerror", str(e))))
+        self.page.on("request", lambda r: self.requests.append(r.url))
+        self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
+        self.url = path.resolve().as_uri()
+        self.page.goto(self.url)
+        self.page.wait_for_selector("body[data-ready='1']", timeout=20000)
+
+    def errors(self) -> list:
+        return [entry for entry in self.console if entry[0] in ("error", "pageerror")]
+
+    def canvas(self, selector: str) -> str:
+        return self.page.eval_on_selector(selector, "c => c.toDataURL()")
+
+
+def _report(tmp_path: Path, tokens: list[str], *, layers=2, heads=3, **fields) -> Path:
+    torch.manual_seed(0)
+    L = len(tokens)
+    q = torch.randn(1, layers * heads, L, 8) * 2
+    k = torch.randn(1, layers * heads, L, 8) * 2
+    maps = attnkit.attention_weights(q, k)[0].reshape(layers, heads, L, L)  # (layers, H, L, L)
+    data = ReportData.from_maps(tokens, maps, **fields)
+    return write_report(data, tmp_path / "report.html")
+
+
+@pytest.fixture
+def report(browser, tmp_path):
+    tokens = [f"word{i}" for i in range(30)]
+    roles = [
+        {"layer": l, "head": h, "role": "local" if h else "broad", "scores": {"score": l + h / 10}}
+        for l in range(2)
+        for h in range(3)
+    ]
+    path = _report(
+        tmp_path,
+        tokens,
+        roles=roles,
+        role_descriptions={"local": "attends to near neighbours", "broad": "spreads over the text"},
+        entropy=np.arange(6).reshape(2, 3) / 2,
+        mean_distance=np.arange(6)[::-1].reshape(2, 3) * 1.5,
+        saliency={"rollout": np.r_[5.0, np.linspace(0, 1, 28), 0.0]},
+        special=[0, 29],
+        faithfulness=[{"name": "deletion AUC", "value": 0.25, "note": "lower is better"}],
+    )
+    return Page(browser, path)
+
+
+def test_loads_offline_without_errors(report):
+    assert report.errors() == []
+    assert report.requests == [report.url], f"unexpected requests: {report.requests}"
+    assert report.page.locator("#text .tok").count() == 30
+    assert report.page.locator("#grid canvas").count() == 6
+
+
+def test_picking_a_head_changes_the_map(report):
+    before = report.canvas("#map")
+    report.page.select_option("#head", "2")
+    after_head = report.canvas("#map")
+    report.page.select_option("#layer", "1")
+    after_layer = report.canvas("#map")
+    assert len({before, after_head, after_layer}) == 3
+
+
+def test_clicking_a_thumbnail_opens_that_head(report):
+    report.page.click("#grid canvas[data-l='1'][data-h='2']")
+    assert report.page.input_value("#layer") == "1" and report.page.input_value("#head") == "2"
+    assert report.page.locator("#grid canvas.current").count() == 1
+
+
+def test_hovering_a_token_highlights_its_links(report):
+    before = report.canvas("#map")
+    report.page.hover("#text .tok[data-i='7']")
+    targets = report.page.eval_on_selector_all("#text .tok.to", "s => s.map(x => Number(x.dataset.i))")
+    assert 1 <= len(targets) <= 5  # its top-k keys
+    assert "word7" in report.page.inner_text("#links")
+    assert report.canvas("#map") != before  # the row is marked on the map
+    sources = report.page.eval_on_selector_all("#text .tok.from", "s => s.length")
+    assert sources >= 1 or "no token has it" in report.page.inner_text("#links")
+    report.page.hover("#title")
+    assert report.page.locator("#text .tok.to").count() == 0
+
+
+def test_role_table_sorts(report):
+    report.page.click("#role-table th[data-key='mean distance']")
+    first = report.page.eval_on_selector_all("#role-table tbody tr", "rows => rows.map(r => r.cells[4].textContent)")
+    values = [float(v) for v in first]
+    assert values == sorted(values)
+    report.page.click("#role-table th[data-key='mean distance']")
+    values = [
+        float(v)
+        for v in report.page.eval_on_selector_all("#role-table tbody tr", "r => r.map(x => x.cells[4].textContent)")
+    ]
+    assert values == sorted(values, reverse=True)
+    assert "attends to near neighbours" in report.page.inner_text("#role-descriptions")
+
+
+def test_saliency_is_scaled_past_the_special_tokens(report):
+    alphas = report.page.eval_on_selector_all(
+        "#saliency-text .tok", "s => s.map(x => parseFloat(getComputedStyle(x).backgroundColor.split(',')[3] ?? '1'))"
+    )
+    assert alphas[0] == 1 and alphas[28] == 1  # [CLS] (5.0) clipped; the largest ordinary token (1.0) is full colour
+    assert 0.45 < alphas[14] < 0.55  # halfway, not washed out by the sink
+    assert report.page.locator("#saliency-text .tok.special").count() == 2
+    assert "5.14" not in report.page.inner_text("#faithfulness") and "lower is better" in report.page.inner_text(
+        "#faithfulness"
+    )
+
+
+def test_screenshot_is_not_blank(report):
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(report.page.screenshot(full_page=True))).convert("RGB"))
+    colours = np.unique(pixels.reshape(-1, 3), axis=0)
+    assert len(colours) > 100, f"screenshot has only {len(colours)} colours"
+    assert pixels.std() > 10
+
+
+def test_hostile_tokens_show_as_text_and_run_nothing(browser, tmp_path):
+    tokens = ["start", HOSTILE, HOSTILE_SCRIPT, "end"]
+    path = _report(tmp_path, tokens, title=HOSTILE, notes=[HOSTILE_SCRIPT])
+    report = Page(browser, path)
+    report.page.hover("#text .tok[data-i='1']")
+    report.page.wait_for_timeout(200)
+    assert report.dialogs == []
+    assert report.page.evaluate("window.__pwned") is None
+    assert report.page.locator("img").count() == 0
+    assert report.page.locator("#text .tok[data-i='1']").text_content() == HOSTILE
+    assert report.page.locator("#text .tok[data-i='2']").text_content() == HOSTILE_SCRIPT
+    assert report.page.locator("#title").text_content() == HOSTILE
+    assert report.page.title() == HOSTILE
+    assert report.errors() == [] and report.requests == [report.url]
+
+
+def test_long_pooled_report_stays_responsive(browser, tmp_path):
+    L = 4096
+    rng = np.random.default_rng(1)
+    P, k = 96, 5
+    edges = np.round(np.linspace(0, L, P + 1)).astype(int)
+    pooled = rng.dirichlet(np.ones(P), size=(6, 12, P)) / (L / P)
+    index = rng.integers(0, L, size=(6, 12, L, k))
+    weight = np.sort(rng.random((6, 12, L, k)) / k, axis=-1)[..., ::-1]
+    data = ReportData([f"t{i}" for i in range(L)], pooled, index, weight, edges=edges)
+    path = write_report(data, tmp_path / "long.html")
+    assert path.stat().st_size < 10 * 2**20
+    report = Page(browser, path)
+    assert report.errors() == []
+    assert "pooled" in report.page.inner_text("#subtitle")
+    report.page.select_option("#head", "5")
+    report.page.hover("#text .tok[data-i='2000']")
+    expected = sorted(index[0, 5, 2000].tolist())
+    got = sorted(report.page.eval_on_selector_all("#text .tok.to", "s => s.map(x => Number(x.dataset.i))"))
+    assert got == sorted(set(expected))
