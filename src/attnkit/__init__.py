@@ -5,6 +5,7 @@ from attnkit.functional import attention, attention_weights, explain_backend
 from attnkit.masks import alibi_slopes, key_padding_mask
 from attnkit.spec import AttentionSpec
 from attnkit.stats import AttentionStats, attention_stats
+from attnkit.varlen import attention_varlen
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,7 @@ __all__ = [
     "alibi_slopes",
     "attention",
     "attention_stats",
+    "attention_varlen",
     "attention_weights",
     "available_backends",
     "explain_backend",

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from attnkit.kernels import reference, sdpa, tiled
+from attnkit.kernels import triton as triton_kernels  # light: imports Triton only when a kernel runs
 from attnkit.spec import AttentionSpec
 
 # Above this, a backend that holds the (B, Hq, Lq, Lk) scores is never chosen by auto.
@@ -123,10 +124,22 @@ def _run_sdpa(q, k, v, spec, return_lse):
     return sdpa.attention(q, k, v, spec, return_lse=return_lse)
 
 
+def _run_triton(q, k, v, spec, return_lse):
+    from attnkit.kernels import triton_backend  # imports Triton: only once a CUDA request reaches it
+
+    return triton_backend.attention(q, k, v, spec)
+
+
 def _never(q, spec, return_lse):
     return None
 
 
+register_backend(
+    Backend(
+        "triton", _run_triton, triton_kernels.refusal, priority=10,
+        description="Triton flash-attention kernels on CUDA; every feature, O(L) memory",
+    )
+)  # fmt: skip
 register_backend(
     Backend(
         "sdpa", _run_sdpa, sdpa.refusal, priority=20,

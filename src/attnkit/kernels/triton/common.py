@@ -1,0 +1,271 @@
+"""Pieces shared by the Triton kernels: the score tile, the dropout hash, launch helpers.
+
+The order of operations is the one `attnkit.spec` defines (scale, softcap, + ALiBi +
+float mask, bool/causal/window masking); `score_tile` is its one Triton spelling, used
+by the forward, both backward kernels and the statistics pass, so they cannot drift.
+Every feature is a ``tl.constexpr`` flag, so a plain call compiles to the plain kernel.
+
+Indices inside a tile: ``offs_m (BLOCK_M,)`` query rows and ``offs_n (BLOCK_N,)`` key
+columns, both local to the sequence; query ``i`` is aligned to key ``i + offset`` with
+``offset = Lk - Lq`` (bottom-right alignment).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from attnkit.kernels.dropout import _COL, _HEAD, _MIX, _ROW
+from attnkit.spec import AttentionSpec
+
+# Whether this import decorated the kernels for Triton's CPU interpreter (TRITON_INTERPRET=1 is
+# read when @triton.jit runs, i.e. now; tests set it before importing these modules).
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): the kernels use exp2; scores are multiplied by it once
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2): turns a base-2 log-sum-exp back into natural log
+# Varlen sequence b hashes dropout with seed + b * VARLEN_SEED_STEP (mod 2**32) and head h, so a
+# packed batch draws a pattern that does not depend on where a sequence sits. An odd constant
+# below 2**31, so Triton keeps the product in uint32.
+VARLEN_SEED_STEP = 0x7F4A7C15
+SEED_STEP = tl.constexpr(VARLEN_SEED_STEP)
+
+# Triton specialises integer arguments equal to 1 into constants; the dropout seed and
+# threshold are hashed as uint32 values, so they must stay run-time integers.
+NO_SPECIALIZE = ["seed", "threshold"]
+
+MIX = tl.constexpr(_MIX)
+ROW = tl.constexpr(_ROW)
+COL = tl.constexpr(_COL)
+HEAD = tl.constexpr(_HEAD)
+
+
+@triton.jit
+def mix32(x):
+    """`attnkit.kernels.dropout.mix32` on ``uint32``: the products wrap mod 2**32, as its ``& 0xFFFFFFFF`` does."""
+    x = x ^ (x >> 16)
+    x = x * MIX
+    x = x ^ (x >> 16)
+    x = x * MIX
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def keep_tile(seed, bh, offs_m, offs_n, threshold):
+    """``(BLOCK_M, BLOCK_N)`` keep-mask, bit for bit `attnkit.kernels.dropout.keep_mask`.
+
+    ``seed``, ``bh`` and ``threshold`` are ``uint32`` scalars; ``offs_m``/``offs_n`` local indices.
+    """
+    head_key = mix32(bh * HEAD + seed)
+    row_key = mix32(head_key ^ mix32(offs_m.to(tl.uint32) * ROW))  # (BLOCK_M,)
+    col_key = mix32(offs_n.to(tl.uint32) * COL + seed)  # (BLOCK_N,)
+    u = mix32(row_key[:, None] ^ col_key[None, :])  # (BLOCK_M, BLOCK_N) uniform on [0, 2**32)
+    return u >= threshold
+
+
+@triton.jit
+def dot(a, b, PRECISION: tl.constexpr):
+    """``tl.dot`` in fp32 accumulation; ``PRECISION`` from `dot_precision`.
+
+    ``"upcast"`` (only under the interpreter, for bf16) multiplies in fp32: Triton 3.9's
+    interpreter stores bf16 as uint16 and its ``dot`` multiplies those bit patterns as
+    integers. Products of bf16 values are exact in fp32, so the result is what a GPU's
+    bf16 tensor cores (fp32 accumulation) compute.
+    """
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def tanh(x):
+    """``tanh`` from ``exp``, portable across Triton releases and the interpreter; exact at +-inf."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def score_tile(
+    qk, offs_m, offs_n, q_len, kv_len, offset, scale, softcap, slope, left, right,
+    mask_rows,  # pointer to the mask row of this (b, h): Mask + b*smb + h*smh (unused without a mask)
+    smm, smn,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    MASK_KIND: tl.constexpr,  # 0 none, 1 bool (stored as uint8), 2 float (added)
+    STRUCTURE: tl.constexpr = True,  # False: the tile is known open (causal/window, Lk bound)
+):  # fmt: skip
+    """Scores of one tile with every modifier applied; masked entries are ``-inf``.
+
+    Args:
+        qk: ``(BLOCK_M, BLOCK_N)`` fp32 ``q k^T`` (unscaled).
+
+    Returns:
+        ``s (BLOCK_M, BLOCK_N)`` fp32 in natural units, and ``t = tanh(scale qk / softcap)``
+        (the softcap derivative is ``1 - t^2``; ``t`` is ``s`` itself without softcap).
+    """
+    s = qk * scale
+    t = s
+    if HAS_SOFTCAP:
+        t = tanh(s / softcap)
+        s = t * softcap
+    pos_q = offs_m + offset  # (BLOCK_M,) aligned query positions
+    if HAS_ALIBI:
+        dist = tl.abs(pos_q[:, None] - offs_n[None, :]).to(tl.float32)
+        s = s - slope * dist
+    if MASK_KIND != 0:
+        in_bounds = (offs_m[:, None] < q_len) & (offs_n[None, :] < kv_len)
+        m = tl.load(mask_rows + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=in_bounds, other=0)
+        if MASK_KIND == 2:
+            s = s + m.to(tl.float32)
+    if STRUCTURE:
+        allowed = offs_n[None, :] < kv_len  # (1, BLOCK_N): padding columns of the last tile
+        if HAS_LEFT:
+            allowed = allowed & (offs_n[None, :] >= pos_q[:, None] - left)
+        if HAS_RIGHT:
+            allowed = allowed & (offs_n[None, :] <= pos_q[:, None] + right)
+        if MASK_KIND == 1:
+            allowed = allowed & (m != 0)
+        s = tl.where(allowed, s, float("-inf"))
+    elif MASK_KIND == 1:
+        s = tl.where(m != 0, s, float("-inf"))
+    return s, t
+
+
+@triton.jit
+def key_range(i0, i1, offset, kv_len, left, right, BLOCK_N: tl.constexpr,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):  # fmt: skip
+    """Keys ``[lo, hi)`` some query of ``[i0, i1)`` may see; ``lo`` rounded down to a tile edge.
+
+    Tiles outside are masked for the whole block and never visited (causal skips ~half).
+    """
+    lo = 0
+    hi = kv_len
+    if HAS_LEFT:
+        lo = tl.maximum(i0 + offset - left, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    if HAS_RIGHT:
+        hi = tl.minimum(i1 - 1 + offset + right + 1, kv_len)
+    return lo, hi
+
+
+@triton.jit
+def open_key_tiles(i0, i1, lo, hi, offset, kv_len, left, right, BLOCK_N: tl.constexpr,
+                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):  # fmt: skip
+    """Split the visited keys ``[lo, hi)`` of query rows ``[i0, i1)`` at tile edges into three runs.
+
+    ``[lo, a)`` and ``[b, hi)`` hold the tiles that causal/window or the end of the keys cut
+    for some row (masked elementwise); every tile of ``[a, b)`` is open to every row, so the
+    kernels skip the structure mask there (FlashAttention's split of the causal loop into
+    diagonal and off-diagonal blocks, generalised to windows).
+    """
+    end = tl.maximum(hi, lo)  # hi < lo when no key is visible: then every run is empty
+    a = lo
+    if HAS_LEFT:  # open once j0 >= (i1 - 1) + offset - left, the last row's left edge
+        a = lo + tl.cdiv(tl.maximum(i1 - 1 + offset - left - lo, 0), BLOCK_N) * BLOCK_N
+        a = tl.minimum(a, end)
+    limit = kv_len
+    if HAS_RIGHT:  # open while j1 - 1 <= i0 + offset + right, the first row's right edge
+        limit = tl.minimum(i0 + offset + right + 1, kv_len)
+    b = lo + (tl.maximum(limit - lo, 0) // BLOCK_N) * BLOCK_N
+    b = tl.minimum(tl.maximum(b, a), end)
+    return a, b
+
+
+@triton.jit
+def open_query_tiles(j0, lo, hi, offset, kv_len, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):  # fmt: skip
+    """`open_key_tiles` for the backward's walk over query tiles ``[lo, hi)`` of keys ``[j0, j0 + BLOCK_N)``.
+
+    ``[a, b)`` holds the query tiles that see every key of the block. Rows past ``Lq`` need no
+    mask there (their ``lse`` is read as ``+inf``, so ``p = 0``); a key block that runs past
+    ``Lk`` is masked throughout.
+    """
+    end = tl.maximum(hi, lo)  # hi < lo when no query sees the block: then every run is empty
+    a = lo
+    if HAS_RIGHT:  # open once i0 >= (j1 - 1) - offset - right, the last key's first row
+        a = lo + tl.cdiv(tl.maximum(j0 + BLOCK_N - 1 - offset - right - lo, 0), BLOCK_M) * BLOCK_M
+        a = tl.minimum(a, end)
+    b = end
+    if HAS_LEFT:  # open while i0 + BLOCK_M - 1 <= j0 - offset + left, the first key's last row
+        b = lo + (tl.maximum(j0 - offset + left + 1 - lo, 0) // BLOCK_M) * BLOCK_M
+    b = tl.minimum(tl.maximum(b, a), end)
+    if j0 + BLOCK_N > kv_len:
+        a = end
+        b = end
+    return a, b
+
+
+@triton.jit
+def query_range(j0, j1, offset, q_len, left, right, BLOCK_M: tl.constexpr,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):  # fmt: skip
+    """Queries ``[lo, hi)`` that may see some key of ``[j0, j1)``; ``lo`` rounded down to a tile edge.
+
+    Query ``i`` sees key ``j`` iff ``i + offset - left <= j <= i + offset + right``.
+    """
+    lo = 0
+    hi = q_len
+    if HAS_RIGHT:
+        lo = tl.maximum(j0 - offset - right, 0)
+        lo = (lo // BLOCK_M) * BLOCK_M
+    if HAS_LEFT:
+        hi = tl.minimum(j1 - 1 - offset + left + 1, q_len)
+    return lo, hi
+
+
+# --------------------------------------------------------------------- host side
+def head_block(d: int) -> int:
+    """Padded head-dim block: a power of two >= 16 (``tl.dot`` needs 16)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` precision: exact IEEE fp32 for fp32 inputs (no TF32 rounding), native otherwise.
+
+    Under the interpreter bf16 products are taken in fp32 (see `dot`).
+    """
+    if dtype == torch.bfloat16 and INTERPRETED:
+        return "upcast"
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def mask_args(spec: AttentionSpec) -> tuple[torch.Tensor | None, tuple[int, int, int, int], int]:
+    """The mask as the kernels read it: a tensor, its strides (0 on broadcast axes) and its kind.
+
+    Bool masks are viewed as ``uint8`` (no copy); broadcast axes get stride 0, so a
+    ``(B, 1, 1, Lk)`` padding mask is read in place, one key row per tile.
+    """
+    m = spec.mask
+    if m is None:
+        return None, (0, 0, 0, 0), 0
+    kind = 1 if m.dtype == torch.bool else 2
+    if kind == 1:
+        m = m.view(torch.uint8)
+    strides = tuple(0 if m.shape[d] == 1 else m.stride(d) for d in range(4))
+    return m, strides, kind
+
+
+def dropout_args(spec: AttentionSpec) -> tuple[int, int, float]:
+    """``(seed, threshold, 1 / (1 - p))`` for the kernels; threshold as `keep_mask` computes it."""
+    if spec.dropout_p == 0:
+        return 0, 0, 1.0
+    return int(spec.dropout_seed) & 0xFFFFFFFF, int(spec.dropout_p * 2**32), 1.0 / (1.0 - spec.dropout_p)
+
+
+def flags(spec: AttentionSpec) -> dict:
+    """The feature ``constexpr`` flags every kernel takes, from the spec."""
+    left, right = spec.bounds
+    _, _, kind = mask_args(spec)
+    return {
+        "HAS_SOFTCAP": spec.softcap is not None,
+        "HAS_ALIBI": spec.alibi_slopes is not None,
+        "HAS_LEFT": left is not None,
+        "HAS_RIGHT": right is not None,
+        "MASK_KIND": kind,
+        "DROPOUT": spec.dropout_p > 0,
+    }
+
+
+def scalar_args(spec: AttentionSpec) -> tuple[float, float, int, int]:
+    """``(scale, softcap, left, right)`` with 0 where a feature is off (its flag then ignores it)."""
+    left, right = spec.bounds
+    return spec.scale, spec.softcap or 1.0, left or 0, right or 0
