@@ -63,7 +63,7 @@ def _segments(spec: AttentionSpec, i0: int, i1: int, block_k: int, merge_open: b
     the fused kernel's top-left ``is_causal`` equals attnkit's alignment and no mask is built.
     """
     d0, d1 = i0 + spec.offset, i1 + spec.offset  # the block's aligned diagonal
-    if merge_open and _pure_causal(spec) and 0 <= d0 and d1 <= spec.kv_len:
+    if merge_open and _pure_causal(spec) and d0 >= 0 and d1 <= spec.kv_len:
         return ([(0, d0, False)] if d0 > 0 else []) + [(d0, d1, True)]
     lo, hi = spec.key_range(i0, i1)
     tiles = [(j, min(j + block_k, hi), False) for j in range(lo, hi, block_k)]
