@@ -12,6 +12,10 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 # Nothing in the suite may reach a model hub: every model is bundled or built from a config.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Without a GPU, Triton kernels can only run under Triton's interpreter, which must be chosen
+# before Triton is first imported (by whichever test module gets there first).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
