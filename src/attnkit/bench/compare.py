@@ -39,7 +39,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
         "accuracy": {"retrieval": [16, 64], "copy": [16], "adding": [16], "lookup": [16]},
         "speed": {"retrieval": [64, 256]},
-        "steps": 60,
+        "steps": 120,
         "batch": 16,
         "speed_batch": 4,
         "eval_examples": 128,

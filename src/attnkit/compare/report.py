@@ -43,16 +43,18 @@ def _speed(results: dict, task: str, model: str) -> dict[int, dict]:
 
 
 def _grad_ratio(results: dict, task: str, model: str, when: str) -> tuple[int, float] | None:
-    """``(d, g(d) / g(0))`` at the largest distance probed."""
+    """``(d, g(d) / g(1))``: the gradient reaching the task's distance ``d`` against the one reaching
+    the previous position (distance 0 is the scored position itself, which every model reads
+    through its residual or input path, so it is not the reference)."""
     rows = [r for r in results["gradient"] if r["task"] == task and r["model"] == model and r["when"] == when]
     if not rows:
         return None
-    row = max(rows, key=lambda r: max(r["distance"]))
+    row = max(rows, key=lambda r: r["d"])
     by_d = dict(zip(row["distance"], row["grad_norm"]))
-    d = max(by_d)
-    if not by_d.get(0):
+    d = row["d"] if row["d"] in by_d else max(by_d)
+    if not by_d.get(1):
         return None
-    return d, by_d[d] / by_d[0]
+    return d, by_d[d] / by_d[1]
 
 
 def _slope(points: dict[int, float]) -> float | None:
@@ -91,8 +93,8 @@ def glance_rows(results: dict) -> list[dict[str, str]]:
     ed, do = _acc(results, "lookup", ENCDEC), _acc(results, "lookup", DECONLY)
     chance = next((r["chance"] for r in results["accuracy"] if r["task"] == "retrieval"), None)
     g_sa, g_ls = _grad_ratio(results, "retrieval", SELF, "init"), _grad_ratio(results, "retrieval", LSTM, "init")
-    grad_sa = f"; gradient at d={g_sa[0]} is {g_sa[1]:.2g}× that at d=0 (init)" if g_sa else ""
-    grad_ls = f"; gradient at d={g_ls[0]} is {g_ls[1]:.2g}× that at d=0 (init)" if g_ls else ""
+    grad_sa = f"; at init the gradient reaching d={g_sa[0]} is {g_sa[1]:.2g}× that reaching d=1" if g_sa else ""
+    grad_ls = f"; at init the gradient reaching d={g_ls[0]} is {g_ls[1]:.2g}× that reaching d=1" if g_ls else ""
     long_d = [d for d in sa if d >= 512]
     verdicts = []
     for d in sorted(long_d):
@@ -124,9 +126,12 @@ def glance_rows(results: dict) -> list[dict[str, str]]:
     s_ed, s_do = _speed(results, "lookup", ENCDEC), _speed(results, "lookup", DECONLY)
 
     def rates(s: dict[int, dict]) -> str:
-        return ", ".join(
-            f"L={n}: {_rate(r.get('tokens_per_s'))}" if "error" not in r else f"L={n}: {r['error']}"
-            for n, r in sorted(s.items())
+        return (
+            ", ".join(
+                f"L={n}: {_rate(r.get('tokens_per_s'))}" if "error" not in r else f"L={n}: {r['error']}"
+                for n, r in sorted(s.items())
+            )
+            or "not measured"
         )
 
     faster_lstm = [n for n in s_sa if n in s_ls and _faster(s_ls[n], s_sa[n])]
@@ -155,7 +160,8 @@ def glance_rows(results: dict) -> list[dict[str, str]]:
 
     # 4. memory
     def mem(s: dict[int, dict]) -> str:
-        return ", ".join(f"L={n}: {_mib(r.get('train_peak_bytes'))}" for n, r in sorted(s.items()) if "error" not in r)
+        got = [f"L={n}: {_mib(r.get('train_peak_bytes'))}" for n, r in sorted(s.items()) if "error" not in r]
+        return ", ".join(got) or "not measured"
 
     m_sa = {n: r["train_peak_bytes"] for n, r in s_sa.items() if "error" not in r}
     m_ls = {n: r["train_peak_bytes"] for n, r in s_ls.items() if "error" not in r}
@@ -174,7 +180,7 @@ def glance_rows(results: dict) -> list[dict[str, str]]:
     if n_top and n_top in m_ls:
         more = m_sa[n_top] > m_ls[n_top]
         mem_verdict.append(
-            f"at L={n_top} self-attention used {m_sa[n_top] / max(m_ls[n_top], 1):.2g}× the LSTM's memory"
+            f"at L={n_top} self-attention used {m_sa[n_top] / max(m_ls[n_top], 1):.2f}× the LSTM's memory"
             + ("" if more else " (less: the N² claim does not hold for attnkit's kernels)")
         )
     rows.append(
@@ -261,10 +267,10 @@ def markdown(results: dict) -> str:
 
         for d in pick_distances(max(by_d)):
             if d in by_d:
-                rel = by_d[d] / by_d[0] if by_d.get(0) else None
+                rel = by_d[d] / by_d[1] if by_d.get(1) else None
                 grad_rows.append({**{k: r[k] for k in ("task", "model", "when")}, "d": d, "g": by_d[d], "rel": rel})
     lines += [_table(grad_rows, [("task", "task"), ("model", "model"), ("when", "when"), ("d", "distance"),
-                                 ("g", "‖∂loss/∂x_t‖"), ("rel", "relative to d=0")]), ""]  # fmt: skip
+                                 ("g", "‖∂loss/∂x_t‖"), ("rel", "relative to d=1")]), ""]  # fmt: skip
     lines += ["## Per-layer complexity (Vaswani et al. 2017, Table 1)", ""]
     lines += [_table(results["complexity"], [("model", "layer"), ("complexity", "complexity"),
                                              ("sequential_ops", "sequential ops"), ("max_path", "max path length")]),
@@ -326,12 +332,15 @@ def plot_all(results: dict, out_dir: str | Path) -> list[Path]:
         ax.legend(fontsize=7)
         save(fig, name)
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for r in results["gradient"]:
-        pts = [(d, g) for d, g in zip(r["distance"], r["grad_norm"]) if d > 0 and g > 0]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"{r['model']} ({r['task']}, {r['when']})")
-    ax.set(xscale="log", yscale="log", xlabel="distance from the loss q - t", ylabel="‖∂loss/∂x_t‖")
-    ax.legend(fontsize=7)
+    grad_tasks = sorted({r["task"] for r in results["gradient"]})
+    n = max(1, len(grad_tasks))
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.4), squeeze=False)
+    for ax, task in zip(axes[0], grad_tasks):
+        for r in (r for r in results["gradient"] if r["task"] == task):
+            pts = [(d, g) for d, g in zip(r["distance"], r["grad_norm"]) if d > 0 and g > 0]
+            style = "-" if r["when"] == "init" else "--"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{r['model']} ({r['when']})")
+        ax.set(xscale="log", yscale="log", xlabel="distance from the loss q - t", ylabel="‖∂loss/∂x_t‖", title=task)
+        ax.legend(fontsize=7)
     save(fig, "gradient_vs_distance.png")
     return paths
