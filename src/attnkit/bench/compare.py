@@ -169,8 +169,7 @@ def _speed(plan, size, threads, seed, timeout, results, progress) -> None:
 
     cases = [(t, m, d) for t, ds in plan["speed"].items() for m in SPEED_MODELS[t] for d in ds]
     stopped: set[tuple[str, str]] = set()
-    # glibc returns large blocks to the system at once, so resident memory follows the live tensors
-    env = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(threads)}
+    env = {"OMP_NUM_THREADS": str(threads)}
     for task, model, d in progress(cases, desc="throughput and memory", total=len(cases)):
         length = get_task(task).length(d)
         row: dict[str, Any] = {"task": task, "model": model, "distance": d, "length": length,
