@@ -110,6 +110,16 @@ def glance_rows(results: dict) -> list[dict[str, str]]:
         notes.append(f"self-attention below {_pct(SOLVED)} at d={', '.join(map(str, fails))}")
     if lstm_ok:
         notes.append(f"the LSTM solved d={', '.join(map(str, lstm_ok))}")
+    both = sorted(set(ed) & set(do))
+    if both:
+        d = both[-1]
+        if ed[d] >= SOLVED and do[d] >= SOLVED:
+            pair = "both solve it: at this budget cross-attention is not needed, concatenation works too"
+        elif ed[d] > do[d]:
+            pair = "cross-attention does better"
+        else:
+            pair = "the decoder-only model does as well or better: the claim does not hold here"
+        notes.append(f"two sequences at d={d}: encoder-decoder {_pct(ed[d])}, decoder-only {_pct(do[d])}; {pair}")
     rows.append(
         {
             "aspect": "Long-range dependencies (retrieval accuracy; chance " + _pct(chance) + ")",
