@@ -53,6 +53,19 @@ def test_retrieval_is_solvable_and_the_fact_sits_exactly_d_before_the_query(d):
         assert int(facts) == 1 + task.n_distractors  # the distractors are there, with other keys
 
 
+def test_retrieval_target_is_not_identified_by_its_rank():
+    """Distractors come before and after the target, so 'the first fact' or 'the last fact' is no shortcut."""
+    task = Retrieval()
+    batch = task.sample(700, 40, generator=gen(11))
+    role, (rows, q) = batch.inputs[..., 1], batch.loss_mask.nonzero(as_tuple=True)
+    ranks = []
+    for r, qr in zip(rows.tolist(), q.tolist()):
+        facts = (role[r, :qr] < task.n_values).nonzero()[:, 0].tolist()
+        ranks.append(facts.index(qr - 40))
+    share = torch.bincount(torch.tensor(ranks), minlength=task.n_distractors + 1).float() / len(ranks)
+    assert share.min() > 0.08 and share.max() < 0.2  # about 1/7 each
+
+
 def test_selective_copy_is_solvable_in_order():
     task = SelectiveCopy()
     d = 50
@@ -207,10 +220,10 @@ def test_curriculum_grows_to_d_and_stays():
 
 def test_training_is_reproducible_and_learns_retrieval():
     task = Retrieval()
-    cfg = TrainConfig(steps=120, batch=16, eval_examples=128, seed=1)
+    cfg = TrainConfig(steps=160, batch=16, eval_examples=128, seed=1)
     accs = []
     for _ in range(2):
-        model = build_models(task, ModelSize(width=64, heads=4, depth=1), seed=1)["self-attention"]
+        model = build_models(task, ModelSize(width=64, heads=4, depth=2), seed=1)["self-attention"]
         before = evaluate(model, task, 12, cfg)
         train(model, task, 12, cfg)
         accs.append(evaluate(model, task, 12, cfg))

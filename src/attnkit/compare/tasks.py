@@ -144,10 +144,12 @@ class Retrieval(Task):
     add: a fact is ``(key k, value v)``, its query ``(key k, QUERY)``, a filler
     ``(noise n, NONE)``. So the query shares its key's symbol, as a word shares its
     spelling with its definition, and attention can match them in one step; an LSTM reads
-    the same inputs. Layout of a row of length ``L = d + slack``: the target fact at a
-    random position ``p < slack``, its query at ``p + d``, ``n_distractors`` facts with other
-    (distinct) keys at distinct random positions between them, noise elsewhere. Scored: the
-    query position, whose answer is ``v`` (chance ``1 / n_values``).
+    the same inputs. Layout of a row of length ``L = d + slack``: the target fact at
+    position ``p < slack``, its query at ``p + d``, and ``n_distractors`` facts with other
+    (distinct) keys, ``k`` of them before the target and the rest between it and the query,
+    ``k`` uniform in ``0 .. n_distractors``: the target is the first, the last or any fact in
+    between with equal chance, so only its key, not its rank, identifies it. Noise
+    elsewhere. Scored: the query position, whose answer is ``v`` (chance ``1 / n_values``).
     """
 
     name = "retrieval"
@@ -158,6 +160,8 @@ class Retrieval(Task):
     ):
         if n_distractors >= n_keys:
             raise ValueError(f"Retrieval: n_distractors must be < n_keys={n_keys}, got {n_distractors}")
+        if slack <= n_distractors:
+            raise ValueError(f"Retrieval: slack must be > n_distractors={n_distractors}, got {slack}")
         self.n_keys, self.n_values, self.n_noise = n_keys, n_values, n_noise
         self.n_distractors, self.slack = n_distractors, slack
         self.query_role, self.none_role = n_values, n_values + 1
@@ -177,9 +181,16 @@ class Retrieval(Task):
         role = torch.full((B, L), self.none_role, dtype=torch.long)
         keys = self.n_noise + _distinct(B, self.n_keys, self.n_distractors + 1, g)  # (B, 1 + n_distractors)
         values = torch.randint(0, self.n_values, keys.shape, generator=g)  # column 0 is the target
-        start = torch.randint(0, self.slack, (B, 1), generator=g)  # target fact position p
-        # distinct offsets in [1, d - 1]: distractors strictly between the target fact and its query
-        where = torch.cat([start, start + 1 + _distinct(B, d - 1, self.n_distractors, g)], dim=1)  # (B, 1 + nd)
+        nd = self.n_distractors
+        before = torch.randint(0, nd + 1, (B,), generator=g)  # k: distractors placed before the target
+        u = torch.rand(B, generator=g)
+        start = (before + (u * (self.slack - before)).long())[:, None]  # (B, 1) target position p in [k, slack)
+        # distractor j < k: a distinct position in [0, p); j >= k: a distinct offset in [1, d - 1] after p
+        pre = torch.rand(B, self.slack, generator=g).masked_fill(torch.arange(self.slack) >= start, 2.0)
+        pre = pre.argsort(dim=1)[:, :nd]  # (B, nd): distinct positions, those in [0, p) first
+        post = start + 1 + _distinct(B, d - 1, nd, g)  # (B, nd)
+        j = torch.arange(nd)[None, :]  # (1, nd)
+        where = torch.cat([start, torch.where(j < before[:, None], pre, post)], dim=1)  # (B, 1 + nd)
         symbol[rows, where] = keys
         role[rows, where] = values
         query = (start + d)[:, 0]  # (B,)
