@@ -15,6 +15,16 @@ from attnkit.compare.tasks import TASKS, Adding, Lookup, PairBatch, Retrieval, S
 from attnkit.compare.train import TrainConfig, distance_at, evaluate, loss_and_correct, train
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are tiny: one thread is as fast, and two OpenMP threads on a busy 2-core machine
+    spin-wait for each other (we measured a 2-second test take 2 minutes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -248,7 +258,6 @@ def test_quick_run_writes_the_table_json_and_plots(tmp_path):
     from attnkit.bench import compare
 
     out = tmp_path / "cmp"
-    # one thread: the test proves the pipeline, and two OpenMP threads on a busy 2-core machine crawl
     assert compare.main(["--quick", "--out", str(out), "--threads", "1"]) == 0
     data = json.loads((out / "compare.json").read_text())
     assert [r["aspect"] for r in data["glance"]][:4] == [

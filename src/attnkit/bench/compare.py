@@ -215,6 +215,7 @@ def run(args: argparse.Namespace) -> int:
     results["train_config"] = config.as_dict()
     results["size"] = {**size.__dict__, "batch_speed": plan["speed_batch"]}
     results["plan"] = plan
+    results["threads"] = threads
     results["notes"] += _notes(plan, results)
     results["glance"] = glance_rows(results)
     results["meta"] = {

@@ -93,8 +93,7 @@ def glance_rows(results: dict) -> list[dict[str, str]]:
     ed, do = _acc(results, "lookup", ENCDEC), _acc(results, "lookup", DECONLY)
     chance = next((r["chance"] for r in results["accuracy"] if r["task"] == "retrieval"), None)
     g_sa, g_ls = _grad_ratio(results, "retrieval", SELF, "init"), _grad_ratio(results, "retrieval", LSTM, "init")
-    grad_sa = f"; at init the gradient reaching d={g_sa[0]} is {g_sa[1]:.2g}× that reaching d=1" if g_sa else ""
-    grad_ls = f"; at init the gradient reaching d={g_ls[0]} is {g_ls[1]:.2g}× that reaching d=1" if g_ls else ""
+    grad_sa, grad_ls = _grad_text(g_sa), _grad_text(g_ls)
     long_d = [d for d in sa if d >= 512]
     verdicts = []
     for d in sorted(long_d):
@@ -110,6 +109,11 @@ def glance_rows(results: dict) -> list[dict[str, str]]:
         notes.append(f"self-attention below {_pct(SOLVED)} at d={', '.join(map(str, fails))}")
     if lstm_ok:
         notes.append(f"the LSTM solved d={', '.join(map(str, lstm_ok))}")
+    if ls and ls[min(ls)] < SOLVED:
+        notes.append(
+            f"the LSTM did not solve retrieval even at d={min(ls)} with this budget and number of steps, so its "
+            "accuracy does not isolate the effect of distance (the gradient probe does)"
+        )
     both = sorted(set(ed) & set(do))
     if both:
         d = both[-1]
@@ -152,6 +156,10 @@ def glance_rows(results: dict) -> list[dict[str, str]]:
     if faster_lstm:
         speed_verdict.append(f"the LSTM trained faster at L={', '.join(map(str, sorted(faster_lstm)))}")
     claim = "holds" if faster_sa and max(faster_sa) == max(s_sa) else "does not hold at the longest length measured"
+    threads = results.get("threads")
+    if threads is not None:
+        claim += f" ({threads} CPU thread{'s' if threads != 1 else ''}: attention's parallelism over positions needs "
+        claim += "parallel hardware to pay)"
     failed = [
         f"{m} at L={n}: {r['error']}"
         for m, by_len in ((SELF, s_sa), (LSTM, s_ls))
@@ -213,6 +221,14 @@ def glance_rows(results: dict) -> list[dict[str, str]]:
         }
     )
     return rows
+
+
+def _grad_text(ratio: tuple[int, float] | None) -> str:
+    if ratio is None:
+        return ""
+    d, r = ratio
+    value = "0 (below float32's range)" if r == 0 else f"{r:.2g}×"
+    return f"; at init the gradient reaching d={d} is {value} that reaching d=1"
 
 
 def _faster(a: dict, b: dict) -> bool:
