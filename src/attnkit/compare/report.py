@@ -338,6 +338,9 @@ def plot_all(results: dict, out_dir: str | Path) -> list[Path]:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=model)
         ax.axhline(rows[0]["chance"], color="grey", ls=":", label="chance")
         ax.set(xscale="log", xlabel="dependency distance d", ylabel="accuracy", title=task, ylim=(0, 1.05))
+        ticks = sorted({r["distance"] for r in rows})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.legend(fontsize=7)
     save(fig, "accuracy_vs_distance.png")
 
