@@ -61,7 +61,9 @@ def naive_attention(q, k, v, causal=False, alibi=None, window=None, softcap=None
     return torch.softmax(s, dim=-1) @ v
 
 
-def case(backend: str, variant: str, N: int, B: int, H: int, D: int, dtype: str, threads: int | None) -> dict:
+def case(
+    backend: str, variant: str, N: int, B: int, H: int, D: int, dtype: str, threads: int | None, repeat: int
+) -> dict:
     """One benchmark case, run in a fresh process: peak memory, then forward and fwd+bwd times."""
     import torch
 
@@ -93,9 +95,9 @@ def case(backend: str, variant: str, N: int, B: int, H: int, D: int, dtype: str,
         result["auto_chose"] = attnkit.explain_backend(q, k, v, **options).backend
     result["fwd_peak_mib"] = common.peak_memory(forward)["peak_bytes"] / 2**20
     result["fwdbwd_peak_mib"] = common.peak_memory(forward_backward)["peak_bytes"] / 2**20
-    small = N <= 4096
-    fwd = common.time_fn(forward, warmup=1 if small else 0, repeat=3 if small else 1)
-    fb = common.time_fn(forward_backward, warmup=1 if small else 0, repeat=3 if small else 1)
+    # The two peak-memory runs above were this process's warm-up.
+    fwd = common.time_fn(forward, warmup=0, repeat=repeat)
+    fb = common.time_fn(forward_backward, warmup=0, repeat=repeat)
     causal = bool(options.get("causal"))
     result["fwd_s"] = fwd["median_s"]
     result["fwdbwd_s"] = fb["median_s"]
@@ -123,6 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads per case (default: torch's)")
     parser.add_argument("--memory-limit-gib", type=float, default=12.0, help="skip materialising cases above this")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per case; the median is reported")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per case")
     parser.add_argument("--out", default=str(common.DEFAULT_OUT), help="folder for kernels.json / kernels.md")
 
@@ -189,6 +192,8 @@ def run(args: argparse.Namespace) -> int:
         kwargs = dict(
             backend=backend, variant=variant, N=N, B=args.batch, H=args.heads, D=args.head_dim,
             dtype=args.dtype, threads=args.threads,
+            # The materialising baselines are timed once where a run takes seconds.
+            repeat=1 if backend in MATRICES_HELD and N > 4096 else args.repeat,
         )  # fmt: skip
         result = common.run_case("attnkit.bench.kernels:case", kwargs, timeout=args.timeout)
         rows.append({**base, **result})
@@ -208,8 +213,8 @@ def run(args: argparse.Namespace) -> int:
     notes = _targets(rows)
     notes.append(
         f"B={args.batch}, H={args.heads}, D={args.head_dim}, {args.dtype}; each case in a fresh process; "
-        "peak memory = high-water RSS above the inputs; N <= 4096 timed as the median of 3 after a warm-up, "
-        "larger N once."
+        "peak memory = high-water RSS above the inputs; times are the median of "
+        f"{args.repeat} runs after the two peak-memory runs (naive and reference above N=4096: one run)."
     )
     json_path, md_path = common.write_results(
         "kernels", rows, columns, out_dir=args.out, title="attnkit bench kernels", notes=notes
