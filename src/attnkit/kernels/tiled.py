@@ -148,10 +148,18 @@ def _tile_forward_fused(
     return out, lse.to(spec.acc_dtype)
 
 
+# Rows per query block under plain causal masking on the fused engine: no tile is built, so
+# larger blocks only mean fewer calls (measured on 2 cores at N = 16K: 256 rows 1.73 s,
+# 2048 rows 1.51 s, PyTorch's own causal kernel 1.54 s).
+CAUSAL_BLOCK_Q = 2048
+
+
 def _query_block(spec: AttentionSpec, fused: bool, merge_open: bool, block_q: int) -> int:
     """Rows per query block. With nothing to build per tile, the fused kernel takes all rows at once."""
     if fused and merge_open and not spec.has_structure_mask:
         return max(block_q, spec.q_len)
+    if fused and merge_open and _pure_causal(spec) and block_q == BLOCK_Q:
+        return CAUSAL_BLOCK_Q
     return block_q
 
 
