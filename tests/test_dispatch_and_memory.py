@@ -126,3 +126,15 @@ def test_tiled_forward_backward_never_holds_the_score_matrix(L, softcap):
     assert result["peak_reset"], "this kernel cannot reset the peak RSS; the measurement would be meaningless"
     # Inputs, gradients and one tile at a time: a small fraction of a single score matrix.
     assert result["peak_bytes"] < scores_bytes / 8, result
+
+
+def test_custom_alignment_is_refused_by_kernels_that_align_themselves():
+    import dataclasses
+
+    from attnkit.kernels import sdpa
+    from attnkit.kernels import triton as triton_kernels
+
+    q, k, v = qkv()
+    spec = dataclasses.replace(attnkit.functional.build_spec(q, k, v, causal=True), align=7)
+    assert "spec.align" in sdpa.refusal(q, spec, False)
+    assert "spec.align" in triton_kernels.refusal(q, spec, False)

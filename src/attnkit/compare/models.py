@@ -20,6 +20,7 @@ Shapes: ``B`` batch, ``L`` length, ``C`` token channels, ``F`` float features, `
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -69,7 +70,7 @@ class InputEmbedding(nn.Module):
         return sum(emb(inputs[..., c]) for c, emb in enumerate(self.tokens))  # (B, L, W)
 
 
-class SequenceModel(nn.Module):
+class SequenceModel(nn.Module, metaclass=ABCMeta):
     """``embed -> mix -> head``; `mix` is what the subclasses define.
 
     ``forward(inputs)``: ``(B, L, C)`` or ``(B, L, F)`` -> outputs ``(B, L, n_outputs)``.
@@ -83,8 +84,9 @@ class SequenceModel(nn.Module):
         self.embed = InputEmbedding(task, width)
         self.head = nn.Linear(mix_width, task.n_outputs)
 
+    @abstractmethod
     def mix(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Embeddings ``(B, L, width)`` -> features ``(B, L, mix_width)``."""
 
     def forward(self, inputs: Tensor) -> Tensor:
         return self.head(self.mix(self.embed(inputs)))

@@ -28,6 +28,7 @@ problem's are ``(B, L, 2)`` float32 (value, marker). Token inputs are ``(B, L, C
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -103,7 +104,7 @@ def _distinct(batch: int, n: int, k: int, g: torch.Generator) -> Tensor:
     return torch.rand(batch, n, generator=g).argsort(dim=1)[:, :k]
 
 
-class Task:
+class Task(ABC):
     """A task: its vocabulary, its outputs and a seeded sampler.
 
     Attributes:
@@ -129,12 +130,13 @@ class Task:
     tolerance: float | None = None
     description: str = ""
 
+    @abstractmethod
     def length(self, d: int) -> int:
         """Length of the sequence a single-sequence model reads at distance ``d``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def sample(self, batch: int, d: int, *, generator: torch.Generator) -> Batch | PairBatch:
-        raise NotImplementedError
+        """A batch of ``batch`` examples at dependency distance ``d``, drawn from ``generator``."""
 
 
 class Retrieval(Task):

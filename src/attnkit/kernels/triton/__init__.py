@@ -36,6 +36,10 @@ def device_refusal(q: Tensor) -> str | None:
 
 def refusal(q: Tensor, spec: AttentionSpec, return_lse: bool) -> str | None:
     """Why the Triton backend cannot compute this request, or None if it can."""
+    if spec.align is not None and spec.align != spec.kv_len - spec.q_len:
+        # The kernels align each (packed) sequence bottom-right themselves; blocks of a larger
+        # problem (ring attention) go to the tiled kernel, which reads spec.offset.
+        return "custom query/key alignment (spec.align) is computed by the tiled kernel"
     why = device_refusal(q)
     if why is not None:
         return why
