@@ -7,21 +7,19 @@ the kernels beneath it with a spec built here; nothing else parses these argumen
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from attnkit import hooks
 from attnkit.backends import BackendChoice, choose, get_backend, scores_bytes
 from attnkit.kernels import reference
 from attnkit.kernels.dropout import new_seed
 from attnkit.masks import alibi_slopes
+from attnkit.options import Alibi, AttentionOptions, Window
 from attnkit.spec import AttentionSpec
 
-__all__ = ["attention", "attention_weights", "build_spec", "explain_backend"]
-
-Window = int | tuple[int | None, int | None] | None
-Alibi = bool | Tensor | Sequence[float] | None
+__all__ = ["Alibi", "Window", "attention", "attention_weights", "build_spec", "explain_backend"]
 
 # attention_weights refuses to build a weight matrix larger than this (use attention_stats).
 WEIGHTS_LIMIT_BYTES = 4 * 2**30
@@ -189,6 +187,7 @@ def attention(
     dropout_p: float = 0.0,
     return_lse: bool = False,
     backend: str = "auto",
+    caller: object | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Exact scaled dot-product attention, with one set of semantics on every backend.
 
@@ -211,6 +210,8 @@ def attention(
             and the backward reuses the forward's pattern.
         return_lse: also return the log-sum-exp.
         backend: ``"auto"`` or a registered name (`attnkit.available_backends()`).
+        caller: the module making the call, shown to hooks (`attnkit.hooks`: ``record``,
+            ``context_parallel``); it never changes the result.
 
     Order of operations: scale, softcap, + ALiBi + float mask, bool/causal/window masking,
     softmax, dropout, weighted mix of ``v``. A query with no allowed key gets output 0,
@@ -220,10 +221,25 @@ def attention(
         ``out (B, Hq, Lq, Dv)`` in ``q.dtype``; with ``return_lse`` also
         ``lse (B, Hq, Lq)``, natural log, fp32 (fp64 for fp64 inputs).
     """
-    spec = build_spec(
-        q, k, v, causal=causal, mask=mask, window=window, alibi=alibi,
-        softcap=softcap, scale=scale, dropout_p=dropout_p,
-    )  # fmt: skip
+    options = AttentionOptions(
+        causal=causal, mask=mask, window=window, alibi=alibi, softcap=softcap, scale=scale, dropout_p=dropout_p
+    )
+    if hooks.active():  # a plain global read: no cost and no graph break when nobody listens
+        call = hooks.AttentionCall(q, k, v, options, caller=caller, return_lse=return_lse, backend=backend)
+        return hooks.run_hooks(call, _compute)
+    return _attend(q, k, v, options, return_lse, backend)
+
+
+def _compute(call: hooks.AttentionCall) -> Tensor | tuple[Tensor, Tensor]:
+    """The end of the hook chain: compute the call as given."""
+    return _attend(call.q, call.k, call.v, call.options, call.return_lse, call.backend)
+
+
+def _attend(
+    q: Tensor, k: Tensor, v: Tensor, options: AttentionOptions, return_lse: bool, backend: str
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Validate, choose a backend and run it."""
+    spec = build_spec(q, k, v, **options.kwargs())
     if not isinstance(return_lse, bool):
         raise TypeError(f"attention: return_lse must be a bool, got {return_lse!r}")
     choice = choose(q, spec, return_lse, backend)
