@@ -80,7 +80,7 @@ def test_auto_skips_a_materialising_backend_above_the_limit():
         assert choice.backend == "sdpa"
         assert "would materialise 8192 MiB of scores (limit 256 MiB)" in choice.reasons["eager"]
     finally:
-        attnkit.backends._REGISTRY.pop("eager")
+        attnkit.backends.unregister_backend("eager")
 
 
 def test_registry_lets_users_add_a_backend():
@@ -101,7 +101,7 @@ def test_registry_lets_users_add_a_backend():
         with pytest.raises(ValueError, match="reserved"):
             register_backend(Backend("auto", run, lambda q, spec, lse: None, priority=5))
     finally:
-        attnkit.backends._REGISTRY.pop("mine")
+        attnkit.backends.unregister_backend("mine")
 
 
 # ------------------------------------------------------------------------ memory

@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 
 import attnkit
+from attnkit import dropout
 from attnkit.functional import build_spec
-from attnkit.kernels import dropout, tiled
+from attnkit.kernels import tiled
 
 f64 = torch.float64
 

@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attnkit
+from attnkit.dropout import keep_mask
 from attnkit.functional import build_spec
 from attnkit.kernels import reference
-from attnkit.kernels.dropout import keep_mask
 
 # The interpreter must be chosen before Triton itself is imported (its standard library is
 # @triton.jit code too) and stay chosen while kernels run.
@@ -33,7 +33,7 @@ pytest.importorskip("triton", reason="triton not installed (pip install attnkit[
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from attnkit.kernels import triton_backend  # noqa: E402
+from attnkit.kernels.triton import autograd as triton_autograd  # noqa: E402
 from attnkit.kernels.triton import common  # noqa: E402
 from attnkit.kernels.triton.stats import bin_of, stats_forward  # noqa: E402
 
@@ -119,7 +119,7 @@ def _check_fp32(q, k, v, **opts):
     B, Hq, Lq, _ = q.shape
     dout = torch.randn(B, Hq, Lq, v.shape[-1])
     dlse = torch.randn(B, Hq, Lq)
-    got = _grads(lambda a, b, c: triton_backend.attention(a, b, c, spec, blocks=BLOCKS), q, k, v, dout, dlse)
+    got = _grads(lambda a, b, c: triton_autograd.attention(a, b, c, spec, blocks=BLOCKS), q, k, v, dout, dlse)
     spec64 = _to64(spec)
     want = _grads(lambda a, b, c: reference.forward(a, b, c, spec64), q.double(), k.double(), v.double(), dout, dlse)
     names = ("out", "lse", "dq", "dk", "dv")
@@ -209,7 +209,7 @@ def test_random_shapes_windows_and_tiles(lq, lk, causal, left, right, alibi, blo
     window = None if left is None and right is None else (left, right)
     spec = build_spec(q, k, v, causal=causal, window=window, alibi=alibi or None)
     dout = torch.randn(1, 2, lq, 16)
-    got = _grads(lambda a, b, c: triton_backend.attention(a, b, c, spec, blocks=blocks), q, k, v, dout, dout[..., 0])
+    got = _grads(lambda a, b, c: triton_autograd.attention(a, b, c, spec, blocks=blocks), q, k, v, dout, dout[..., 0])
     spec64 = _to64(spec)
     want = _grads(
         lambda a, b, c: reference.forward(a, b, c, spec64), q.double(), k.double(), v.double(), dout, dout[..., 0]
@@ -232,10 +232,10 @@ def test_causal_skips_fully_masked_blocks():
     """Keys beyond every query of a block are never read: poisoning them changes nothing."""
     q, k, v = _inputs(1, 2, 2, 32, 32, 16, 16)
     spec = build_spec(q, k, v, causal=True)
-    out, _ = triton_backend.attention(q, k, v, spec, blocks=BLOCKS)
+    out, _ = triton_autograd.attention(q, k, v, spec, blocks=BLOCKS)
     k2, v2 = k.clone(), v.clone()
     k2[:, :, 16:], v2[:, :, 16:] = float("nan"), float("nan")  # only the second query block may see these
-    out2, _ = triton_backend.attention(q, k2, v2, spec, blocks=BLOCKS)
+    out2, _ = triton_autograd.attention(q, k2, v2, spec, blocks=BLOCKS)
     assert torch.equal(out[:, :, :16], out2[:, :, :16])
 
 
@@ -248,7 +248,7 @@ def test_low_precision_flash_attention_rule(dtype, opts):
     q, k, v = _inputs(1, 2, 1, 40, 40, 32, 32, dtype=dtype)
     spec = build_spec(q, k, v, **opts)
     dout, dlse = torch.randn(1, 2, 40, 32), torch.zeros(1, 2, 40)
-    got = _grads(lambda a, b, c: triton_backend.attention(a, b, c, spec, blocks=BLOCKS), q, k, v, dout, dlse)
+    got = _grads(lambda a, b, c: triton_autograd.attention(a, b, c, spec, blocks=BLOCKS), q, k, v, dout, dlse)
     # Plain PyTorch in the same dtype: the reference kernel with every step in `dtype`.
     spec_lp = dataclasses.replace(spec, acc_dtype=dtype)
     plain = _grads(lambda a, b, c: reference.forward(a, b, c, spec_lp), q, k, v, dout.to(dtype), dlse)
@@ -276,7 +276,7 @@ def _keep_kernel(Out, seed, bh, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.co
 @pytest.mark.parametrize("seed", [0, 12345, 2**31 + 17, 2**32 - 1])
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_dropout_hash_is_bit_identical(seed, p):
-    """The kernels' keep-mask equals `attnkit.kernels.dropout.keep_mask` bit for bit."""
+    """The kernels' keep-mask equals `attnkit.dropout.keep_mask` bit for bit."""
     bh = 3
     out = torch.empty(16, 32, dtype=torch.int8)
     _keep_kernel[(1,)](out, seed, bh, int(p * 2**32), BLOCK_M=16, BLOCK_N=32)
@@ -301,7 +301,7 @@ def _varlen_triton(q, k, v, cu_q, cu_k, **opts):
     lens_q, lens_k = cu_q.diff().tolist(), cu_k.diff().tolist()
     spec = build_spec(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], **opts)
     spec = dataclasses.replace(spec, batch=len(lens_q), q_len=max(lens_q), kv_len=max(lens_k))
-    return triton_backend.attention_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), spec, blocks=BLOCKS)
+    return triton_autograd.attention_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), spec, blocks=BLOCKS)
 
 
 @needs_interpreter
@@ -340,7 +340,6 @@ def test_varlen_dropout_matches_the_cpu_path():
     got_out, got_lse = _varlen_triton(q, k, v, cu_q, cu_k, **opts)
     torch.manual_seed(7)
     want_out, want_lse = attnkit.attention_varlen(q, k, v, cu_q, cu_k, return_lse=True, backend="tiled", **opts)
-    assert common.VARLEN_SEED_STEP == attnkit.varlen.VARLEN_SEED_STEP
     torch.testing.assert_close(got_out, want_out, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(got_lse, want_lse, atol=2e-5, rtol=1e-4)
 
@@ -407,7 +406,7 @@ def test_stats_kernel_matches_the_torch_statistics_kernel():
     )
     q, k, v = _inputs(1, 2, 1, 33, 40, 16, 16)
     spec = build_spec(q, k, v, causal=True, alibi=True)
-    _, lse = triton_backend.attention(q, k, v, spec, blocks=BLOCKS)
+    _, lse = triton_autograd.attention(q, k, v, spec, blocks=BLOCKS)
     got = stats_forward(q, k, v, spec, lse, topk=4, pool=8, blocks=BLOCKS)
     want = torch_stats.stats_forward(q, k, v, spec, lse, topk=4, pool=8)
     for name in ("entropy", "mean_distance", "received", "topk_weight", "pooled"):

@@ -1,19 +1,32 @@
-"""The backend registry: what each backend supports, and how ``auto`` chooses.
+"""The backend registry: what each backend can run, why not, and how ``auto`` chooses.
 
-A backend is a name, a ``refusal(q, spec, return_lse)`` that returns why it cannot
-run a request (None if it can), and a ``run(q, k, v, spec, return_lse)`` that returns
-``(out, lse)`` with autograd. Users add their own with `register_backend`, as
+A backend runs up to three kinds of work, each with its own refusal (``None`` = it can):
+
+* ``attention``: dense ``(B, H, L, D)`` attention, ``run(q, k, v, spec, return_lse) -> (out, lse)``
+  with autograd; every backend has it.
+* ``varlen``: packed variable-length sequences (FlashAttention's layout),
+  ``run_varlen(q, k, v, cu_q, cu_k, max_q, max_k, spec, return_lse) -> (out, lse)``.
+  A backend without it still runs a packed batch when asked by name: sequence by sequence
+  through its dense ``run`` (`attnkit.kernels.packed`).
+* ``statistics``: the statistics pass of `attnkit.attention_stats`,
+  ``run_stats(q, k, v, spec, lse, *, topk, pool) -> dict``.
+
+Every kernel module exposes the same entry points (``refusal``/``attention``, and where it has
+them ``varlen_refusal``/``attention_varlen`` and ``stats_refusal``/``statistics``), so the
+built-ins below register them as they are. Users add their own with `register_backend`, as
 Hugging Face's ``AttentionInterface`` lets them, without patching attnkit.
 
-``auto`` walks the backends in ``priority`` order (lowest first) and takes the first
-one that accepts the request, skipping any that would materialise a score matrix
-above `MATERIALIZE_LIMIT_BYTES`.
+``auto`` walks the backends that have the kind of work in ``priority`` order (lowest first) and
+takes the first that accepts the request, skipping any that would materialise a score matrix
+above `MATERIALIZE_LIMIT_BYTES`. `choose` returns the choice with every other backend's reason,
+which `attnkit.explain_backend` prints.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -25,13 +38,26 @@ from attnkit.spec import AttentionSpec
 # Above this, a backend that holds the (B, Hq, Lq, Lk) scores is never chosen by auto.
 MATERIALIZE_LIMIT_BYTES = 256 * 2**20
 
+Task = Literal["attention", "varlen", "statistics"]
+TASKS: tuple[Task, ...] = ("attention", "varlen", "statistics")
+
 Run = Callable[[Tensor, Tensor, Tensor, AttentionSpec, bool], tuple[Tensor, Tensor | None]]
+RunVarlen = Callable[
+    [Tensor, Tensor, Tensor, Tensor, Tensor, int, int, AttentionSpec, bool], tuple[Tensor, Tensor | None]
+]
+RunStats = Callable[..., dict[str, Tensor]]  # (q, k, v, spec, lse, *, topk, pool)
 Refusal = Callable[[Tensor, AttentionSpec, bool], "str | None"]
 
 
 @dataclass(frozen=True)
 class Backend:
-    """A registered attention backend."""
+    """A registered attention backend: its kernels for each kind of work and their refusals.
+
+    ``refusal(q, spec, return_lse)`` says why the backend cannot run a request (None if it can);
+    for varlen work ``q`` is the packed queries viewed as ``(1, Hq, total_q, D)`` and ``spec`` the
+    packed spec (``batch`` = number of sequences, ``q_len``/``kv_len`` the longest ones); for
+    statistics ``return_lse`` is False.
+    """
 
     name: str
     run: Run
@@ -40,6 +66,23 @@ class Backend:
     materializes: bool = False  # holds the (B, Hq, Lq, Lk) scores
     auto: bool = True  # may auto choose it at all
     description: str = ""
+    run_varlen: RunVarlen | None = None
+    varlen_refusal: Refusal | None = None
+    run_stats: RunStats | None = None
+    stats_refusal: Refusal | None = None
+
+    def can(self, task: Task) -> bool:
+        """Whether the backend has its own kernel for ``task``."""
+        return task == "attention" or (self.run_varlen if task == "varlen" else self.run_stats) is not None
+
+    def refusal_for(self, task: Task, q: Tensor, spec: AttentionSpec, return_lse: bool) -> str | None:
+        """Why the backend cannot run ``task`` for this request, or None."""
+        if task == "attention" or (task == "varlen" and self.run_varlen is None):
+            return self.refusal(q, spec, return_lse)  # without a packed kernel: dense, per sequence
+        if not self.can(task):
+            return f"has no {task} kernel"
+        refusal = self.varlen_refusal if task == "varlen" else self.stats_refusal
+        return None if refusal is None else refusal(q, spec, return_lse)
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -52,6 +95,12 @@ def register_backend(backend: Backend, *, replace: bool = False) -> None:
     if backend.name in _REGISTRY and not replace:
         raise ValueError(f"register_backend: a backend named {backend.name!r} exists; pass replace=True")
     _REGISTRY[backend.name] = backend
+
+
+def unregister_backend(name: str) -> Backend:
+    """Remove the backend registered under ``name`` and return it."""
+    get_backend(name)  # the error for an unknown name
+    return _REGISTRY.pop(name)
 
 
 def get_backend(name: str) -> Backend:
@@ -88,15 +137,17 @@ class BackendChoice:
         return "\n".join(lines)
 
 
-def choose(q: Tensor, spec: AttentionSpec, return_lse: bool, requested: str) -> BackendChoice:
+def choose(q: Tensor, spec: AttentionSpec, return_lse: bool, requested: str, task: Task = "attention") -> BackendChoice:
     """Pick a backend for a validated request; see the module docstring for the rule."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if requested != "auto":
         backend = get_backend(requested)
-        why = backend.refusal(q, spec, return_lse)
+        why = backend.refusal_for(task, q, spec, return_lse)
         return BackendChoice(None if why else backend.name, requested, {backend.name: why} if why else {})
     choice = BackendChoice(None, requested)
     for backend in sorted(_REGISTRY.values(), key=lambda b: b.priority):
-        why = backend.refusal(q, spec, return_lse)
+        why = backend.refusal_for(task, q, spec, return_lse) if backend.can(task) else f"has no {task} kernel"
         if why is None and not backend.auto:
             why = "never chosen automatically (request it by name)"
         if why is None and backend.materializes and scores_bytes(spec) > MATERIALIZE_LIMIT_BYTES:
@@ -112,49 +163,30 @@ def choose(q: Tensor, spec: AttentionSpec, return_lse: bool, requested: str) -> 
 
 
 # ------------------------------------------------------------------ built-ins
-def _run_reference(q, k, v, spec, return_lse):
-    return reference.forward(q, k, v, spec)
-
-
-def _run_tiled(q, k, v, spec, return_lse):
-    return tiled.attention(q, k, v, spec)
-
-
-def _run_sdpa(q, k, v, spec, return_lse):
-    return sdpa.attention(q, k, v, spec, return_lse=return_lse)
-
-
-def _run_triton(q, k, v, spec, return_lse):
-    from attnkit.kernels import triton_backend  # imports Triton: only once a CUDA request reaches it
-
-    return triton_backend.attention(q, k, v, spec)
-
-
-def _never(q, spec, return_lse):
-    return None
-
-
 register_backend(
     Backend(
-        "triton", _run_triton, triton_kernels.refusal, priority=10,
+        "triton", triton_kernels.attention, triton_kernels.refusal, priority=10,
+        run_varlen=triton_kernels.attention_varlen, varlen_refusal=triton_kernels.refusal,
+        run_stats=triton_kernels.statistics, stats_refusal=triton_kernels.stats_refusal,
         description="Triton flash-attention kernels on CUDA; every feature, O(L) memory",
     )
 )  # fmt: skip
 register_backend(
     Backend(
-        "sdpa", _run_sdpa, sdpa.refusal, priority=20,
+        "sdpa", sdpa.attention, sdpa.refusal, priority=20,
         description="PyTorch scaled_dot_product_attention, where the request maps onto it exactly",
     )
 )  # fmt: skip
 register_backend(
     Backend(
-        "tiled", _run_tiled, _never, priority=30,
+        "tiled", tiled.attention, tiled.refusal, priority=30,
+        run_varlen=tiled.attention_varlen, run_stats=tiled.statistics,
         description="blockwise online softmax in PyTorch; every feature, O(L) memory, CPU and GPU",
     )
 )  # fmt: skip
 register_backend(
     Backend(
-        "reference", _run_reference, _never, priority=90, materializes=True, auto=False,
+        "reference", reference.attention, reference.refusal, priority=90, materializes=True, auto=False,
         description="the definition: materialises the weights; small inputs and tests",
     )
 )  # fmt: skip

@@ -6,20 +6,31 @@ the kernels beneath it with a spec built here; nothing else parses these argumen
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 
 import torch
 from torch import Tensor
 
 from attnkit import hooks
-from attnkit.backends import BackendChoice, choose, get_backend, scores_bytes
+from attnkit.backends import BackendChoice, Task, choose, get_backend, scores_bytes
+from attnkit.dropout import new_seed
 from attnkit.kernels import reference
-from attnkit.kernels.dropout import new_seed
 from attnkit.masks import alibi_slopes
 from attnkit.options import Alibi, AttentionOptions, Window
 from attnkit.spec import AttentionSpec
 
-__all__ = ["Alibi", "Window", "attention", "attention_weights", "build_spec", "explain_backend"]
+__all__ = [
+    "Alibi",
+    "Window",
+    "attention",
+    "attention_weights",
+    "build_spec",
+    "build_varlen_spec",
+    "explain_backend",
+    "packed_view",
+]
 
 # attention_weights refuses to build a weight matrix larger than this (use attention_stats).
 WEIGHTS_LIMIT_BYTES = 4 * 2**30
@@ -125,6 +136,29 @@ def _check_number(name: str, value, *, positive: bool) -> float | None:
     return float(value)
 
 
+def _check_packed(name: str, x: Tensor, layout: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"attention_varlen: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"attention_varlen: {name} must be 3-D {layout} (packed), got shape {tuple(x.shape)}")
+
+
+def _check_cu(name: str, cu: Tensor, total: int, device: torch.device) -> list[int]:
+    """Validate cumulative lengths; returns them as Python ints."""
+    if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
+        got = f"{cu.dtype} of shape {tuple(cu.shape)}" if isinstance(cu, Tensor) else type(cu).__name__
+        raise ValueError(f"attention_varlen: {name} must be a 1-D int32/int64 tensor (S + 1,), got {got}")
+    if cu.device != device:
+        raise ValueError(f"attention_varlen: {name} is on {cu.device} but q is on {device}")
+    values = cu.tolist()
+    if len(values) < 2 or values[0] != 0 or values[-1] != total or any(a > b for a, b in itertools.pairwise(values)):
+        raise ValueError(
+            f"attention_varlen: {name} must start at 0, never decrease and end at the packed length {total}, "
+            f"got {values if len(values) <= 12 else [*values[:6], '...', *values[-3:]]}"
+        )
+    return values
+
+
 def build_spec(
     q: Tensor,
     k: Tensor,
@@ -171,6 +205,55 @@ def build_spec(
         dropout_seed=new_seed() if dropout_p > 0 else None,
         acc_dtype=acc,
     )
+
+
+def build_varlen_spec(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    *,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    mask: None = None,
+    **options,
+) -> tuple[AttentionSpec, int, int]:
+    """Validate `attnkit.attention_varlen`'s arguments: the packed spec and the longest lengths.
+
+    The packed spec has ``batch`` = number of sequences and ``q_len``/``kv_len`` = the longest
+    ones; ``q (total_q, Hq, D)``, ``k (total_k, Hk, D)``, ``v (total_k, Hk, Dv)``.
+    """
+    if mask is not None:
+        raise ValueError(
+            "attention_varlen: mask is not supported (got a mask); express per-sequence structure with "
+            "cu_seqlens, causal and window, or pad the batch and call attnkit.attention with a mask"
+        )
+    _check_packed("q", q, "(total_q, Hq, D)")
+    _check_packed("k", k, "(total_k, Hk, D)")
+    _check_packed("v", v, "(total_k, Hk, Dv)")
+    # Everything else through attention()'s own checks, on (1, H, total, D) views.
+    spec = build_spec(packed_view(q), packed_view(k), packed_view(v), **options)
+    cq = _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+    ck = _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    if len(cq) != len(ck):
+        raise ValueError(
+            f"attention_varlen: cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
+            f"got {len(cq) - 1} and {len(ck) - 1}"
+        )
+    longest_q = max(b - a for a, b in itertools.pairwise(cq))
+    longest_k = max(b - a for a, b in itertools.pairwise(ck))
+    for name, given, actual in (("max_seqlen_q", max_seqlen_q, longest_q), ("max_seqlen_k", max_seqlen_k, longest_k)):
+        if given is not None and given < actual:
+            raise ValueError(f"attention_varlen: {name}={given} is shorter than the longest sequence ({actual})")
+    max_q = max_seqlen_q if max_seqlen_q is not None else longest_q
+    max_k = max_seqlen_k if max_seqlen_k is not None else longest_k
+    return dataclasses.replace(spec, batch=len(cq) - 1, q_len=max_q, kv_len=max_k), max_q, max_k
+
+
+def packed_view(x: Tensor) -> Tensor:
+    """``(total, H, D) -> (1, H, total, D)``: a packed tensor as one dense batch element (a view)."""
+    return x.transpose(0, 1).unsqueeze(0)
 
 
 def attention(
@@ -265,16 +348,30 @@ def explain_backend(
     k: Tensor,
     v: Tensor,
     *,
+    task: Task = "attention",
     return_lse: bool = False,
     backend: str = "auto",
+    cu_seqlens_q: Tensor | None = None,
+    cu_seqlens_k: Tensor | None = None,
     **options,
 ) -> BackendChoice:
-    """Which backend `attention` would use for these arguments, and why the others were refused.
+    """Which backend would run this request, and why the others were refused. Computes nothing.
 
-    Takes the same arguments as `attention`; computes nothing.
+    Args:
+        task: ``"attention"`` (`attention`'s arguments), ``"statistics"`` (which kernel
+            `attnkit.attention_stats` runs its statistics pass on) or ``"varlen"``
+            (`attnkit.attention_varlen`'s: packed ``q, k, v`` and ``cu_seqlens_q``/``cu_seqlens_k``).
+        return_lse, backend, **options: as in `attention` (or `attnkit.attention_varlen`).
     """
+    if task == "varlen":
+        if cu_seqlens_q is None or cu_seqlens_k is None:
+            raise ValueError("explain_backend: task='varlen' needs cu_seqlens_q and cu_seqlens_k")
+        spec, _, _ = build_varlen_spec(q, k, v, cu_seqlens_q, cu_seqlens_k, **options)
+        return choose(packed_view(q), spec, return_lse, backend, task)
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        raise ValueError(f"explain_backend: cu_seqlens_q/cu_seqlens_k are for task='varlen', got task={task!r}")
     spec = build_spec(q, k, v, **options)
-    return choose(q, spec, return_lse, backend)
+    return choose(q, spec, return_lse and task == "attention", backend, task)
 
 
 def attention_weights(

@@ -1,14 +1,14 @@
-"""Masks and score biases as small composable pieces.
+"""Masks and score biases, defined on indices: the pieces `AttentionSpec` builds its tiles from.
 
-Every piece is a function of index tensors, in the spirit of attention-gym's
-``mask_mod`` / ``score_mod``: a *mask* maps ``(i, j)`` to a bool (True = may
-attend) and a *bias* maps ``(h, i, j)`` to a float added to the scores. Because
-they are functions of indices, a kernel can evaluate them on one tile of the
-score matrix at a time and never build the full ``Lq x Lk`` matrix.
+Every definition here is a function of query and key *positions*, so a kernel can
+evaluate it on one tile of the score matrix at a time and never build the full
+``Lq x Lk`` matrix. `attnkit.spec.AttentionSpec` is their one user inside the library;
+the public pieces (`key_padding_mask`, `alibi_slopes`, `to_additive`) are what users
+build masks with.
 
 Alignment. When ``Lq != Lk`` the queries are aligned to the *end* of the keys
 (bottom-right), as FlashAttention >= 2.1 and KV-cache decoding need: query ``i``
-sits at key position ``i + Lk - Lq``::
+sits at key position ``i' = i + Lk - Lq``::
 
     Lq = 2, Lk = 5, causal          Lq = 5, Lk = 2, causal
         k0 k1 k2 k3 k4                  k0 k1
@@ -18,81 +18,45 @@ sits at key position ``i + Lk - Lq``::
                                     q3   1  0
                                     q4   1  1
 
-``offset = Lk - Lq`` is passed to every piece that depends on alignment.
+``offset = Lk - Lq`` (or a block's own alignment in ring attention) is passed to every
+piece that depends on alignment.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-MaskMod = Callable[[Tensor, Tensor], Tensor]
-BiasMod = Callable[[Tensor, Tensor, Tensor], Tensor]
-
-__all__ = [
-    "alibi_bias",
-    "alibi_slopes",
-    "and_masks",
-    "causal_mask",
-    "key_padding_mask",
-    "or_masks",
-    "window_mask",
-]
+__all__ = ["alibi_slopes", "aligned_distance", "key_padding_mask", "to_additive", "window_allowed"]
 
 
-def causal_mask(offset: int = 0) -> MaskMod:
-    """Query ``i`` may attend to key ``j`` iff ``j <= i + offset``."""
+def window_allowed(
+    i0: int, i1: int, j0: int, j1: int, offset: int, left: int | None, right: int | None, device: torch.device
+) -> Tensor:
+    """``(i1 - i0, j1 - j0)`` bool: query ``i`` may see key ``j`` iff ``i' - left <= j <= i' + right``.
 
-    def mask(i: Tensor, j: Tensor) -> Tensor:
-        return j <= i + offset
-
-    return mask
-
-
-def window_mask(left: int | None, right: int | None, offset: int = 0) -> MaskMod:
-    """Query ``i`` may attend to key ``j`` iff ``i' - left <= j <= i' + right``.
-
-    ``i' = i + offset`` is the aligned position; ``None`` leaves a side unbounded.
-    ``window_mask(None, 0)`` is the causal mask.
+    ``i' = i + offset`` is the aligned position; ``None`` leaves a side unbounded. Causal is
+    ``(left, right) = (None, 0)``.
     """
-
-    def mask(i: Tensor, j: Tensor) -> Tensor:
-        pos = i + offset
-        allowed = torch.ones(torch.broadcast_shapes(i.shape, j.shape), dtype=torch.bool, device=i.device)
-        if left is not None:
-            allowed &= j >= pos - left
-        if right is not None:
-            allowed &= j <= pos + right
-        return allowed
-
-    return mask
+    i = torch.arange(i0, i1, device=device)[:, None] + offset  # (bq, 1) aligned positions
+    j = torch.arange(j0, j1, device=device)[None, :]  # (1, bk)
+    allowed = torch.ones(i1 - i0, j1 - j0, dtype=torch.bool, device=device)
+    if left is not None:
+        allowed &= j >= i - left
+    if right is not None:
+        allowed &= j <= i + right
+    return allowed
 
 
-def and_masks(*masks: MaskMod) -> MaskMod:
-    """A mask that allows ``(i, j)`` only where every given mask does."""
-
-    def mask(i: Tensor, j: Tensor) -> Tensor:
-        out = masks[0](i, j)
-        for m in masks[1:]:
-            out = out & m(i, j)
-        return out
-
-    return mask
-
-
-def or_masks(*masks: MaskMod) -> MaskMod:
-    """A mask that allows ``(i, j)`` wherever any given mask does."""
-
-    def mask(i: Tensor, j: Tensor) -> Tensor:
-        out = masks[0](i, j)
-        for m in masks[1:]:
-            out = out | m(i, j)
-        return out
-
-    return mask
+def aligned_distance(
+    i0: int, i1: int, j0: int, j1: int, offset: int, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """``(i1 - i0, j1 - j0)`` distances ``|i' - j|`` in ``dtype``: ALiBi's bias is ``-slope[h]`` times this."""
+    i = torch.arange(i0, i1, device=device, dtype=dtype)[:, None] + offset  # (bq, 1)
+    j = torch.arange(j0, j1, device=device, dtype=dtype)[None, :]  # (1, bk)
+    return (i - j).abs_()
 
 
 def alibi_slopes(num_heads: int) -> Tensor:
@@ -117,19 +81,6 @@ def alibi_slopes(num_heads: int) -> Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-def alibi_bias(slopes: Tensor, offset: int = 0) -> BiasMod:
-    """The ALiBi bias ``-slope[h] * |i + offset - j|`` (symmetric, so it also serves encoders).
-
-    ``h`` indexes the query heads; ``slopes`` has shape ``(Hq,)``.
-    """
-
-    def bias(h: Tensor, i: Tensor, j: Tensor) -> Tensor:
-        dist = (i + offset - j).abs().to(slopes.dtype)
-        return -slopes[h] * dist
-
-    return bias
-
-
 def key_padding_mask(lengths: Tensor, max_len: int) -> Tensor:
     """A ``(B, 1, 1, max_len)`` bool mask, True for the first ``lengths[b]`` keys.
 
@@ -142,3 +93,13 @@ def key_padding_mask(lengths: Tensor, max_len: int) -> Tensor:
         raise ValueError(f"key_padding_mask: lengths must lie in [0, {max_len}], got {lengths.tolist()}")
     keep = torch.arange(max_len, device=lengths.device) < lengths[:, None]  # (B, Lk)
     return keep[:, None, None, :]
+
+
+def to_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A mask as a float mask to add to the scores: bool True (may attend) -> 0, False -> ``-inf``.
+
+    A float mask is cast to ``dtype``. The shape is kept, broadcast axes included.
+    """
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return mask.to(dtype)

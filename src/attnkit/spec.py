@@ -9,7 +9,7 @@ so the order of operations is written exactly once:
     s = s + alibi(h, i, j) + float_mask        # additive biases
     s = -inf where bool_mask / causal / window disallow
     p = softmax(s)   (a row with no allowed key gives p = 0, lse = -inf)
-    p = dropout(p)   (counter-based, see kernels/dropout.py)
+    p = dropout(p)   (counter-based, see dropout.py)
     out = p @ v
 
 Shapes: ``q (B, Hq, Lq, D)``, ``k (B, Hk, Lk, D)``, ``v (B, Hk, Lk, Dv)``; query
@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnkit.kernels.dropout import keep_mask
+from attnkit.dropout import keep_mask
+from attnkit.masks import aligned_distance, window_allowed
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,25 +135,57 @@ class AttentionSpec:
         """``(bq, bk)`` bool: which pairs causal/window allow, or None if all of them."""
         if not self.has_structure_mask or self.block_is_open(i0, i1, j0, j1):
             return None
-        i = torch.arange(i0, i1, device=device)[:, None] + self.offset  # (bq, 1) aligned positions
-        j = torch.arange(j0, j1, device=device)[None, :]  # (1, bk)
         left, right = self.bounds
-        allowed = torch.ones(i1 - i0, j1 - j0, dtype=torch.bool, device=device)
-        if left is not None:
-            allowed &= j >= i - left
-        if right is not None:
-            allowed &= j <= i + right
+        return window_allowed(i0, i1, j0, j1, self.offset, left, right, device)
+
+    def allowed_tile(self, i0: int, i1: int, j0: int, j1: int, device: torch.device) -> Tensor | None:
+        """Bool, broadcastable to ``(B, Hq, bq, bk)``: causal/window AND the bool mask; None if all allowed."""
+        allowed = self.structure_tile(i0, i1, j0, j1, device)
+        m = self.mask_tile(i0, i1, j0, j1) if self.mask_is_bool else None
+        if m is not None:
+            allowed = m if allowed is None else (allowed & m)
         return allowed
 
-    def alibi_tile(self, i0: int, i1: int, j0: int, j1: int, device: torch.device) -> Tensor | None:
-        """``(1, Hq, bq, bk)`` ALiBi bias ``-slope[h] * |i' - j|`` in the accumulation dtype."""
-        if self.alibi_slopes is None:
+    def add_bias(self, s: Tensor, i0: int, j0: int, *, inplace: bool) -> Tensor:
+        """``s + ALiBi + float mask`` for the tile of queries ``i0 ..`` and keys ``j0 ..`` of ``s (..., bq, bk)``.
+
+        The one place the additive terms are written. ``inplace`` adds into ``s`` (the kernels'
+        own passes); otherwise autograd sees ordinary operations. The float mask is added in
+        the accumulation dtype, so a large finite value never rounds to ``-inf``.
+        """
+        i1, j1 = i0 + s.shape[-2], j0 + s.shape[-1]
+        if self.alibi_slopes is not None:
+            dist = aligned_distance(i0, i1, j0, j1, self.offset, self.acc_dtype, s.device)  # (bq, bk)
+            neg_slopes = -self.alibi_slopes.to(device=s.device, dtype=self.acc_dtype).view(1, -1, 1, 1)
+            # s += -slope[h] * |i' - j|, fused into one pass without an (Hq, bq, bk) temporary.
+            s = s.addcmul_(neg_slopes, dist) if inplace else torch.addcmul(s, neg_slopes, dist)
+        m = None if self.mask is None or self.mask_is_bool else self.mask_tile(i0, i1, j0, j1)
+        if m is not None:
+            s = s.add_(m.to(self.acc_dtype)) if inplace else s + m.to(self.acc_dtype)
+        return s
+
+    def bias_tile(self, i0: int, i1: int, j0: int, j1: int, device: torch.device) -> Tensor | None:
+        """ALiBi + float mask of one tile, broadcastable to ``(B, Hq, bq, bk)`` (size-1 axes stay 1), or None."""
+        if not self.has_bias:
             return None
-        i = torch.arange(i0, i1, device=device)[:, None] + self.offset  # (bq, 1)
-        j = torch.arange(j0, j1, device=device)[None, :]  # (1, bk)
-        dist = (i - j).abs().to(self.acc_dtype)  # (bq, bk)
-        slopes = self.alibi_slopes.to(device=device, dtype=self.acc_dtype)
-        return -slopes.view(1, -1, 1, 1) * dist  # (1, Hq, bq, bk)
+        shape = (1, self.q_heads, i1 - i0, j1 - j0) if self.alibi_slopes is not None else (1, 1, 1, 1)
+        m = self.mask_tile(i0, i1, j0, j1)
+        if m is not None and not self.mask_is_bool:
+            shape = torch.broadcast_shapes(shape, m.shape)
+        return self.add_bias(torch.zeros(shape, dtype=self.acc_dtype, device=device), i0, j0, inplace=True)
+
+    def additive_tile(self, i0: int, i1: int, j0: int, j1: int, device: torch.device) -> Tensor | None:
+        """The tile's bias with ``-inf`` where disallowed: what a fused kernel takes as its float mask.
+
+        4-D, broadcastable to ``(B, Hq, bq, bk)``, in the accumulation dtype; None when nothing applies.
+        """
+        bias = self.bias_tile(i0, i1, j0, j1, device)
+        allowed = self.allowed_tile(i0, i1, j0, j1, device)
+        if allowed is None:
+            return bias
+        base = bias if bias is not None else torch.zeros((), dtype=self.acc_dtype, device=device)
+        out = torch.where(allowed, base, float("-inf"))
+        return out.view((1,) * (4 - out.dim()) + tuple(out.shape))
 
     def raw_scores(self, q: Tensor, k: Tensor) -> Tensor:
         """``(B, Hq, bq, bk)`` scaled scores ``q k^T * scale`` in the accumulation dtype.
@@ -182,8 +215,8 @@ class AttentionSpec:
             ``(B, Hq, bq, bk)`` or None.
         """
         i1, j1 = i0 + q.shape[-2], j0 + k.shape[-2]
-        m = self.mask_tile(i0, i1, j0, j1)
         # Outside autograd (the kernels' own passes) every step works in place on one buffer.
+        m = self.mask
         tracked = torch.is_grad_enabled() and (
             q.requires_grad or k.requires_grad or (m is not None and m.requires_grad)
         )
@@ -194,24 +227,14 @@ class AttentionSpec:
             if need_softcap_grad:
                 dcap = 1 - t * t
             s = t * self.softcap if tracked else t.mul_(self.softcap)
-        if self.alibi_slopes is not None:
-            i = torch.arange(i0, i1, device=q.device)[:, None] + self.offset  # (bq, 1) aligned positions
-            j = torch.arange(j0, j1, device=q.device)[None, :]  # (1, bk)
-            dist = (i - j).abs().to(self.acc_dtype)  # (bq, bk)
-            neg_slopes = -self.alibi_slopes.to(device=q.device, dtype=self.acc_dtype).view(1, -1, 1, 1)
-            # s += -slope[h] * |i' - j|, fused into one pass without an (Hq, bq, bk) temporary.
-            s = torch.addcmul(s, neg_slopes, dist) if tracked else s.addcmul_(neg_slopes, dist)
-        if m is not None and m.dtype != torch.bool:
-            s = s + m.to(self.acc_dtype) if tracked else s.add_(m.to(self.acc_dtype))
-        allowed = self.structure_tile(i0, i1, j0, j1, q.device)
-        if m is not None and m.dtype == torch.bool:
-            allowed = m if allowed is None else (allowed & m)
+        s = self.add_bias(s, i0, j0, inplace=not tracked)
+        allowed = self.allowed_tile(i0, i1, j0, j1, q.device)
         if allowed is not None:
             s = s.masked_fill(~allowed, float("-inf")) if tracked else s.masked_fill_(~allowed, float("-inf"))
         return s, dcap
 
     def dropout_tile(self, i0: int, i1: int, j0: int, j1: int, device: torch.device) -> Tensor:
-        """``(B, Hq, bq, bk)`` bool keep-mask of the tile (see `attnkit.kernels.dropout`)."""
+        """``(B, Hq, bq, bk)`` bool keep-mask of the tile (see `attnkit.dropout`)."""
         assert self.dropout_seed is not None
         bh = torch.arange(self.batch * self.q_heads, device=device).view(-1, 1, 1)
         rows = torch.arange(i0, i1, device=device).view(1, -1, 1)

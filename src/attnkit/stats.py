@@ -23,10 +23,12 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from attnkit.functional import Alibi, Window, attention, build_spec
+from attnkit.backends import choose, get_backend
+from attnkit.functional import attention, build_spec
 from attnkit.kernels import stats as stats_kernel
+from attnkit.options import Alibi, Window
 
-__all__ = ["AttentionStats", "attention_stats", "stats_kernel_for"]
+__all__ = ["AttentionStats", "attention_stats"]
 
 
 @dataclass
@@ -103,22 +105,6 @@ class AttentionStats:
         return AttentionStats(**out)
 
 
-def stats_kernel_for(q: Tensor):
-    """The statistics kernel for ``q``'s device: Triton on CUDA when available, else the torch one.
-
-    Both take ``(q, k, v, spec, lse, *, topk, pool)`` and return the same dict.
-    """
-    if q.is_cuda:
-        try:
-            from attnkit.kernels.triton import stats as triton_stats
-        except ImportError:
-            return stats_kernel.stats_forward
-        supported = getattr(triton_stats, "supported", None)
-        if supported is None or supported(q):
-            return triton_stats.stats_forward
-    return stats_kernel.stats_forward
-
-
 def attention_stats(
     q: Tensor,
     k: Tensor,
@@ -164,8 +150,13 @@ def attention_stats(
     # before dropout on every backend, which is what the statistics describe.
     with torch.enable_grad() if return_output else torch.no_grad():
         out, lse = attention(q, k, v, **options, dropout_p=dropout_p, return_lse=True, backend=backend)
+    choice = choose(q, spec, False, "auto", "statistics")  # the statistics kernel for q's device
+    if choice.backend is None:
+        reasons = "; ".join(f"{name}: {why}" for name, why in choice.reasons.items())
+        raise ValueError(f"attention_stats: no backend can run the statistics pass ({reasons})")
+    run_stats = get_backend(choice.backend).run_stats
     with torch.no_grad():
-        result = stats_kernel_for(q)(q.detach(), k.detach(), v.detach(), spec, lse.detach(), topk=topk, pool=pool)
+        result = run_stats(q.detach(), k.detach(), v.detach(), spec, lse.detach(), topk=topk, pool=pool)
     return AttentionStats(
         lse=lse.detach().to(spec.acc_dtype),
         output=out if return_output else None,

@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnkit.kernels import flash_cpu
+from attnkit.masks import to_additive
 from attnkit.spec import AttentionSpec
 
 # enable_gqa arrived in PyTorch 2.5; older releases get the key/value heads copied.
 _HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
-_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
 def refusal(q: Tensor, spec: AttentionSpec, return_lse: bool) -> str | None:
@@ -48,11 +49,7 @@ def refusal(q: Tensor, spec: AttentionSpec, return_lse: bool) -> str | None:
     return None
 
 
-def _expand_heads(x: Tensor, group: int) -> Tensor:
-    return x if group == 1 else x.repeat_interleave(group, dim=1)  # (B, Hq, Lk, D)
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, return_lse: bool = False):
+def attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, return_lse: bool = False):
     """SDPA forward (autograd by PyTorch). Shapes: ``q (B, Hq, Lq, D)``, ``k, v (B, Hk, Lk, D)``.
 
     Returns ``(out, lse)``; ``lse`` is None unless ``return_lse``.
@@ -60,21 +57,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, *, return_ls
     is_causal = spec.causal and spec.q_len != 1
     mask = spec.mask
     if return_lse:
-        k, v = _expand_heads(k, spec.group), _expand_heads(v, spec.group)
-        if mask is not None and mask.dtype == torch.bool:
-            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-        elif mask is not None:
-            mask = mask.to(q.dtype)
-        out, lse = _flash_cpu(q, k, v, is_causal=is_causal, attn_mask=mask, scale=spec.scale)[:2]
-        if mask is not None:  # the kernel reports lse = 0 for a row with no allowed key
-            empty = torch.isneginf(mask).all(-1).expand(lse.shape)
-            lse = lse.masked_fill(empty, float("-inf"))
+        k, v = flash_cpu.expand_heads(k, spec.group), flash_cpu.expand_heads(v, spec.group)
+        mask = None if mask is None else to_additive(mask, q.dtype)
+        out, lse = flash_cpu.forward(q, k, v, mask=mask, is_causal=is_causal, scale=spec.scale)
         return out, lse.to(spec.acc_dtype)
     kwargs = {}
     if spec.group > 1:
         if _HAS_GQA:
             kwargs["enable_gqa"] = True
         else:
-            k, v = _expand_heads(k, spec.group), _expand_heads(v, spec.group)
+            k, v = flash_cpu.expand_heads(k, spec.group), flash_cpu.expand_heads(v, spec.group)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=spec.scale, **kwargs)
     return out, None

@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from attnkit.masks import aligned_distance
 from attnkit.spec import AttentionSpec
 
 BLOCK_Q = 128  # query rows per block
@@ -79,24 +80,18 @@ def _augment(q: Tensor, k: Tensor, spec: AttentionSpec, lse: Tensor) -> tuple[Te
 def _log_weights(spec: AttentionSpec, q_aug: Tensor, k_aug: Tensor, i0: int, j0: int) -> Tensor:
     """``log p (B, Hq, bq, bk)`` of one tile without softcap, masked entries at ``_CLAMP``.
 
-    The order of `AttentionSpec.scores` (scale, + ALiBi + float mask, bool/causal/window), with
-    ``- lse`` folded into the matmul (`_augment`); softcap tiles go through `AttentionSpec.scores`.
+    The spec's own bias (`AttentionSpec.add_bias`) and allowed set (`AttentionSpec.allowed_tile`),
+    with ``- lse`` folded into the matmul (`_augment`); softcap tiles go through `AttentionSpec.scores`.
     """
     B, Hq, bq, Da = q_aug.shape
     bk = k_aug.shape[-2]
     i1, j1 = i0 + bq, j0 + bk
     q5 = q_aug.reshape(B, spec.kv_heads, spec.group, bq, Da)  # (B, Hk, G, bq, D+1)
     t = torch.matmul(q5, k_aug.unsqueeze(2).transpose(-1, -2)).view(B, Hq, bq, bk)  # s - lse
-    alibi = spec.alibi_tile(i0, i1, j0, j1, q_aug.device)
-    if alibi is not None:
-        t += alibi
-    m = spec.mask_tile(i0, i1, j0, j1)
-    if m is not None and m.dtype != torch.bool:
-        t += m.to(spec.acc_dtype)
+    t = spec.add_bias(t, i0, j0, inplace=True)
+    if spec.has_bias:
         t.clamp_(min=_CLAMP)  # a float mask may hold -inf
-    allowed = spec.structure_tile(i0, i1, j0, j1, q_aug.device)
-    if m is not None and m.dtype == torch.bool:
-        allowed = m if allowed is None else (allowed & m)
+    allowed = spec.allowed_tile(i0, i1, j0, j1, q_aug.device)
     if allowed is not None:
         t.masked_fill_(~allowed, _CLAMP)
     return t
@@ -177,7 +172,6 @@ def stats_forward(
         i1 = min(i0 + block_q, Lq)
         q_blk = q[:, :, i0:i1]  # (B, Hq, bq, D)
         lse_blk = lse_safe[:, :, i0:i1, None]  # (B, Hq, bq, 1)
-        pos_q = torch.arange(i0, i1, device=dev, dtype=acc) + spec.offset  # (bq,) aligned positions i'
         run_w, run_i = top_w[:, :, i0:i1], top_i[:, :, i0:i1]  # (B, Hq, bq, K) running top-k
         ent, dist_acc = entropy[:, :, i0:i1], distance[:, :, i0:i1]  # (B, Hq, bq) views, updated in place
         rows_onehot, r_first = _bin_matrix(Lq, Pq, i0, i1, acc, dev)  # (bq, nr)
@@ -193,8 +187,7 @@ def stats_forward(
             p = torch.exp(t)  # (B, Hq, bq, bk) exact global weights
             # entropy: -sum_j p log p, as a contraction (no temporary of the tile's size)
             ent -= torch.einsum("bhqk,bhqk->bhq", p, t)
-            pos_k = torch.arange(j0, j1, device=dev, dtype=acc)  # (bk,)
-            dist = (pos_q[:, None] - pos_k[None, :]).abs_()  # (bq, bk) |i' - j|
+            dist = aligned_distance(i0, i1, j0, j1, spec.offset, acc, dev)  # (bq, bk) |i' - j|
             dist_acc += torch.einsum("bhqk,qk->bhq", p, dist)
             # pooled: rows into their bins first (few bins per block), then columns, by two
             # matmuls with one-hot matrices: exact sums, cheaper than a scatter. Every row lies

@@ -28,15 +28,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from attnkit.kernels import flash_cpu, packed, stats
 from attnkit.kernels.merge import merge_partials
 from attnkit.spec import AttentionSpec
 
 BLOCK_Q = 256  # rows of queries per block: bounds a bias tile to Hq * 256 * BLOCK_K floats
 BLOCK_K = 512  # keys per tile in the torch engine and for biased tiles in the fused engine
-
-_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_flash_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-
 
 Engine = Literal["torch", "fused"] | None  # None: fused where supported, else torch
 
@@ -78,36 +75,6 @@ def _segments(spec: AttentionSpec, i0: int, i1: int, block_k: int, merge_open: b
     return merged
 
 
-def _tile_float_mask(spec: AttentionSpec, i0: int, i1: int, j0: int, j1: int, device: torch.device) -> Tensor | None:
-    """The additive mask for one tile: ALiBi + float mask, ``-inf`` where disallowed.
-
-    Shape broadcastable to ``(B, Hq, bq, bk)``; size-1 axes stay size 1.
-    """
-    mask = spec.alibi_tile(i0, i1, j0, j1, device)
-    m = spec.mask_tile(i0, i1, j0, j1)
-    if m is not None and m.dtype != torch.bool:
-        m = m.to(spec.acc_dtype)
-        mask = m if mask is None else mask + m
-    allowed = spec.structure_tile(i0, i1, j0, j1, device)
-    if m is not None and m.dtype == torch.bool:
-        allowed = m if allowed is None else allowed & m
-    if allowed is not None:
-        neg = torch.zeros(allowed.shape, dtype=spec.acc_dtype, device=device).masked_fill_(~allowed, float("-inf"))
-        mask = neg if mask is None else mask + neg
-    if mask is not None:
-        while mask.dim() < 4:
-            mask = mask.unsqueeze(0)
-    return mask
-
-
-def _empty_rows(mask: Tensor | None, shape: tuple[int, int, int]) -> Tensor | None:
-    """``(B, Hq, bq)`` bool rows of a tile mask that allow no key (None if none can be)."""
-    if mask is None:
-        return None
-    empty = torch.isneginf(mask).all(dim=-1)  # (B|1, Hq|1, bq|1)
-    return empty.expand(shape) if bool(empty.any()) else None
-
-
 # ----------------------------------------------------------------------- forward
 def _tile_forward_torch(
     spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, i0: int, j0: int, is_causal: bool = False
@@ -137,14 +104,8 @@ def _tile_forward_fused(
     ``is_causal`` marks the diagonal square of `_segments`, masked by the kernel itself.
     """
     i1, j1 = i0 + q.shape[-2], j0 + k.shape[-2]
-    mask = None if is_causal else _tile_float_mask(spec, i0, i1, j0, j1, q.device)
-    if mask is not None:
-        mask = mask.to(q.dtype)
-    out, lse = _flash_cpu(q, k, v, is_causal=is_causal, attn_mask=mask, scale=spec.scale)[:2]
-    empty = _empty_rows(mask, tuple(lse.shape))
-    if empty is not None:  # the fused kernel reports lse = 0 for a row with no key
-        lse = lse.masked_fill(empty, float("-inf"))
-        out = out.masked_fill(empty.unsqueeze(-1), 0)
+    mask = None if is_causal else spec.additive_tile(i0, i1, j0, j1, q.device)
+    out, lse = flash_cpu.forward(q, k, v, mask=mask, is_causal=is_causal, scale=spec.scale)
     return out, lse.to(spec.acc_dtype)
 
 
@@ -161,11 +122,6 @@ def _query_block(spec: AttentionSpec, fused: bool, merge_open: bool, block_q: in
     if fused and merge_open and _pure_causal(spec) and block_q == BLOCK_Q:
         return CAUSAL_BLOCK_Q
     return block_q
-
-
-def _expand_heads(x: Tensor, group: int) -> Tensor:
-    """``(B, Hk, L, D) -> (B, Hk * group, L, D)``: head ``h`` copies key head ``h // group``."""
-    return x if group == 1 else x.repeat_interleave(group, dim=1)
 
 
 def _choose_engine(q: Tensor, spec: AttentionSpec, engine: Engine) -> bool:
@@ -204,7 +160,7 @@ def forward(
     B, Hq, Lq, _ = q.shape
     fused = _choose_engine(q, spec, engine)
     if fused:
-        k, v = _expand_heads(k, spec.group), _expand_heads(v, spec.group)  # O(Lk) copies, once
+        k, v = flash_cpu.expand_heads(k, spec.group), flash_cpu.expand_heads(v, spec.group)  # O(Lk) copies, once
         tile = _tile_forward_fused
         # One call may cover many open tiles unless a per-query bias must be built for it.
         merge_open = spec.alibi_slopes is None and (spec.mask is None or spec.mask.shape[-2] == 1)
@@ -278,7 +234,7 @@ def backward(
         delta = delta - dlse.to(acc)  # d lse / d s = p, folded into the same term
     fused = _choose_engine(q, spec, engine) and dlse is None and not mask_grad
     if fused:
-        k_e, v_e = _expand_heads(k, spec.group), _expand_heads(v, spec.group)
+        k_e, v_e = flash_cpu.expand_heads(k, spec.group), flash_cpu.expand_heads(v, spec.group)
         dk_e, dv_e = torch.zeros(k_e.shape, dtype=acc), torch.zeros(v_e.shape, dtype=acc)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
@@ -290,19 +246,11 @@ def backward(
         i1 = min(i0 + block_q, Lq)
         for j0, j1, is_causal in _segments(spec, i0, i1, block_k, merge_open):
             if fused:
-                mask = None if is_causal else _tile_float_mask(spec, i0, i1, j0, j1, q.device)
-                gq, gk, gv = _flash_cpu_backward(
-                    dout[:, :, i0:i1],
-                    q[:, :, i0:i1],
-                    k_e[:, :, j0:j1],
-                    v_e[:, :, j0:j1],
-                    out[:, :, i0:i1],
-                    lse_bwd[:, :, i0:i1].to(torch.float32 if q.dtype != torch.float64 else q.dtype),
-                    0.0,
-                    is_causal,
-                    attn_mask=None if mask is None else mask.to(q.dtype),
-                    scale=spec.scale,
-                )
+                mask = None if is_causal else spec.additive_tile(i0, i1, j0, j1, q.device)
+                gq, gk, gv = flash_cpu.backward(
+                    dout[:, :, i0:i1], q[:, :, i0:i1], k_e[:, :, j0:j1], v_e[:, :, j0:j1],
+                    out[:, :, i0:i1], lse_bwd[:, :, i0:i1], mask=mask, is_causal=is_causal, scale=spec.scale,
+                )  # fmt: skip
                 dq[:, :, i0:i1] += gq
                 dk_e[:, :, j0:j1] += gk
                 dv_e[:, :, j0:j1] += gv
@@ -393,15 +341,47 @@ class TiledAttention(torch.autograd.Function):
         return dq, dk, dv, dmask, None, None, None, None
 
 
+def refusal(q: Tensor, spec: AttentionSpec, return_lse: bool) -> str | None:
+    """The tiled kernel computes every request."""
+    return None
+
+
 def attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     spec: AttentionSpec,
+    return_lse: bool = False,
     *,
     block_q: int = BLOCK_Q,
     block_k: int = BLOCK_K,
     engine: Engine = None,
 ) -> tuple[Tensor, Tensor]:
-    """Tiled attention with autograd: ``(out, lse)``. Shapes and arguments as in `forward`."""
+    """Tiled attention with autograd: ``(out, lse)`` (``lse`` always). Shapes and arguments as in `forward`."""
     return TiledAttention.apply(q, k, v, spec.mask, spec, block_q, block_k, engine)
+
+
+def attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    spec: AttentionSpec,
+    return_lse: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Packed sequences, each through `attention` on views (`attnkit.kernels.packed`).
+
+    ``q (total_q, Hq, D)``, ``k (total_k, Hk, D)``, ``v (total_k, Hk, Dv)`` -> ``out (total_q, Hq, Dv)``,
+    ``lse (Hq, total_q)``.
+    """
+    return packed.per_sequence(attention, refusal, q, k, v, cu_seqlens_q, cu_seqlens_k, spec, return_lse)
+
+
+def statistics(
+    q: Tensor, k: Tensor, v: Tensor | None, spec: AttentionSpec, lse: Tensor, *, topk: int, pool: int
+) -> dict[str, Tensor]:
+    """The statistics pass in PyTorch, one tile at a time (`attnkit.kernels.stats`), on any device."""
+    return stats.stats_forward(q, k, v, spec, lse, topk=topk, pool=pool)

@@ -26,6 +26,7 @@ from attnkit.kernels.triton.common import (
     LOG2E,
     NO_SPECIALIZE,
     SEED_STEP,
+    bhld_strides,
     dot,
     dot_precision,
     dropout_args,
@@ -40,7 +41,7 @@ from attnkit.kernels.triton.common import (
     scalar_args,
     score_tile,
 )
-from attnkit.kernels.triton.forward import _bhld_strides, length_bucket, seq_bounds
+from attnkit.kernels.triton.forward import length_bucket, seq_bounds
 from attnkit.spec import AttentionSpec
 
 
@@ -382,16 +383,16 @@ def launch_backward(
     slopes = spec.alibi_slopes if spec.alibi_slopes is not None else lse
     seed, threshold, drop_scale = dropout_args(spec)
     scale, softcap, left, right = scalar_args(spec)
-    common = (*_bhld_strides(q, varlen), *_bhld_strides(k, varlen), *_bhld_strides(v, varlen),
-              *_bhld_strides(dout, varlen), *lse_strides)  # fmt: skip
+    common = (*bhld_strides(q, varlen), *bhld_strides(k, varlen), *bhld_strides(v, varlen),
+              *bhld_strides(dout, varlen), *lse_strides)  # fmt: skip
     tail = (scale, softcap, left, right, seed, threshold, drop_scale)
     meta = dict(BLOCK_D=head_block(spec.head_dim), BLOCK_DV=head_block(spec.v_head_dim), VARLEN=varlen,
                 DOT_PRECISION=dot_precision(q.dtype), **flags(spec))  # fmt: skip
     dims = (spec.q_len, spec.kv_len, length_bucket(spec), spec.head_dim, spec.v_head_dim)
     dkdv_args = (q, k, v, dout, lse, delta, dk, dv, slopes, mask, cu_q, cu_k, *common,
-                 *_bhld_strides(dk, varlen), *_bhld_strides(dv, varlen), *mstrides,
+                 *bhld_strides(dk, varlen), *bhld_strides(dv, varlen), *mstrides,
                  spec.q_heads, spec.kv_heads, spec.group, *dims, *tail)  # fmt: skip
-    dq_args = (q, k, v, dout, lse, delta, dq, slopes, mask, cu_q, cu_k, *common, *_bhld_strides(dq, varlen),
+    dq_args = (q, k, v, dout, lse, delta, dq, slopes, mask, cu_q, cu_k, *common, *bhld_strides(dq, varlen),
                *mstrides, spec.q_heads, spec.group, *dims, *tail)  # fmt: skip
     if blocks is None:
         _dkdv_tuned[lambda c: (triton.cdiv(cols, c["BLOCK_N"]), spec.batch * spec.kv_heads)](*dkdv_args, **meta)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnkit.kernels.dropout import _COL, _HEAD, _MIX, _ROW
+from attnkit.dropout import COL_SALT, HEAD_SALT, MIX_MULTIPLIER, ROW_SALT, VARLEN_SEED_STEP
 from attnkit.spec import AttentionSpec
 
 # Whether this import decorated the kernels for Triton's CPU interpreter (TRITON_INTERPRET=1 is
@@ -26,25 +26,24 @@ from attnkit.spec import AttentionSpec
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): the kernels use exp2; scores are multiplied by it once
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2): turns a base-2 log-sum-exp back into natural log
-# Varlen sequence b hashes dropout with seed + b * VARLEN_SEED_STEP (mod 2**32) and head h, so a
-# packed batch draws a pattern that does not depend on where a sequence sits. An odd constant
-# below 2**31, so Triton keeps the product in uint32.
-VARLEN_SEED_STEP = 0x7F4A7C15
+# Varlen sequence b hashes dropout with seed + b * VARLEN_SEED_STEP (mod 2**32) and head h
+# (`attnkit.dropout.varlen_seed`), so a packed batch draws a pattern that does not depend on where
+# a sequence sits. An odd constant below 2**31, so Triton keeps the product in uint32.
 SEED_STEP = tl.constexpr(VARLEN_SEED_STEP)
 
 # Triton specialises integer arguments equal to 1 into constants; the dropout seed and
 # threshold are hashed as uint32 values, so they must stay run-time integers.
 NO_SPECIALIZE = ["seed", "threshold"]
 
-MIX = tl.constexpr(_MIX)
-ROW = tl.constexpr(_ROW)
-COL = tl.constexpr(_COL)
-HEAD = tl.constexpr(_HEAD)
+MIX = tl.constexpr(MIX_MULTIPLIER)
+ROW = tl.constexpr(ROW_SALT)
+COL = tl.constexpr(COL_SALT)
+HEAD = tl.constexpr(HEAD_SALT)
 
 
 @triton.jit
 def mix32(x):
-    """`attnkit.kernels.dropout.mix32` on ``uint32``: the products wrap mod 2**32, as its ``& 0xFFFFFFFF`` does."""
+    """`attnkit.dropout.mix32` on ``uint32``: the products wrap mod 2**32, as its ``& 0xFFFFFFFF`` does."""
     x = x ^ (x >> 16)
     x = x * MIX
     x = x ^ (x >> 16)
@@ -54,7 +53,7 @@ def mix32(x):
 
 @triton.jit
 def keep_tile(seed, bh, offs_m, offs_n, threshold):
-    """``(BLOCK_M, BLOCK_N)`` keep-mask, bit for bit `attnkit.kernels.dropout.keep_mask`.
+    """``(BLOCK_M, BLOCK_N)`` keep-mask, bit for bit `attnkit.dropout.keep_mask`.
 
     ``seed``, ``bh`` and ``threshold`` are ``uint32`` scalars; ``offs_m``/``offs_n`` local indices.
     """
@@ -269,3 +268,10 @@ def scalar_args(spec: AttentionSpec) -> tuple[float, float, int, int]:
     """``(scale, softcap, left, right)`` with 0 where a feature is off (its flag then ignores it)."""
     left, right = spec.bounds
     return spec.scale, spec.softcap or 1.0, left or 0, right or 0
+
+
+def bhld_strides(x: torch.Tensor, varlen: bool) -> tuple[int, int, int, int]:
+    """Strides as (batch, head, row, dim): dense ``(B, H, L, D)``; packed ``(total, H, D)`` has batch stride 0."""
+    if varlen:
+        return 0, x.stride(1), x.stride(0), x.stride(2)
+    return x.stride(0), x.stride(1), x.stride(2), x.stride(3)

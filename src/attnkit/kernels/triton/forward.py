@@ -29,6 +29,7 @@ from attnkit.kernels.triton.common import (
     LOG2E,
     NO_SPECIALIZE,
     SEED_STEP,
+    bhld_strides,
     dot,
     dot_precision,
     dropout_args,
@@ -214,13 +215,6 @@ def length_bucket(spec: AttentionSpec) -> int:
     return triton.next_power_of_2(max(spec.q_len, spec.kv_len, 1))
 
 
-def _bhld_strides(x: torch.Tensor, varlen: bool) -> tuple[int, int, int, int]:
-    """Strides as (batch, head, row, dim): dense ``(B, H, L, D)``; packed ``(total, H, D)`` has batch stride 0."""
-    if varlen:
-        return 0, x.stride(1), x.stride(0), x.stride(2)
-    return x.stride(0), x.stride(1), x.stride(2), x.stride(3)
-
-
 def launch_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -262,8 +256,8 @@ def launch_forward(
     scale, softcap, left, right = scalar_args(spec)
     args = (
         q, k, v, out, lse, slopes, mask if mask is not None else lse, cu_q, cu_k,
-        *_bhld_strides(q, varlen), *_bhld_strides(k, varlen), *_bhld_strides(v, varlen),
-        *_bhld_strides(out, varlen), *lse_strides, *mstrides,
+        *bhld_strides(q, varlen), *bhld_strides(k, varlen), *bhld_strides(v, varlen),
+        *bhld_strides(out, varlen), *lse_strides, *mstrides,
         Hq, spec.group, spec.q_len, spec.kv_len, length_bucket(spec), D, Dv,
         scale, softcap, left, right, seed, threshold, drop_scale,
     )  # fmt: skip

@@ -41,8 +41,6 @@ from attnkit.kernels.triton.common import (
 from attnkit.kernels.triton.forward import launch_forward
 from attnkit.spec import AttentionSpec
 
-STAT_KEYS = ("entropy", "mean_distance", "received", "topk_index", "topk_weight", "pooled")
-
 
 @triton.jit
 def _stats_kernel(
@@ -176,13 +174,6 @@ def pool_precision(device: torch.device) -> str:
     if INTERPRETED or device.type != "cuda" or torch.version.cuda is None:
         return "ieee"
     return "tf32x3" if torch.cuda.get_device_capability(device)[0] >= 8 else "ieee"
-
-
-def supported(q: torch.Tensor) -> bool:
-    """Whether this kernel serves ``q`` (`attnkit.stats` asks before choosing it over the torch kernel)."""
-    from attnkit.kernels.triton import MAX_HEAD_DIM, SUPPORTED_DTYPES
-
-    return q.is_cuda and q.dtype in SUPPORTED_DTYPES and q.shape[-1] <= MAX_HEAD_DIM
 
 
 def bin_of(n: int, bins: int, device: torch.device) -> torch.Tensor:

@@ -16,19 +16,19 @@ from torch import Tensor
 _M32 = 0xFFFFFFFF
 # The multiplier of the "hash32" integer mixer (an odd constant below 2**31, so the
 # product with a 32-bit value fits in int64).
-_MIX = 0x045D9F3B
+MIX_MULTIPLIER = 0x045D9F3B
 # Odd 31-bit constants that decorrelate the row, column and head counters.
-_ROW = 0x27D4EB2F
-_COL = 0x165667B1
-_HEAD = 0x61C88647
+ROW_SALT = 0x27D4EB2F
+COL_SALT = 0x165667B1
+HEAD_SALT = 0x61C88647
 
 
 def mix32(x: Tensor) -> Tensor:
     """A bijective 32-bit integer hash of an int64 tensor holding values in ``[0, 2**32)``."""
     x = x ^ (x >> 16)
-    x = (x * _MIX) & _M32
+    x = (x * MIX_MULTIPLIER) & _M32
     x = x ^ (x >> 16)
-    x = (x * _MIX) & _M32
+    x = (x * MIX_MULTIPLIER) & _M32
     return x ^ (x >> 16)
 
 
@@ -45,9 +45,9 @@ def keep_mask(seed: int, heads: Tensor, rows: Tensor, cols: Tensor, dropout_p: f
     Returns:
         ``(BH, bq, bk)`` bool, True where the weight is kept (probability ``1 - p``).
     """
-    head_key = mix32((heads * _HEAD + seed) & _M32)  # (BH, 1, 1)
-    row_key = mix32((head_key ^ mix32((rows * _ROW) & _M32)) & _M32)  # (BH, bq, 1)
-    col_key = mix32((cols * _COL + seed) & _M32)  # (1, 1, bk)
+    head_key = mix32((heads * HEAD_SALT + seed) & _M32)  # (BH, 1, 1)
+    row_key = mix32((head_key ^ mix32((rows * ROW_SALT) & _M32)) & _M32)  # (BH, bq, 1)
+    col_key = mix32((cols * COL_SALT + seed) & _M32)  # (1, 1, bk)
     u = mix32(row_key ^ col_key)  # (BH, bq, bk), uniform on [0, 2**32)
     threshold = int(dropout_p * 2**32)
     return u >= threshold
@@ -56,3 +56,14 @@ def keep_mask(seed: int, heads: Tensor, rows: Tensor, cols: Tensor, dropout_p: f
 def new_seed() -> int:
     """Draw a 32-bit seed from torch's default generator (reproducible under ``torch.manual_seed``)."""
     return int(torch.randint(0, 2**32, (1,), dtype=torch.int64).item())
+
+
+# Packed (varlen) sequence ``b`` draws its pattern with seed ``seed + b * VARLEN_SEED_STEP``
+# (mod 2**32) and head index ``h``, on every backend (the Triton kernels compute the same).
+# An odd constant below 2**31, so Triton keeps the product in uint32.
+VARLEN_SEED_STEP = 0x7F4A7C15
+
+
+def varlen_seed(seed: int, sequence: int) -> int:
+    """The dropout seed of packed sequence ``sequence`` of a varlen call seeded with ``seed``."""
+    return (seed + sequence * VARLEN_SEED_STEP) & _M32
