@@ -22,3 +22,18 @@ if not torch.cuda.is_available():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def make_qkv(B=2, Hq=4, Hk=2, Lq=37, Lk=53, D=16, Dv=None, *, dtype=torch.float64, grad=False):
+    """Random ``q (B, Hq, Lq, D)``, ``k (B, Hk, Lk, D)``, ``v (B, Hk, Lk, Dv)`` (``Dv`` defaults to ``D``)."""
+    Dv = D if Dv is None else Dv
+    q = torch.randn(B, Hq, Lq, D, dtype=dtype)
+    k = torch.randn(B, Hk, Lk, D, dtype=dtype)
+    v = torch.randn(B, Hk, Lk, Dv, dtype=dtype)
+    return [t.requires_grad_(grad) for t in (q, k, v)]
+
+
+def grads(out, inputs, seed=1):
+    """Gradients of ``(out * g).sum()`` for a fixed random ``g``, with respect to ``inputs``."""
+    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(seed))
+    return torch.autograd.grad((out * g).sum(), inputs, allow_unused=True)

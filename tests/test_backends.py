@@ -16,16 +16,9 @@ from hypothesis import strategies as st
 import attnkit
 from attnkit.functional import build_spec
 from attnkit.kernels import tiled
+from tests.conftest import grads, make_qkv
 
 f64 = torch.float64
-
-
-def make_inputs(B=2, Hq=4, Hk=2, Lq=37, Lk=53, D=16, Dv=None, dtype=f64, grad=True):
-    Dv = D if Dv is None else Dv
-    q = torch.randn(B, Hq, Lq, D, dtype=dtype)
-    k = torch.randn(B, Hk, Lk, D, dtype=dtype)
-    v = torch.randn(B, Hk, Lk, Dv, dtype=dtype)
-    return [t.requires_grad_(grad) for t in (q, k, v)]
 
 
 def run(q, k, v, backend, options, mask=None, engine=None, blocks=(16, 32)):
@@ -38,11 +31,6 @@ def run(q, k, v, backend, options, mask=None, engine=None, blocks=(16, 32)):
         return tiled.attention(q, k, v, spec, block_q=blocks[0], block_k=blocks[1], engine=engine)
     out = attnkit.attention(q, k, v, backend=backend, **opts)
     return out, None
-
-
-def grads(out, inputs, seed=1):
-    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(seed))
-    return torch.autograd.grad((out * g).sum(), inputs, allow_unused=True)
 
 
 def assert_matches_reference(q, k, v, options, backend, *, mask=None, engine=None, atol=1e-10):
@@ -87,7 +75,7 @@ TILED = [("tiled", "torch"), ("tiled", "fused"), ("tiled", None)]
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize(("backend", "engine"), TILED)
 def test_tiled_matches_reference(feature, shape, backend, engine):
-    q, k, v = make_inputs(**SHAPES[shape])
+    q, k, v = make_qkv(**SHAPES[shape], grad=True)
     options = FEATURES[feature]
     if engine == "fused" and (options.get("softcap") or q.shape[-1] != v.shape[-1]):
         pytest.skip("the fused engine takes no softcap and needs Dv == D (the torch engine covers these)")
@@ -97,7 +85,7 @@ def test_tiled_matches_reference(feature, shape, backend, engine):
 @pytest.mark.parametrize("feature", ["plain", "causal", "scale"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_auto_and_sdpa_match_reference(feature, shape):
-    q, k, v = make_inputs(**SHAPES[shape])
+    q, k, v = make_qkv(**SHAPES[shape], grad=True)
     options = FEATURES[feature]
     assert_matches_reference(q, k, v, options, "auto")
     spec = build_spec(q, k, v, **options)
@@ -108,7 +96,7 @@ def test_auto_and_sdpa_match_reference(feature, shape):
 @pytest.mark.parametrize("backend", ["tiled", "auto", "sdpa"])
 @pytest.mark.parametrize("kind", ["key_padding", "bool_full", "float_full", "float_grad", "bool_with_empty_rows"])
 def test_masks(backend, kind):
-    q, k, v = make_inputs(Lq=24, Lk=40)
+    q, k, v = make_qkv(Lq=24, Lk=40, grad=True)
     B, Hq, Lq, Lk = 2, 4, 24, 40
     if kind == "key_padding":
         mask = attnkit.key_padding_mask(torch.tensor([40, 17]), Lk)  # (B, 1, 1, Lk)
@@ -127,14 +115,14 @@ def test_masks(backend, kind):
 
 
 def test_tiled_float_mask_gradient_broadcast_shapes():
-    q, k, v = make_inputs(Lq=20, Lk=33)
+    q, k, v = make_qkv(Lq=20, Lk=33, grad=True)
     for shape in [(33,), (1, 1, 20, 33), (2, 1, 1, 33), (4, 1, 33)]:
         mask = torch.randn(*shape, dtype=f64, requires_grad=True)
         assert_matches_reference(q, k, v, {"causal": True}, "tiled", mask=mask)
 
 
 def test_gradient_of_lse_flows_in_tiled():
-    q, k, v = make_inputs(Lq=21, Lk=30)
+    q, k, v = make_qkv(Lq=21, Lk=30, grad=True)
     spec = build_spec(q, k, v, causal=True, alibi=True)
     out, lse = tiled.attention(q, k, v, spec, block_q=8, block_k=8)
     ref, ref_lse = attnkit.attention(q, k, v, causal=True, alibi=True, backend="reference", return_lse=True)
@@ -145,7 +133,7 @@ def test_gradient_of_lse_flows_in_tiled():
 
 
 def test_gradcheck_tiled_fp64():
-    q, k, v = make_inputs(B=1, Hq=2, Hk=1, Lq=6, Lk=9, D=4, Dv=3)
+    q, k, v = make_qkv(B=1, Hq=2, Hk=1, Lq=6, Lk=9, D=4, Dv=3, grad=True)
     mask = torch.randn(1, 1, 6, 9, dtype=f64, requires_grad=True)
     for options in ({"causal": True, "alibi": True, "softcap": 2.0}, {"window": (2, 1)}):
 
@@ -173,7 +161,7 @@ def test_gradcheck_tiled_fp64():
     blocks=st.tuples(st.integers(1, 17), st.integers(1, 17)),
 )
 def test_property_tiled_equals_reference(B, Hk, group, Lq, Lk, D, causal, window, alibi, softcap, mask_kind, blocks):
-    q, k, v = make_inputs(B=B, Hq=Hk * group, Hk=Hk, Lq=Lq, Lk=Lk, D=D)
+    q, k, v = make_qkv(B=B, Hq=Hk * group, Hk=Hk, Lq=Lq, Lk=Lk, D=D, grad=True)
     mask = None
     if mask_kind == "padding":
         mask = attnkit.key_padding_mask(torch.randint(0, Lk + 1, (B,)), Lk)
@@ -207,7 +195,7 @@ def plain_torch_attention(q, k, v, causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_low_precision_within_twice_plain_torch_error(dtype, backend, causal):
     """FlashAttention's rule: error vs fp64 at most 2x that of plain attention in the same dtype."""
-    q64, k64, v64 = make_inputs(B=1, Hq=4, Hk=4, Lq=300, Lk=300, D=64)
+    q64, k64, v64 = make_qkv(B=1, Hq=4, Hk=4, Lq=300, Lk=300, D=64, grad=True)
     ref = attnkit.attention(q64, k64, v64, causal=causal, backend="reference")
     ref_g = grads(ref, (q64, k64, v64))
     q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q64, k64, v64))
@@ -227,7 +215,7 @@ def test_low_precision_within_twice_plain_torch_error(dtype, backend, causal):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision_features_tiled(dtype):
     """ALiBi + window + softcap in low precision: fp32 accumulation keeps the error at the dtype's rounding."""
-    q64, k64, v64 = make_inputs(B=1, Hq=4, Hk=2, Lq=200, Lk=260, D=32, grad=False)
+    q64, k64, v64 = make_qkv(B=1, Hq=4, Hk=2, Lq=200, Lk=260, D=32)
     options = dict(causal=True, window=(64, 0), alibi=True, softcap=10.0)
     ref = attnkit.attention(q64, k64, v64, backend="reference", **options)
     out = attnkit.attention(*(t.to(dtype) for t in (q64, k64, v64)), backend="tiled", **options)
@@ -237,20 +225,20 @@ def test_low_precision_features_tiled(dtype):
 
 # ----------------------------------------------------------------- tile skipping
 def test_causal_and_window_skip_masked_tiles():
-    spec = build_spec(*make_inputs(B=1, Hq=1, Hk=1, Lq=1024, Lk=1024, D=4, grad=False), window=(100, 0))
-    visited = sum(len(tiled._segments(spec, i, min(i + 64, 1024), 64, False)) for i in range(0, 1024, 64))
+    spec = build_spec(*make_qkv(B=1, Hq=1, Hk=1, Lq=1024, Lk=1024, D=4), window=(100, 0))
+    visited = sum(len(tiled.key_segments(spec, i, min(i + 64, 1024), 64, False)) for i in range(0, 1024, 64))
     assert visited <= 16 * 3  # each query block sees at most 3 key tiles of 64
-    causal = build_spec(*make_inputs(B=1, Hq=1, Hk=1, Lq=1024, Lk=1024, D=4, grad=False), causal=True)
-    tiles = sum(len(tiled._segments(causal, i, i + 64, 64, False)) for i in range(0, 1024, 64))
+    causal = build_spec(*make_qkv(B=1, Hq=1, Hk=1, Lq=1024, Lk=1024, D=4), causal=True)
+    tiles = sum(len(tiled.key_segments(causal, i, i + 64, 64, False)) for i in range(0, 1024, 64))
     assert tiles == 16 * 17 // 2  # the lower triangle of 16 x 16 tiles
 
 
 def test_fused_causal_blocks_are_one_open_call_plus_the_diagonal():
-    causal = build_spec(*make_inputs(B=1, Hq=1, Hk=1, Lq=512, Lk=1024, D=4, grad=False), causal=True)
+    causal = build_spec(*make_qkv(B=1, Hq=1, Hk=1, Lq=512, Lk=1024, D=4), causal=True)
     # Offset 512: block [64, 128) sees keys [0, 576) open, then the diagonal square [576, 640).
-    assert tiled._segments(causal, 64, 128, 64, True) == [(0, 576, False), (576, 640, True)]
-    with_alibi = build_spec(*make_inputs(B=1, Hq=1, Hk=1, Lq=512, Lk=1024, D=4, grad=False), causal=True, alibi=True)
-    assert all(not c for *_, c in tiled._segments(with_alibi, 64, 128, 64, True))
+    assert tiled.key_segments(causal, 64, 128, 64, True) == [(0, 576, False), (576, 640, True)]
+    with_alibi = build_spec(*make_qkv(B=1, Hq=1, Hk=1, Lq=512, Lk=1024, D=4), causal=True, alibi=True)
+    assert all(not c for *_, c in tiled.key_segments(with_alibi, 64, 128, 64, True))
 
 
 @pytest.mark.parametrize("align", [-40, -3, 0, 17, 60, 200])
@@ -260,7 +248,7 @@ def test_tiled_with_explicit_alignment_matches_reference(align):
 
     from attnkit.kernels import reference
 
-    q, k, v = make_inputs(Lq=48, Lk=64, grad=False)
+    q, k, v = make_qkv(Lq=48, Lk=64)
     spec = dataclasses.replace(build_spec(q, k, v, causal=True), align=align)
     ref, ref_lse = reference.forward(q, k, v, spec)
     for engine in ("torch", "fused"):

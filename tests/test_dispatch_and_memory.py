@@ -9,14 +9,10 @@ import torch.nn.functional as F
 import attnkit
 from attnkit.backends import Backend, register_backend
 from attnkit.bench.common import peak_memory, run_case
+from tests.conftest import make_qkv
 
-
-def qkv(Lq=64, Lk=64, Hk=4, D=16, Dv=16, grad=False):
-    return (
-        torch.randn(1, 4, Lq, D, requires_grad=grad),
-        torch.randn(1, Hk, Lk, D, requires_grad=grad),
-        torch.randn(1, Hk, Lk, Dv, requires_grad=grad),
-    )
+# One batch element, four query heads of 64 tokens, fp32.
+SMALL = dict(B=1, Hq=4, Hk=4, Lq=64, Lk=64, D=16, Dv=16, dtype=torch.float32)
 
 
 @pytest.mark.parametrize(
@@ -34,7 +30,7 @@ def qkv(Lq=64, Lk=64, Hk=4, D=16, Dv=16, grad=False):
     ],
 )
 def test_auto_choice_and_reasons(options, shape, backend, why):
-    q, k, v = qkv(**shape)
+    q, k, v = make_qkv(**{**SMALL, **shape})
     choice = attnkit.explain_backend(q, k, v, **options)
     assert choice.backend == backend
     if why:
@@ -44,9 +40,9 @@ def test_auto_choice_and_reasons(options, shape, backend, why):
 
 
 def test_sdpa_lse_rules():
-    q, k, v = qkv()
+    q, k, v = make_qkv(**SMALL)
     assert attnkit.explain_backend(q, k, v, return_lse=True).backend == "sdpa"
-    q, k, v = qkv(grad=True)
+    q, k, v = make_qkv(**SMALL, grad=True)
     choice = attnkit.explain_backend(q, k, v, return_lse=True)
     assert choice.backend == "tiled" and "no gradient" in choice.reasons["sdpa"]
 
@@ -92,7 +88,7 @@ def test_registry_lets_users_add_a_backend():
 
     register_backend(Backend("mine", run, lambda q, spec, lse: None, priority=5, auto=False), replace=True)
     try:
-        q, k, v = qkv()
+        q, k, v = make_qkv(**SMALL)
         out = attnkit.attention(q, k, v, causal=True, backend="mine")
         assert calls == [True] and out.shape == (1, 4, 64, 16)
         assert attnkit.explain_backend(q, k, v).backend == "sdpa"  # auto=False: only by name
@@ -134,7 +130,7 @@ def test_custom_alignment_is_refused_by_kernels_that_align_themselves():
     from attnkit.kernels import sdpa
     from attnkit.kernels import triton as triton_kernels
 
-    q, k, v = qkv()
+    q, k, v = make_qkv(**SMALL)
     spec = dataclasses.replace(attnkit.functional.build_spec(q, k, v, causal=True), align=7)
     assert "spec.align" in sdpa.refusal(q, spec, False)
     assert "spec.align" in triton_kernels.refusal(q, spec, False)

@@ -9,19 +9,13 @@ import attnkit
 from attnkit import dropout
 from attnkit.functional import build_spec
 from attnkit.kernels import tiled
+from tests.conftest import make_qkv
 
 f64 = torch.float64
 
 
-def inputs(Lq=40, Lk=50, grad=True):
-    q = torch.randn(2, 4, Lq, 8, dtype=f64)
-    k = torch.randn(2, 2, Lk, 8, dtype=f64)
-    v = torch.randn(2, 2, Lk, 8, dtype=f64)
-    return [t.requires_grad_(grad) for t in (q, k, v)]
-
-
 def test_reproducible_under_manual_seed():
-    q, k, v = inputs(grad=False)
+    q, k, v = make_qkv(Lq=40, Lk=50, D=8)
     torch.manual_seed(3)
     a = attnkit.attention(q, k, v, dropout_p=0.4)
     torch.manual_seed(3)
@@ -32,7 +26,7 @@ def test_reproducible_under_manual_seed():
 
 
 def test_same_pattern_in_tiled_and_reference_any_tiling():
-    q, k, v = inputs()
+    q, k, v = make_qkv(Lq=40, Lk=50, D=8, grad=True)
     torch.manual_seed(5)
     ref = attnkit.attention(q, k, v, dropout_p=0.3, causal=True, backend="reference")
     g = torch.randn_like(ref)
@@ -49,7 +43,7 @@ def test_same_pattern_in_tiled_and_reference_any_tiling():
 
 
 def test_auto_with_dropout_never_uses_sdpa():
-    q, k, v = inputs(grad=False)
+    q, k, v = make_qkv(Lq=40, Lk=50, D=8)
     choice = attnkit.explain_backend(q, k, v, dropout_p=0.1)
     assert choice.backend == "tiled"
     assert "dropout" in choice.reasons["sdpa"]
@@ -70,7 +64,7 @@ def test_keep_rate_and_unbiased_expectation():
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, :, 0], keep[0, :, 1])
     assert not torch.equal(keep[0], keep[1])
     # E[dropout(attention)] = attention: average many seeds.
-    q, k, v = inputs(Lq=4, Lk=6, grad=False)
+    q, k, v = make_qkv(Lq=4, Lk=6, D=8)
     exact = attnkit.attention(q, k, v)
     mean = torch.stack([attnkit.attention(q, k, v, dropout_p=p) for _ in range(400)]).mean(0)
     assert (mean - exact).abs().max() < 0.15

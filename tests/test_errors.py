@@ -6,24 +6,19 @@ import pytest
 import torch
 
 import attnkit
+from tests.conftest import make_qkv
 
-
-def qkv(B=2, Hq=4, Hk=2, Lq=5, Lk=6, D=8, Dv=8, dtype=torch.float32):
-    return (
-        torch.randn(B, Hq, Lq, D, dtype=dtype),
-        torch.randn(B, Hk, Lk, D, dtype=dtype),
-        torch.randn(B, Hk, Lk, Dv, dtype=dtype),
-    )
+SMALL = dict(B=2, Hq=4, Lq=5, Lk=6, D=8, dtype=torch.float32)
 
 
 def check(match, exc=ValueError, **kwargs):
-    q, k, v = kwargs.pop("inputs", None) or qkv()
+    q, k, v = kwargs.pop("inputs", None) or make_qkv(**SMALL)
     with pytest.raises(exc, match=match):
         attnkit.attention(q, k, v, **kwargs)
 
 
 def test_wrong_rank_names_argument_and_shape():
-    q, k, v = qkv()
+    q, k, v = make_qkv(**SMALL)
     with pytest.raises(ValueError, match=r"q must be 4-D \(B, Hq, Lq, D\), got shape \(4, 5, 8\)"):
         attnkit.attention(q[0], k, v)
     with pytest.raises(ValueError, match=r"v must be 4-D"):
@@ -31,7 +26,7 @@ def test_wrong_rank_names_argument_and_shape():
 
 
 def test_mismatched_batch_heads_and_dims():
-    q, k, v = qkv()
+    q, k, v = make_qkv(**SMALL)
     with pytest.raises(ValueError, match=r"batch sizes differ: q \(2, 4, 5, 8\), k \(1, 2, 6, 8\)"):
         attnkit.attention(q, k[:1], v)
     with pytest.raises(ValueError, match=r"head dims differ"):
@@ -39,11 +34,11 @@ def test_mismatched_batch_heads_and_dims():
     with pytest.raises(ValueError, match=r"k and v must have the same heads and length"):
         attnkit.attention(q, k, v[:, :, :3])
     with pytest.raises(ValueError, match=r"Hq=4 must be a multiple of key/value heads Hk=3"):
-        attnkit.attention(q, *qkv(Hk=3)[1:])
+        attnkit.attention(q, *make_qkv(**SMALL, Hk=3)[1:])
 
 
 def test_dtype_and_device_mismatch():
-    q, k, v = qkv()
+    q, k, v = make_qkv(**SMALL)
     with pytest.raises(TypeError, match=r"share a dtype; q is torch.float32, k is torch.float64"):
         attnkit.attention(q, k.double(), v)
     with pytest.raises(TypeError, match=r"floating-point"):
@@ -78,7 +73,7 @@ def test_options():
 
 
 def test_backend_that_cannot_run_the_request_says_what_to_change():
-    q, k, v = qkv()
+    q, k, v = make_qkv(**SMALL)
     with pytest.raises(
         ValueError,
         match=r"backend='sdpa' cannot compute this request: SDPA has no softcap. Use backend='auto', or 'tiled'",

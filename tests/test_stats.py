@@ -108,18 +108,18 @@ def test_peaked_rows_take_the_partial_top_k_path():
     spec = attnkit.functional.build_spec(q, k, k, **opts)
     _, lse = attnkit.attention(q, k, k, **opts, return_lse=True)
     calls = []
-    original = stats_kernel._update_topk
+    original = stats_kernel.update_topk
 
     def spy(p, j0, run_w, run_i, K):
         need = p.amax(-1) > run_w[..., -1]  # the rows the update must merge
         calls.append(0 < int(need.sum()) <= need.numel() // 2)
         return original(p, j0, run_w, run_i, K)
 
-    stats_kernel._update_topk = spy
+    stats_kernel.update_topk = spy
     try:
         got = stats_kernel.stats_forward(q, k, k, spec, lse, topk=4, pool=9, block_q=64, block_k=40)
     finally:
-        stats_kernel._update_topk = original
+        stats_kernel.update_topk = original
     torch.testing.assert_close(got["topk_weight"].double(), ref["topk_weight"], rtol=1e-5, atol=1e-6)
     p = attnkit.attention_weights(q.double(), k.double(), **opts)
     torch.testing.assert_close(torch.gather(p, -1, got["topk_index"]), ref["topk_weight"], rtol=1e-5, atol=1e-6)

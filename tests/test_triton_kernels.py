@@ -23,6 +23,7 @@ import attnkit
 from attnkit.dropout import keep_mask
 from attnkit.functional import build_spec
 from attnkit.kernels import reference
+from tests.conftest import make_qkv
 
 # The interpreter must be chosen before Triton itself is imported (its standard library is
 # @triton.jit code too) and stay chosen while kernels run.
@@ -107,13 +108,6 @@ def _grads(fn, q, k, v, dout, dlse):
     return out.detach(), lse.detach(), q.grad, k.grad, v.grad
 
 
-def _inputs(B, Hq, Hk, Lq, Lk, D, Dv, dtype=torch.float32):
-    q = torch.randn(B, Hq, Lq, D, dtype=dtype)
-    k = torch.randn(B, Hk, Lk, D, dtype=dtype)
-    v = torch.randn(B, Hk, Lk, Dv, dtype=dtype)
-    return q, k, v
-
-
 def _check_fp32(q, k, v, **opts):
     spec = build_spec(q, k, v, **opts)
     B, Hq, Lq, _ = q.shape
@@ -177,7 +171,7 @@ CASES = {
 def test_forward_backward_match_reference(case):
     shape, opts = CASES[case]
     opts = dict(opts)
-    q, k, v = _inputs(**shape)
+    q, k, v = make_qkv(**shape, dtype=torch.float32)
     B, Hq, Lq, Lk = shape["B"], shape["Hq"], shape["Lq"], shape["Lk"]
     if opts.get("mask") == "bool":
         opts["mask"] = _bool_mask_with_empty_rows(B, Lq, Lk)
@@ -205,7 +199,7 @@ def test_forward_backward_match_reference(case):
 )
 def test_random_shapes_windows_and_tiles(lq, lk, causal, left, right, alibi, blocks):
     """Lengths, windows and tile shapes at random: every split of the key/query walk is exact."""
-    q, k, v = _inputs(1, 2, 1, lq, lk, 16, 16)
+    q, k, v = make_qkv(1, 2, 1, lq, lk, 16, 16, dtype=torch.float32)
     window = None if left is None and right is None else (left, right)
     spec = build_spec(q, k, v, causal=causal, window=window, alibi=alibi or None)
     dout = torch.randn(1, 2, lq, 16)
@@ -222,7 +216,7 @@ def test_random_shapes_windows_and_tiles(lq, lk, causal, left, right, alibi, blo
 @needs_interpreter
 @pytest.mark.parametrize("D", [32, 256])
 def test_head_dims(D):
-    q, k, v = _inputs(1, 2, 1, 20, 24, D, D)
+    q, k, v = make_qkv(1, 2, 1, 20, 24, D, D, dtype=torch.float32)
     _check_fp32(q, k, v, causal=True)
 
 
@@ -230,7 +224,7 @@ def test_head_dims(D):
 @pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the second block does read the NaNs
 def test_causal_skips_fully_masked_blocks():
     """Keys beyond every query of a block are never read: poisoning them changes nothing."""
-    q, k, v = _inputs(1, 2, 2, 32, 32, 16, 16)
+    q, k, v = make_qkv(1, 2, 2, 32, 32, 16, 16, dtype=torch.float32)
     spec = build_spec(q, k, v, causal=True)
     out, _ = triton_autograd.attention(q, k, v, spec, blocks=BLOCKS)
     k2, v2 = k.clone(), v.clone()
@@ -245,7 +239,7 @@ def test_causal_skips_fully_masked_blocks():
 @pytest.mark.parametrize("opts", [{}, dict(causal=True, alibi=True, softcap=4.0)], ids=["plain", "features"])
 def test_low_precision_flash_attention_rule(dtype, opts):
     """FlashAttention's rule: error against fp64 at most twice plain PyTorch's in the same dtype."""
-    q, k, v = _inputs(1, 2, 1, 40, 40, 32, 32, dtype=dtype)
+    q, k, v = make_qkv(1, 2, 1, 40, 40, 32, 32, dtype=dtype)
     spec = build_spec(q, k, v, **opts)
     dout, dlse = torch.randn(1, 2, 40, 32), torch.zeros(1, 2, 40)
     got = _grads(lambda a, b, c: triton_autograd.attention(a, b, c, spec, blocks=BLOCKS), q, k, v, dout, dlse)
@@ -378,7 +372,7 @@ STATS_CASES = {
 def test_stats_kernel_matches_reference_weights(case):
     shape, opts, topk, pool = STATS_CASES[case]
     opts = dict(opts)
-    q, k, v = _inputs(**shape)
+    q, k, v = make_qkv(**shape, dtype=torch.float32)
     q = q * 2  # sharper weights: top-k and entropy are then far from ties
     Lq, Lk = shape["Lq"], shape["Lk"]
     if opts.get("mask") == "bool":
@@ -404,7 +398,7 @@ def test_stats_kernel_matches_the_torch_statistics_kernel():
     torch_stats = pytest.importorskip(
         "attnkit.kernels.stats", reason="attnkit.kernels.stats (the inspect branch) is not merged yet"
     )
-    q, k, v = _inputs(1, 2, 1, 33, 40, 16, 16)
+    q, k, v = make_qkv(1, 2, 1, 33, 40, 16, 16, dtype=torch.float32)
     spec = build_spec(q, k, v, causal=True, alibi=True)
     _, lse = triton_autograd.attention(q, k, v, spec, blocks=BLOCKS)
     got = stats_forward(q, k, v, spec, lse, topk=4, pool=8, blocks=BLOCKS)

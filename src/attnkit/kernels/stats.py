@@ -97,7 +97,7 @@ def _log_weights(spec: AttentionSpec, q_aug: Tensor, k_aug: Tensor, i0: int, j0:
     return t
 
 
-def _update_topk(p: Tensor, j0: int, run_w: Tensor, run_i: Tensor, K: int) -> tuple[Tensor, Tensor]:
+def update_topk(p: Tensor, j0: int, run_w: Tensor, run_i: Tensor, K: int) -> tuple[Tensor, Tensor]:
     """Merge the tile ``p (B, H, bq, bk)`` (keys from ``j0``) into the running top-``K`` ``(B, H, bq, K)``.
 
     A row whose tile maximum does not exceed its current ``K``-th best keeps its buffer, so
@@ -200,7 +200,7 @@ def stats_forward(
             # top-k: merged into the running (bq, K) buffer, only for the rows where this tile
             # holds a weight above the row's current K-th best (the others cannot change).
             if K > 0:
-                run_w, run_i = _update_topk(p, j0, run_w, run_i, K)
+                run_w, run_i = update_topk(p, j0, run_w, run_i, K)
         if K > 0:
             top_w[:, :, i0:i1] = run_w
             top_i[:, :, i0:i1] = run_i

@@ -51,7 +51,7 @@ def _pure_causal(spec: AttentionSpec) -> bool:
     return spec.bounds == (None, 0) and spec.alibi_slopes is None and spec.mask is None
 
 
-def _segments(spec: AttentionSpec, i0: int, i1: int, block_k: int, merge_open: bool) -> list[tuple[int, int, bool]]:
+def key_segments(spec: AttentionSpec, i0: int, i1: int, block_k: int, merge_open: bool) -> list[tuple[int, int, bool]]:
     """Key ranges ``(j0, j1, is_causal)`` visited by query block ``[i0, i1)``.
 
     Tiles of ``block_k`` keys; with ``merge_open`` consecutive tiles that causal/window
@@ -101,7 +101,7 @@ def _tile_forward_fused(
 ) -> tuple[Tensor, Tensor]:
     """One tile through the fused CPU flash kernel; ``k``, ``v`` already have ``Hq`` heads.
 
-    ``is_causal`` marks the diagonal square of `_segments`, masked by the kernel itself.
+    ``is_causal`` marks the diagonal square of `key_segments`, masked by the kernel itself.
     """
     i1, j1 = i0 + q.shape[-2], j0 + k.shape[-2]
     mask = None if is_causal else spec.additive_tile(i0, i1, j0, j1, q.device)
@@ -173,7 +173,7 @@ def forward(
         i1 = min(i0 + block_q, Lq)
         q_blk = q[:, :, i0:i1]  # (B, Hq, bq, D)
         acc, acc_lse = None, None
-        for j0, j1, is_causal in _segments(spec, i0, i1, block_k, merge_open):
+        for j0, j1, is_causal in key_segments(spec, i0, i1, block_k, merge_open):
             o_t, lse_t = tile(spec, q_blk, k[:, :, j0:j1], v[:, :, j0:j1], i0, j0, is_causal)
             if acc is None:
                 acc, acc_lse = o_t.to(spec.acc_dtype), lse_t
@@ -244,7 +244,7 @@ def backward(
     block_q = _query_block(spec, fused, merge_open, block_q)
     for i0 in range(0, Lq, block_q):
         i1 = min(i0 + block_q, Lq)
-        for j0, j1, is_causal in _segments(spec, i0, i1, block_k, merge_open):
+        for j0, j1, is_causal in key_segments(spec, i0, i1, block_k, merge_open):
             if fused:
                 mask = None if is_causal else spec.additive_tile(i0, i1, j0, j1, q.device)
                 gq, gk, gv = flash_cpu.backward(
