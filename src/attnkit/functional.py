@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -16,7 +17,7 @@ from torch import Tensor
 from attnkit import hooks
 from attnkit.backends import BackendChoice, Task, choose, get_backend, scores_bytes
 from attnkit.dropout import new_seed
-from attnkit.kernels import reference
+from attnkit.kernels import nonfinite, reference
 from attnkit.masks import alibi_slopes
 from attnkit.options import Alibi, AttentionOptions, Window
 from attnkit.spec import AttentionSpec
@@ -114,7 +115,15 @@ def _check_alibi(alibi: Alibi, q_heads: int, device: torch.device, acc: torch.dt
         return None
     if alibi is True:
         return alibi_slopes(q_heads).to(device=device, dtype=acc)
-    slopes = torch.as_tensor(alibi)
+    if not isinstance(alibi, Tensor | Sequence) or isinstance(alibi, str | bytes):
+        raise TypeError(
+            f"attention: alibi must be True, False/None, or float slopes of shape (Hq,) = ({q_heads},), "
+            f"got {type(alibi).__name__} {alibi!r}"
+        )
+    try:
+        slopes = torch.as_tensor(alibi)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"attention: alibi slopes must be numbers of shape (Hq,) = ({q_heads},), got {alibi!r}") from e
     if slopes.requires_grad:
         raise ValueError("attention: alibi slopes are constants; pass a tensor that does not require grad")
     if slopes.dim() != 1 or slopes.shape[0] != q_heads or not slopes.is_floating_point():
@@ -288,7 +297,8 @@ def attention(
         alibi: True for the standard slopes of Press et al., or slopes ``(Hq,)``; adds
             ``-slope[h] * |i' - j|``.
         softcap: ``softcap * tanh(s / softcap)`` on the scaled scores (Gemma 2, Grok).
-        scale: score scale; default ``1 / sqrt(D)``.
+        scale: score scale; default ``1 / sqrt(D)``. Any finite number, computed exactly on every
+            backend (0 gives uniform weights over the allowed keys).
         dropout_p: dropout on the attention weights; reproducible under ``torch.manual_seed``,
             and the backward reuses the forward's pattern.
         return_lse: also return the log-sum-exp.
@@ -298,7 +308,10 @@ def attention(
 
     Order of operations: scale, softcap, + ALiBi + float mask, bool/causal/window masking,
     softmax, dropout, weighted mix of ``v``. A query with no allowed key gets output 0,
-    ``lse = -inf`` and zero gradients. Accumulation is fp32 (fp64 for fp64 inputs).
+    ``lse = -inf`` and zero gradients. A query row holding a NaN or an infinity, or a row that
+    may attend to a key whose ``k`` or ``v`` holds one, comes out NaN (output and ``lse``); a key a
+    row may not attend to is never read, so garbage there never reaches the row. Accumulation is
+    fp32 (fp64 for fp64 inputs).
 
     Returns:
         ``out (B, Hq, Lq, Dv)`` in ``q.dtype``; with ``return_lse`` also
@@ -328,8 +341,18 @@ def _attend(
     choice = choose(q, spec, return_lse, backend)
     if choice.backend is None:
         raise ValueError(_refusal_message(choice))
-    out, lse = get_backend(choice.backend).run(q, k, v, spec, return_lse)
+    out, lse = run_guarded(get_backend(choice.backend).run, q, k, v, spec, return_lse)
     return (out, lse) if return_lse else out
+
+
+def run_guarded(run, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, return_lse: bool):
+    """``run(q, k, v, spec, return_lse)`` under the non-finite rule (`attnkit.kernels.nonfinite`)."""
+    bad = nonfinite.find(q, k, v)
+    if bad is None:
+        return run(q, k, v, spec, return_lse)
+    out, lse = run(q, nonfinite.clean(k), nonfinite.clean(v), spec, return_lse)
+    rows = nonfinite.poisoned_rows(spec, bad)
+    return nonfinite.poison(out, rows), nonfinite.poison(lse, rows)
 
 
 def _refusal_message(choice: BackendChoice) -> str:

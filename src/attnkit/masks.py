@@ -82,11 +82,21 @@ def alibi_slopes(num_heads: int) -> Tensor:
 
 
 def key_padding_mask(lengths: Tensor, max_len: int) -> Tensor:
-    """A ``(B, 1, 1, max_len)`` bool mask, True for the first ``lengths[b]`` keys.
+    """A ``(B, 1, 1, max_len)`` bool mask, True for the first ``lengths[b]`` keys (True = may attend).
+
+    This is attnkit's convention (as SDPA's). ``torch.nn.MultiheadAttention``'s ``key_padding_mask``
+    (and so `attnkit.nn.MultiheadAttention`'s, a drop-in) means the opposite, True = ignore: pass it
+    ``~mask.view(B, max_len)`` there.
 
     The singleton query axis is kept so that kernels never expand it to ``Lq x Lk``.
     """
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 0:
+        raise ValueError(f"key_padding_mask: max_len must be an int >= 0, got {max_len!r}")
     lengths = torch.as_tensor(lengths)
+    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+        if not lengths.is_floating_point() or not bool((lengths == lengths.round()).all()):
+            raise ValueError(f"key_padding_mask: lengths must be whole numbers of keys, got {lengths.tolist()}")
+        lengths = lengths.long()
     if lengths.dim() != 1:
         raise ValueError(f"key_padding_mask: lengths must be 1-D (B,), got shape {tuple(lengths.shape)}")
     if (lengths < 0).any() or (lengths > max_len).any():

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from attnkit.backends import choose, get_backend
 from attnkit.functional import attention, build_spec
+from attnkit.kernels import nonfinite
 from attnkit.kernels import stats as stats_kernel
 from attnkit.options import Alibi, Window
 
@@ -155,8 +156,11 @@ def attention_stats(
         reasons = "; ".join(f"{name}: {why}" for name, why in choice.reasons.items())
         raise ValueError(f"attention_stats: no backend can run the statistics pass ({reasons})")
     run_stats = get_backend(choice.backend).run_stats
+    q_s, k_s = q.detach(), k.detach()
+    if nonfinite.find(q_s, k_s, v.detach()) is not None:  # rows that read them already carry lse = NaN
+        q_s, k_s = nonfinite.clean(q_s), nonfinite.clean(k_s)
     with torch.no_grad():
-        result = run_stats(q.detach(), k.detach(), v.detach(), spec, lse.detach(), topk=topk, pool=pool)
+        result = run_stats(q_s, k_s, v.detach(), spec, lse.detach(), topk=topk, pool=pool)
     return AttentionStats(
         lse=lse.detach().to(spec.acc_dtype),
         output=out if return_output else None,

@@ -19,12 +19,14 @@ Dropout: sequence ``b`` draws its pattern with seed ``seed + b * VARLEN_SEED_STE
 
 from __future__ import annotations
 
+import functools
+
 from torch import Tensor
 
 from attnkit import backends
 from attnkit.dropout import VARLEN_SEED_STEP
-from attnkit.functional import build_varlen_spec, packed_view
-from attnkit.kernels import packed
+from attnkit.functional import build_varlen_spec, packed_view, run_guarded
+from attnkit.kernels import nonfinite, packed
 from attnkit.options import Alibi, Window
 
 __all__ = ["VARLEN_SEED_STEP", "attention_varlen"]
@@ -79,8 +81,9 @@ def attention_varlen(
         reasons = "; ".join(f"{name}: {why}" for name, why in choice.reasons.items())
         raise ValueError(f"attention_varlen: no backend can run this request ({reasons})")
     impl = backends.get_backend(choice.backend)
-    if impl.run_varlen is not None:
+    if impl.run_varlen is not None and nonfinite.find(q, k, v) is None:
         out, lse = impl.run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, spec, return_lse)
-    else:  # a dense backend named by the caller: sequence by sequence
-        out, lse = packed.per_sequence(impl.run, impl.refusal, q, k, v, cu_seqlens_q, cu_seqlens_k, spec, return_lse)
+    else:  # a dense backend named by the caller, or non-finite inputs: sequence by sequence, guarded
+        guarded = functools.partial(run_guarded, impl.run)
+        out, lse = packed.per_sequence(guarded, impl.refusal, q, k, v, cu_seqlens_q, cu_seqlens_k, spec, return_lse)
     return (out, lse) if return_lse else out

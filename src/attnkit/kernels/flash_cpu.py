@@ -7,7 +7,8 @@ log-sum-exp. Two kernels use it: ``sdpa`` (for ``return_lse``) and ``tiled`` (it
 
 * key/value heads copied up to the query heads (it has no grouped-query support);
 * the head dim contiguous (it reads rows with stride 1 and returns garbage otherwise);
-* the float mask in the query dtype (the only mask dtype it takes);
+* the float mask in the accumulation dtype (fp32, fp64 for fp64 inputs), never rounded to
+  the query dtype: in fp16, -1e5 would become -inf and turn a row into "no allowed key";
 * a row with no allowed key reported as attnkit defines it (output 0, ``lse = -inf``),
   where the kernel reports ``lse = 0``.
 """
@@ -20,7 +21,12 @@ from torch import Tensor
 _forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
-__all__ = ["backward", "expand_heads", "forward", "head_dim_contiguous"]
+__all__ = ["acc_dtype", "backward", "expand_heads", "forward", "head_dim_contiguous"]
+
+
+def acc_dtype(q: Tensor) -> torch.dtype:
+    """The kernel's accumulation dtype, in which it also takes a float mask: fp64 for fp64, else fp32."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def expand_heads(x: Tensor, group: int) -> Tensor:
@@ -47,11 +53,12 @@ def forward(
     """One call of the fused kernel: ``out (B, H, Lq, D)`` in ``q.dtype`` and ``lse (B, H, Lq)`` fp32/fp64.
 
     ``q (B, H, Lq, D)``, ``k, v (B, H, Lk, D)`` (heads already expanded); ``mask`` additive,
-    broadcastable to ``(B, H, Lq, Lk)`` (``-inf`` where disallowed), any float dtype.
+    broadcastable to ``(B, H, Lq, Lk)`` (``-inf`` where disallowed), any float dtype. The scale must
+    be positive: the kernel applies ``is_causal`` before scaling (``-inf * 0`` would be NaN).
     """
     q, k, v = head_dim_contiguous(q), head_dim_contiguous(k), head_dim_contiguous(v)
     if mask is not None:
-        mask = mask.to(q.dtype)
+        mask = mask.to(acc_dtype(q))
     out, lse = _forward(q, k, v, is_causal=is_causal, attn_mask=mask, scale=scale)[:2]
     empty = _empty_rows(mask, tuple(lse.shape))
     if empty is not None:  # the kernel reports lse = 0 for a row with no allowed key
@@ -76,7 +83,7 @@ def backward(
 
     A row with no allowed key must carry ``lse = +inf`` (so every ``exp(s - lse)`` is 0).
     """
-    lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    lse = lse.to(acc_dtype(q))
     dq, dk, dv = _backward(
         head_dim_contiguous(dout),
         head_dim_contiguous(q),
@@ -86,7 +93,7 @@ def backward(
         lse,
         0.0,
         is_causal,
-        attn_mask=None if mask is None else mask.to(q.dtype),
+        attn_mask=None if mask is None else mask.to(acc_dtype(q)),
         scale=scale,
     )
     return dq, dk, dv

@@ -39,6 +39,8 @@ def refusal(q: Tensor, spec: AttentionSpec, return_lse: bool) -> str | None:
         return "SDPA takes is_causal or a mask, not both"
     if spec.mask is not None and spec.mask.dtype != torch.bool and spec.mask.requires_grad:
         return "the float mask needs a gradient"
+    if spec.scale <= 0:
+        return "its kernels mask before they scale, so a scale <= 0 turns masked scores into NaN"
     if spec.head_dim != spec.v_head_dim:
         return "its fused kernels need Dv == D (its fallback would materialise Lq x Lk)"
     if return_lse:
@@ -56,9 +58,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, return_lse: 
     """
     is_causal = spec.causal and spec.q_len != 1
     mask = spec.mask
+    if mask is not None and mask.dtype != torch.bool and mask.dtype not in (q.dtype, spec.acc_dtype):
+        # SDPA takes a float mask in q's dtype or fp32; attnkit adds it in the accumulation dtype.
+        mask = mask.to(spec.acc_dtype)
     if return_lse:
         k, v = flash_cpu.expand_heads(k, spec.group), flash_cpu.expand_heads(v, spec.group)
-        mask = None if mask is None else to_additive(mask, q.dtype)
+        mask = None if mask is None else to_additive(mask, spec.acc_dtype)
         out, lse = flash_cpu.forward(q, k, v, mask=mask, is_causal=is_causal, scale=spec.scale)
         return out, lse.to(spec.acc_dtype)
     kwargs = {}

@@ -39,9 +39,13 @@ Engine = Literal["torch", "fused"] | None  # None: fused where supported, else t
 
 
 def fused_supported(q: Tensor, spec: AttentionSpec) -> bool:
-    """Whether the fused CPU tile engine computes this request exactly."""
+    """Whether the fused CPU tile engine computes this request exactly (it masks before it scales)."""
     return (
-        q.device.type == "cpu" and spec.softcap is None and spec.dropout_p == 0.0 and spec.head_dim == spec.v_head_dim
+        q.device.type == "cpu"
+        and spec.softcap is None
+        and spec.dropout_p == 0.0
+        and spec.head_dim == spec.v_head_dim
+        and spec.scale > 0
     )
 
 
@@ -129,7 +133,7 @@ def _choose_engine(q: Tensor, spec: AttentionSpec, engine: Engine) -> bool:
     if engine is None:
         return fused_supported(q, spec)
     if engine == "fused" and not fused_supported(q, spec):
-        raise ValueError("tiled: engine='fused' needs a CPU tensor, no softcap, no dropout and Dv == D")
+        raise ValueError("tiled: engine='fused' needs a CPU tensor, no softcap, no dropout, Dv == D and scale > 0")
     if engine not in ("fused", "torch"):
         raise ValueError(f"tiled: engine must be 'torch', 'fused' or None, got {engine!r}")
     return engine == "fused"
