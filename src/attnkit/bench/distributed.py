@@ -88,7 +88,7 @@ def rank_case(
     import attnkit
     from attnkit.bench.common import peak_memory, time_fn
     from attnkit.distributed import ring_attention, ulysses_attention
-    from attnkit.distributed.ring import _pack, _Ring
+    from attnkit.distributed.ring import Ring, pack
 
     torch.set_num_threads(threads)
     cuda = device == "cuda"
@@ -150,8 +150,8 @@ def rank_case(
     # One bare K/V hop, and one block of compute (this rank's queries against one K/V shard).
     hop_s = None
     if world > 1:
-        ring = _Ring(None)
-        buf = _pack(k.detach(), v.detach(), dtype=dt)
+        ring = Ring(None)
+        buf = pack(k.detach(), v.detach(), dtype=dt)
 
         def hop():
             _, works = ring.exchange(buf, 99)
