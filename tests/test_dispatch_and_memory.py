@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import attnkit
+from attnkit.apps.harness import peak_memory, run_case
 from attnkit.backends import Backend, register_backend
-from attnkit.bench.common import peak_memory, run_case
 
 
 def qkv(Lq=64, Lk=64, Hk=4, D=16, Dv=16, grad=False):

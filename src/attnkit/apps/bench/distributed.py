@@ -30,7 +30,7 @@ import socket
 import sys
 from typing import Any
 
-from attnkit.bench.common import DEFAULT_OUT, progress, run_case, write_results
+from attnkit.apps.harness import DEFAULT_OUT, progress, run_case, write_results
 
 NAME = "distributed"
 HELP = "ring and Ulysses attention on 1/2/4 ranks: step time, per-rank peak memory, bytes sent"
@@ -86,7 +86,7 @@ def rank_case(
     import torch.distributed as dist
 
     import attnkit
-    from attnkit.bench.common import peak_memory, time_fn
+    from attnkit.apps.harness import peak_memory, time_fn
     from attnkit.distributed import ring_attention, ulysses_attention
     from attnkit.distributed.ring import Ring, pack
 
@@ -180,7 +180,7 @@ def run_config(world: int, timeout: float, **kwargs: Any) -> dict[str, Any]:
         futures = [
             pool.submit(
                 run_case,
-                "attnkit.bench.distributed:rank_case",
+                "attnkit.apps.bench.distributed:rank_case",
                 {**kwargs, "rank": r, "world": world, "port": port},
                 timeout=timeout,
             )
@@ -290,6 +290,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m attnkit.bench.distributed", description=HELP)
+    parser = argparse.ArgumentParser(prog="python -m attnkit.apps.bench.distributed", description=HELP)
     add_arguments(parser)
     sys.exit(run(parser.parse_args()))
