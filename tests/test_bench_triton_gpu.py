@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from attnkit.bench import triton_gpu as bench
+from attnkit.apps.bench import triton_gpu as bench
 
 
 def test_flops_are_written_out_as_flash_attention_counts_them():
@@ -82,7 +82,7 @@ def test_no_gpu_means_not_measured():
 
 
 def test_results_files(tmp_path):
-    from attnkit.bench.common import write_results
+    from attnkit.apps.harness import write_results
 
     rows = _rows(0.9, 2.4)
     columns = [("D", "D"), ("N", "N"), ("provider", "provider"), ("fwd_ms", "fwd ms")]

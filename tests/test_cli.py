@@ -5,10 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from attnkit import explain
-from attnkit.cli import main
+from attnkit.apps import walkthrough
+from attnkit.apps.cli import main
 
 
 def test_help_lists_commands(capsys):
@@ -29,17 +30,18 @@ def test_explain_toy_walkthrough_is_consistent(capsys):
 
 
 def test_walkthrough_weights_rows_sum_to_one():
-    inputs = explain.toy_head("a b c d", head=1)
-    text = explain.walkthrough(inputs, shown=3)
+    inputs = walkthrough.toy_head("a b c d", head=1)
+    text = walkthrough.walkthrough(inputs, shown=3)
     weights_block = text.split("4. Weights")[1].split("5. Output")[0].strip().splitlines()[2:]
     for line in weights_block:
         values = [float(x) for x in line.split()[1:]]
         assert abs(sum(values) - 1) < 5e-3
 
 
-def test_module_entry_point_runs():
+@pytest.mark.parametrize("module", ["attnkit", "attnkit.apps.cli"])
+def test_module_entry_point_runs(module):
     proc = subprocess.run(
-        [sys.executable, "-m", "attnkit.cli", "explain", "--toy", "one two three"],
+        [sys.executable, "-m", module, "explain", "--toy", "one two three"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -55,7 +57,7 @@ def test_minilm_head_weights_equal_the_models_own_attention():
     from attnkit.models.bert import load_bert
 
     text = "The cat sat on the mat because it was tired."
-    inputs = explain.minilm_head(text, head=3, layer=2)
+    inputs = walkthrough.minilm_head(text, head=3, layer=2)
     q = inputs.x @ inputs.w_q.T + inputs.b_q  # (L, dh)
     k = inputs.x @ inputs.w_k.T + inputs.b_k
     weights = attnkit.attention_weights(q[None, None], k[None, None])[0, 0]

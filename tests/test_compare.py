@@ -9,10 +9,17 @@ import pytest
 import torch
 from torch import nn
 
-from attnkit.compare.measure import complexity, gradient_by_distance, pick_distances
-from attnkit.compare.models import LSTMModel, ModelSize, SequenceModel, build_models, count_parameters, logits_for
-from attnkit.compare.tasks import TASKS, Adding, Lookup, PairBatch, Retrieval, SelectiveCopy, get_task
-from attnkit.compare.train import TrainConfig, distance_at, evaluate, loss_and_correct, train
+from attnkit.apps.compare.measure import complexity, gradient_by_distance, pick_distances
+from attnkit.apps.compare.networks import (
+    LSTMModel,
+    ModelSize,
+    SequenceModel,
+    build_models,
+    count_parameters,
+    logits_for,
+)
+from attnkit.apps.compare.tasks import TASKS, Adding, Lookup, PairBatch, Retrieval, SelectiveCopy, get_task
+from attnkit.apps.compare.train import TrainConfig, distance_at, evaluate, loss_and_correct, train
 
 
 @pytest.fixture(autouse=True)
@@ -255,7 +262,7 @@ def test_loss_and_correct_regression_counts_within_tolerance():
 
 # ------------------------------------------------------------------------------ command
 def test_quick_run_writes_the_table_json_and_plots(tmp_path):
-    from attnkit.bench import compare
+    from attnkit.apps.compare import command as compare
 
     out = tmp_path / "cmp"
     assert compare.main(["--quick", "--out", str(out), "--threads", "1"]) == 0
@@ -281,7 +288,7 @@ def test_quick_run_writes_the_table_json_and_plots(tmp_path):
 
 
 def test_cli_knows_the_command():
-    from attnkit.cli import build_parser
+    from attnkit.apps.cli import build_parser
 
     args = build_parser().parse_args(["compare", "--quick", "--tasks", "retrieval"])
     assert args.quick and args.tasks == "retrieval"

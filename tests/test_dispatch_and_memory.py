@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import attnkit
+from attnkit.apps.harness import peak_memory, run_case
 from attnkit.backends import Backend, register_backend
-from attnkit.bench.common import peak_memory, run_case
 from tests.conftest import make_qkv
 
 # One batch element, four query heads of 64 tokens, fp32.

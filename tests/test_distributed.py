@@ -313,7 +313,7 @@ def test_matches_single_process(equal_results, world, case):
 @pytest.mark.parametrize("case", [c for c in CASES if "padded" not in c and "-dv" not in c])
 def test_bytes_sent_match_the_formula(equal_results, world, case):
     """What the benchmark and docs/distributed.md compute is what the ranks actually send."""
-    from attnkit.bench.distributed import computed_bytes
+    from attnkit.apps.bench.distributed import computed_bytes
 
     B, Hq, Hk, L, D, _ = equal_results[world][0][case]["shape"]
     itemsize = equal_results[world][0][case]["itemsize"]

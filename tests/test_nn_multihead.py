@@ -286,7 +286,7 @@ def test_self_attention_projects_with_one_matmul(monkeypatch, batch_first):
 
 
 def test_bench_case_and_verdicts_on_a_tiny_configuration():
-    from attnkit.bench import mha
+    from attnkit.apps.bench import mha
 
     for impl in ("torch", "attnkit"):
         for backward in (False, True):

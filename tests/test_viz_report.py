@@ -57,6 +57,30 @@ def test_long_inputs_are_pooled_with_a_note():
     assert any("map budget" in note for note in data.notes)
 
 
+def test_from_stats_uses_what_the_statistics_carry():
+    """Links are the statistics' own top-k; long inputs take their pooled maps; short ones the full maps."""
+    L = 40
+    q, k = torch.randn(1, 3, L, 8), torch.randn(1, 3, L, 8)
+    maps = attnkit.attention_weights(q, k)[0]  # (H, L, L)
+    stats = [attnkit.attention_stats(q, k, k, topk=3, pool=8) for _ in range(2)]  # two identical "layers"
+    tokens = [f"t{i}" for i in range(L)]
+    full = ReportData.from_stats(tokens, stats, maps=[maps, maps], skip={0}, map_budget=64)
+    assert full.edges is None and full.maps.shape == (2, 3, L, L) and not full.notes
+    np.testing.assert_array_equal(full.topk_index[0], stats[0].topk_index[0].numpy())
+    np.testing.assert_allclose(full.topk_weight[0], stats[0].topk_weight[0].numpy())
+    index, weight = topk_links(maps[None], 3)  # what from_maps derives agrees with the statistics
+    np.testing.assert_array_equal(full.topk_index[:1], index)
+    np.testing.assert_allclose(full.topk_weight[:1], weight, rtol=1e-5)
+    np.testing.assert_allclose(full.entropy[0], stats[0].entropy[0, :, 1:].mean(-1).numpy(), rtol=1e-6)
+    pooled = ReportData.from_stats(tokens, stats, maps=[maps, maps], map_budget=32, notes=["first"])
+    np.testing.assert_array_equal(pooled.edges, stats[0].pool_edges()[0].numpy())
+    np.testing.assert_allclose(pooled.maps[1], stats[1].pooled_density()[0].numpy(), rtol=1e-6)
+    assert pooled.notes[0] == "first" and "map budget of 32" in pooled.notes[1]
+    by_maps = ReportData.from_maps(tokens, torch.stack([maps, maps]), map_budget=32, tiles=8, topk=3)
+    np.testing.assert_array_equal(by_maps.edges, pooled.edges)
+    np.testing.assert_allclose(by_maps.maps, pooled.maps, rtol=1e-5, atol=1e-7)
+
+
 def test_validation_names_the_field():
     maps = _maps(1, 1, 5)
     tokens = list("abcde")

@@ -44,7 +44,7 @@ from attnkit.kernels import tiled
 from attnkit.kernels.merge import merge_partials
 from attnkit.spec import AttentionSpec
 
-__all__ = ["PeerError", "overlap_block_length", "ring_attention"]
+__all__ = ["PeerError", "Ring", "overlap_block_length", "pack", "ring_attention"]
 
 _TAG_KV, _TAG_DKV = 11, 12  # gloo matches messages by (peer, tag): K/V and dK/dV never mix
 
@@ -54,7 +54,7 @@ class PeerError(RuntimeError):
 
 
 # --------------------------------------------------------------------- the ring
-class _Ring:
+class Ring:
     """The ring's communication: who is next and previous, and one bounded exchange step."""
 
     def __init__(self, group) -> None:
@@ -104,7 +104,7 @@ def group_timeout(group) -> str:
     return "the timeout given to init_process_group"
 
 
-def _pack(*xs: Tensor, dtype: torch.dtype) -> Tensor:
+def pack(*xs: Tensor, dtype: torch.dtype) -> Tensor:
     """One flat contiguous buffer of several tensors (one message instead of several)."""
     return torch.cat([x.reshape(-1).to(dtype) for x in xs])
 
@@ -170,13 +170,13 @@ class _RingAttention(torch.autograd.Function):
     """Forward saves the local ``q, k, v``, the global ``out`` and ``lse``; backward rotates K/V and dK/dV."""
 
     @staticmethod
-    def forward(ctx, q, k, v, base: AttentionSpec, ring: _Ring, layout: Layout, seq_len: int):
+    def forward(ctx, q, k, v, base: AttentionSpec, ring: Ring, layout: Layout, seq_len: int):
         P, r = ring.world, ring.rank
         acc = base.acc_dtype
         q_segs = segments(r, P, layout, q.shape[2])
         out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=acc, device=q.device)  # (B, Hq, L, Dv)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)  # (B, Hq, L)
-        cur = _pack(k, v, dtype=k.dtype)
+        cur = pack(k, v, dtype=k.dtype)
         for step in range(P):
             src = (r - step) % P  # whose key/value shard we hold
             if step < P - 1:
@@ -202,7 +202,7 @@ class _RingAttention(torch.autograd.Function):
         dout = dout.contiguous()
         q_segs = segments(r, P, layout, q.shape[2])
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        cur = _pack(k, v, dtype=k.dtype)
+        cur = pack(k, v, dtype=k.dtype)
         dkv_works, dkv_in = None, None
         for step in range(P):
             src = (r - step) % P
@@ -213,7 +213,7 @@ class _RingAttention(torch.autograd.Function):
             dv = torch.zeros(v.shape, dtype=acc, device=v.device)
             blocks = _blocks(base, q_segs, segments(src, P, layout, k.shape[2]), seq_len)
             _backward_step(dout, q, k_blk, v_blk, out, lse, blocks, dq, dk, dv)
-            dkv = _pack(dk, dv, dtype=acc)
+            dkv = pack(dk, dv, dtype=acc)
             if dkv_works is not None:  # the accumulator of this shard, from the ranks before us
                 ring.wait(dkv_works, "the dK/dV accumulator", step)
                 dkv += dkv_in
@@ -281,7 +281,7 @@ def ring_attention(
             f"ring_attention: a zigzag shard holds two equal chunks, so its length must be even; got {q.shape[2]} "
             "(shard with attnkit.distributed.shard_sequence, which pads)"
         )
-    ring = _Ring(group)
+    ring = Ring(group)
     total = ring.world * q.shape[2]
     if seq_len is None:
         seq_len = total

@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
+
+from attnkit.kernels.stats import pool_edges
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -32,8 +35,8 @@ __all__ = [
 
 # Above this many tokens a heatmap is drawn as pooled tiles (labels stop being readable long before).
 POOL_ABOVE = 256
-# Tiles per side when pooling.
-POOL_TILES = 64
+# Tiles per side when a heatmap is pooled.
+HEATMAP_TILES = 64
 # At most this many tick labels per axis.
 MAX_LABELS = 64
 
@@ -47,7 +50,7 @@ def _figure_class():
 
 
 def _array(x: Any, name: str, ndim: int) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch.Tensor, without importing torch here
+    if hasattr(x, "detach"):  # torch.Tensor
         x = x.detach().to("cpu").float().numpy()
     a = np.asarray(x, dtype=np.float64)
     if a.ndim != ndim:
@@ -56,14 +59,15 @@ def _array(x: Any, name: str, ndim: int) -> np.ndarray:
 
 
 def tile_edges(length: int, tiles: int) -> np.ndarray:
-    """Token boundaries of ``min(tiles, length)`` near-equal tiles over ``length`` tokens: shape ``(P + 1,)``.
+    """Token boundaries of ``P = min(tiles, length)`` near-equal tiles over ``length`` tokens: shape ``(P + 1,)``.
 
-    Tile ``t`` covers tokens ``edges[t] <= i < edges[t + 1]``.
+    Tile ``t`` covers tokens ``edges[t] <= i < edges[t + 1]``, with ``edges[t] = floor(t * length / P)``:
+    the statistics' tiles (`attnkit.AttentionStats.pool_edges`), so a map pooled here and one
+    pooled by `attnkit.attention_stats` cover the same tokens.
     """
     if length < 1 or tiles < 1:
         raise ValueError(f"tile_edges: length and tiles must be >= 1, got length={length}, tiles={tiles}")
-    tiles = min(tiles, length)
-    return np.round(np.linspace(0, length, tiles + 1)).astype(np.int64)
+    return pool_edges(length, min(tiles, length), torch.device("cpu")).numpy()
 
 
 def pool_map(weights: Any, edges: np.ndarray) -> np.ndarray:
@@ -75,7 +79,9 @@ def pool_map(weights: Any, edges: np.ndarray) -> np.ndarray:
 
     Returns:
         ``(..., P, P)``: entry ``[s, t]`` is the mean weight from query tile ``s`` to key tile ``t``
-        (so each pooled row still sums to one once multiplied by the key tile sizes).
+        (so each pooled row still sums to one once multiplied by the key tile sizes). Over
+        `tile_edges` this is `attnkit.AttentionStats.pooled_density` of the same map: the
+        statistics' ``pooled`` (sums) divided by each tile's number of pairs.
     """
     w = np.asarray(weights.detach().cpu().numpy() if hasattr(weights, "detach") else weights, dtype=np.float64)
     edges = np.asarray(edges, dtype=np.int64)
@@ -102,7 +108,7 @@ def head_heatmap(
     *,
     edges: Any = None,
     pool_above: int = POOL_ABOVE,
-    tiles: int = POOL_TILES,
+    tiles: int = HEATMAP_TILES,
     title: str | None = None,
     gamma: float = 0.5,
     figsize: tuple[float, float] = (7.0, 6.0),

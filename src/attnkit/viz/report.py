@@ -12,6 +12,11 @@ Two map modes keep the file small and the page responsive:
   plus, for every query, its ``k`` strongest keys (``topk_index``/``topk_weight``), which is
   what the hover links use in both modes.
 
+Two ways in: `ReportData.from_stats` takes `attnkit.AttentionStats` (one per layer) and uses what
+they carry (top-k links, pooled maps, entropy, distance); `ReportData.from_maps` takes full maps
+and derives the links (`topk_links`) and the pooled maps (`attnkit.viz.plots.pool_map` over
+`attnkit.viz.plots.tile_edges`) with the statistics' conventions.
+
 Security: every string that comes from the input (tokens, title, notes) reaches the page only
 through JSON inside a ``<script type="application/json">`` block (with ``<``, ``>``, ``&`` and the
 line separators escaped) or `html.escape`, and the page writes it with ``textContent``. A
@@ -26,6 +31,7 @@ import html
 import json
 import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -40,9 +46,9 @@ __all__ = ["FORMAT_VERSION", "ReportData", "render_report", "write_report"]
 FORMAT_VERSION = 1
 # Full maps up to this many tokens; above it, pooled maps plus top-k links.
 MAP_BUDGET = 384
-# Tiles per side of a pooled map.
+# Tiles per side of a pooled map (the ``pool`` of the statistics recorded for a report).
 POOL_TILES = 96
-# Strongest keys kept per query for the hover links.
+# Strongest keys kept per query for the hover links (the ``topk`` of those statistics).
 TOPK = 5
 
 
@@ -61,7 +67,7 @@ def _unb64(text: str) -> bytes:
 
 
 def topk_links(maps: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each query's ``k`` strongest keys.
+    """Each query's ``k`` strongest keys, for full maps without statistics (`AttentionStats` carry them).
 
     Args:
         maps: ``(layers, H, L, L)`` attention probabilities.
@@ -199,6 +205,47 @@ class ReportData:
             )
             fields["notes"] = [*fields.get("notes", []), note]
         return cls(list(tokens), m, index, weight, edges=edges, **fields)
+
+    @classmethod
+    def from_stats(
+        cls,
+        tokens: list[str],
+        stats: Sequence[Any],
+        *,
+        maps: Sequence[Any] | None = None,
+        skip: set[int] | None = None,
+        map_budget: int = MAP_BUDGET,
+        **fields: Any,
+    ) -> ReportData:
+        """Build from one `attnkit.AttentionStats` per layer (batch of one) over ``L = len(tokens)`` tokens.
+
+        The links are the statistics' own top-k (``topk_index``/``topk_weight``); per-head entropy and
+        mean distance are averaged over the queries not in ``skip`` (special tokens). The maps are
+        ``maps`` (one ``(H, L, L)`` per layer) when given and ``L <= map_budget``, otherwise the
+        statistics' pooled maps as mean weight per tile (`AttentionStats.pooled_density`, over its
+        `AttentionStats.pool_edges`).
+        """
+        L = len(tokens)
+        index = np.stack([s.topk_index[0].cpu().numpy() for s in stats])  # (N, H, L, k)
+        weight = np.stack([s.topk_weight[0].float().cpu().numpy() for s in stats])  # (N, H, L, k)
+        queries = np.array([i not in (skip or set()) for i in range(L)])  # (L,)
+        entropy = np.stack([s.entropy[0].float().cpu().numpy()[:, queries].mean(-1) for s in stats])  # (N, H)
+        distance = np.stack([s.mean_distance[0].float().cpu().numpy()[:, queries].mean(-1) for s in stats])  # (N, H)
+        notes = list(fields.pop("notes", []))
+        if map_budget >= L and maps is not None:
+            m = np.stack([_np(layer_maps) for layer_maps in maps])  # (N, H, L, L)
+            edges = None
+        else:
+            m = np.stack([s.pooled_density()[0].float().cpu().numpy() for s in stats])  # (N, H, P, P)
+            edges = stats[0].pool_edges()[0].cpu().numpy()
+            notes.append(
+                f"{L} tokens is over the report's map budget of {map_budget}: maps are exact weights averaged over "
+                f"{len(edges) - 1}x{len(edges) - 1} tiles; hover links use each token's "
+                f"{index.shape[-1]} strongest keys."
+            )
+        return cls(
+            list(tokens), m, index, weight, edges=edges, entropy=entropy, mean_distance=distance, notes=notes, **fields
+        )
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from attnkit.apps.show.analysis import POOL_TILES, TOPK, Analysis, StageBar, long_range_links, report_data
 from attnkit.nn.transformer import TransformerEncoder
 
 log = logging.getLogger(__name__)
@@ -177,17 +178,20 @@ def load_or_train(sequence: str, *, cache: bool = True):
 
 
 def analyse(text: str, *, progress: bool = False, cache: bool = True):
-    """Run the protein example through the character-level model: an `attnkit.viz.show.Analysis`."""
+    """Run the protein example through the character-level model: an `attnkit.apps.show.analysis.Analysis`."""
     from attnkit.inspect import record
-    from attnkit.viz.show import TOPK, Analysis, _Progress, long_range_links, report_data
 
     name, sequence = parse_fasta(text)
-    bar = _Progress(["model", "attention", "report"], progress)
+    bar = StageBar(["model", "attention", "report"], progress)
     bar.stage("training the protein model")
     model, info, cached = load_or_train(sequence, cache=cache)
     bar.stage("running attention")
     tokens = list(sequence)
-    with _one_thread(), torch.no_grad(), record(model, maps=True, stats=True, topk=TOPK, pool=96, tokens=tokens) as rec:
+    with (
+        _one_thread(),
+        torch.no_grad(),
+        record(model, maps=True, stats=True, topk=TOPK, pool=POOL_TILES, tokens=tokens) as rec,
+    ):
         model(_ids(sequence)[None])
     bar.stage("building report")
     from attnkit.inspect import raw_attention, rollout

@@ -1,7 +1,7 @@
 """The glossary's "At a Glance" table, regenerated from measurements, plus the detail tables
 and the plots.
 
-Input is the results dict the command builds (see `attnkit.bench.compare`):
+Input is the results dict the command builds (see `attnkit.apps.compare.command`):
 ``accuracy`` rows ``{task, distance, model, accuracy, chance, ...}``, ``speed`` rows
 ``{task, model, length, step_s, tokens_per_s, train_peak_bytes, ...}`` (or ``error``),
 ``gradient`` rows ``{task, model, when, distance, grad_norm}``, ``complexity`` rows.
@@ -236,7 +236,7 @@ def _faster(a: dict, b: dict) -> bool:
 
 
 def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
-    from attnkit.bench.common import markdown_table
+    from attnkit.apps.harness import markdown_table
 
     return markdown_table(rows, columns)
 
@@ -289,7 +289,7 @@ def markdown(results: dict) -> str:
     grad_rows = []
     for r in results["gradient"]:
         by_d = dict(zip(r["distance"], r["grad_norm"]))
-        from attnkit.compare.measure import pick_distances
+        from attnkit.apps.compare.measure import pick_distances
 
         for d in pick_distances(max(by_d)):
             if d in by_d:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from attnkit.compare.tasks import Batch, PairBatch, Task
+from attnkit.apps.compare.tasks import Batch, PairBatch, Task
 from attnkit.nn import Transformer, TransformerEncoder
 
 __all__ = [

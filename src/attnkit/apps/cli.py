@@ -15,9 +15,18 @@ import sys
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "show": ("attnkit.viz.show", "see what a real pretrained model attends to: terminal summary, HTML report, PNGs"),
-    "explain": ("attnkit.explain", "walk through one head of self-attention on a short sentence, step by step"),
-    "compare": ("attnkit.bench.compare", "measure self-attention against an LSTM, and cross-attention, on tasks"),
+    "show": (
+        "attnkit.apps.show.command",
+        "see what a real pretrained model attends to: terminal summary, HTML report, PNGs",
+    ),
+    "explain": (
+        "attnkit.apps.walkthrough",
+        "walk through one head of self-attention on a short sentence, step by step",
+    ),
+    "compare": (
+        "attnkit.apps.compare.command",
+        "measure self-attention against an LSTM, and cross-attention, on tasks",
+    ),
 }
 
 
@@ -29,14 +38,14 @@ def _present(module: str) -> bool:
 
 
 def bench_modules() -> dict[str, str]:
-    """``attnkit bench <NAME>`` -> module, for every module under attnkit.bench defining NAME."""
-    import attnkit.bench as bench
+    """``attnkit bench <NAME>`` -> module, for every module under attnkit.apps.bench defining NAME."""
+    import attnkit.apps.bench as bench
 
     found = {}
     for info in pkgutil.iter_modules(bench.__path__):
-        if info.name in ("common", "compare") or info.name.startswith("_"):
+        if info.name.startswith("_"):
             continue
-        module = importlib.import_module(f"attnkit.bench.{info.name}")
+        module = importlib.import_module(f"attnkit.apps.bench.{info.name}")
         if hasattr(module, "NAME"):
             found[module.NAME] = module.__name__
     return found

@@ -4,7 +4,7 @@ For each length ``L``, each mode (default arguments, which return the head-avera
 weights, and ``need_weights=False``) and each pass (forward under ``torch.no_grad``, and
 forward + backward), both modules run with the same parameters and input ``(L, B, dim)``
 (default ``batch_first=False``), each case in a fresh process: peak memory of the first
-call (resident memory above the inputs, `attnkit.bench.common.peak_memory`), then the
+call (resident memory above the inputs, `attnkit.apps.harness.peak_memory`), then the
 median wall time of ``--repeat`` calls.
 
 Targets (issue 3): attnkit at least as fast as torch in every case, and with
@@ -29,10 +29,10 @@ def case(
     *, impl: str, length: int, need_weights: bool, backward: bool, dim: int, heads: int, batch: int, repeat: int,
     threads: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """One measurement, run in a fresh process by `attnkit.bench.common.run_case`."""
+    """One measurement, run in a fresh process by `attnkit.apps.harness.run_case`."""
     import torch
 
-    from attnkit.bench.common import peak_memory, time_fn
+    from attnkit.apps.harness import peak_memory, time_fn
 
     if threads:
         torch.set_num_threads(threads)
@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from attnkit.bench.common import progress, run_case, write_results
+    from attnkit.apps.harness import progress, run_case, write_results
 
     shared = {"dim": args.dim, "heads": args.heads, "batch": args.batch, "repeat": args.repeat, "threads": args.threads}
     plan = [(L, mode, p) for L in args.lengths for mode in MODES for p in PASSES]
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     for L, mode, p in progress(plan, desc="mha", total=len(plan)):
         for impl in ("torch", "attnkit"):
             kwargs = {"impl": impl, "length": L, "need_weights": MODES[mode], "backward": p != "forward", **shared}
-            results[(impl, L, mode, p)] = run_case("attnkit.bench.mha:case", kwargs, timeout=args.timeout)
+            results[(impl, L, mode, p)] = run_case("attnkit.apps.bench.mha:case", kwargs, timeout=args.timeout)
 
     rows = []
     for L, mode, p in plan:
@@ -140,7 +140,7 @@ def _verdicts(rows: list[dict[str, Any]], longest: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m attnkit.bench.mha", description=HELP)
+    parser = argparse.ArgumentParser(prog="python -m attnkit.apps.bench.mha", description=HELP)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

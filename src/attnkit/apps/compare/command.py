@@ -9,7 +9,7 @@ then regenerates the table with the measured numbers (Markdown and JSON) and dra
 
     attnkit compare --quick              # under a minute on 2 cores
     attnkit compare --out docs/results/compare
-    python -m attnkit.bench.compare --quick
+    python -m attnkit.apps.compare.command --quick
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-NAME = "compare"
 HELP = "self-attention vs LSTM (and cross-attention) on long-range tasks: accuracy, speed, memory, gradients"
 
 # Accuracy distances per task, throughput/memory lengths (distances) per task, and training budget.
@@ -84,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _plan(args: argparse.Namespace) -> dict[str, Any]:
     preset = PRESETS["quick" if args.quick else "full"]
-    from attnkit.compare.tasks import TASKS
+    from attnkit.apps.compare.tasks import TASKS
 
     tasks = list(preset["accuracy"]) if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
     for t in tasks:
@@ -106,10 +105,10 @@ def _accuracy(plan, size, config, results, progress) -> dict:
     """Train every model on every (task, distance); returns the models trained at each task's longest d."""
     import torch
 
-    from attnkit.compare.measure import gradient_by_distance
-    from attnkit.compare.models import build_models, count_parameters
-    from attnkit.compare.tasks import get_task
-    from attnkit.compare.train import evaluate, train
+    from attnkit.apps.compare.measure import gradient_by_distance
+    from attnkit.apps.compare.networks import build_models, count_parameters
+    from attnkit.apps.compare.tasks import get_task
+    from attnkit.apps.compare.train import evaluate, train
 
     for name, distances in plan["accuracy"].items():
         task = get_task(name)
@@ -140,7 +139,7 @@ def _accuracy(plan, size, config, results, progress) -> dict:
 
 
 def _record_parameters(task, models, results) -> None:
-    from attnkit.compare.models import count_parameters
+    from attnkit.apps.compare.networks import count_parameters
 
     budget = count_parameters(next(iter(models.values())))
     for model_name, model in models.items():
@@ -163,9 +162,9 @@ def _record_parameters(task, models, results) -> None:
 
 
 def _speed(plan, size, threads, seed, timeout, results, progress) -> None:
-    from attnkit.bench.common import run_case
-    from attnkit.compare.measure import complexity
-    from attnkit.compare.tasks import get_task
+    from attnkit.apps.compare.measure import complexity
+    from attnkit.apps.compare.tasks import get_task
+    from attnkit.apps.harness import run_case
 
     cases = [(t, m, d) for t, ds in plan["speed"].items() for m in SPEED_MODELS[t] for d in ds]
     stopped: set[tuple[str, str]] = set()
@@ -182,7 +181,7 @@ def _speed(plan, size, threads, seed, timeout, results, progress) -> None:
         else:
             kwargs = {"task": task, "model": model, "distance": d, "batch": plan["speed_batch"], "width": size.width,
                       "heads": size.heads, "depth": size.depth, "threads": threads, "seed": seed}  # fmt: skip
-            got = run_case("attnkit.compare.measure:step_case", kwargs, timeout=timeout, env=env)
+            got = run_case("attnkit.apps.compare.measure:step_case", kwargs, timeout=timeout, env=env)
             row.update(got)
             if "error" in got:
                 stopped.add((task, model))
@@ -192,11 +191,11 @@ def _speed(plan, size, threads, seed, timeout, results, progress) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from attnkit.bench.common import command_line, machine_info, progress
-    from attnkit.compare.measure import complexity
-    from attnkit.compare.models import ModelSize
-    from attnkit.compare.report import glance_rows, markdown, plot_all
-    from attnkit.compare.train import TrainConfig
+    from attnkit.apps.compare.measure import complexity
+    from attnkit.apps.compare.networks import ModelSize
+    from attnkit.apps.compare.report import glance_rows, markdown, plot_all
+    from attnkit.apps.compare.train import TrainConfig
+    from attnkit.apps.harness import command_line, machine_info, progress
 
     start = time.perf_counter()
     threads = args.threads or os.cpu_count() or 1
@@ -257,7 +256,7 @@ def _notes(plan: dict, results: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m attnkit.bench.compare", description=HELP)
+    parser = argparse.ArgumentParser(prog="python -m attnkit.apps.compare.command", description=HELP)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnkit.compare.models import logits_for
-from attnkit.compare.tasks import Batch, PairBatch, Task
+from attnkit.apps.compare.networks import logits_for
+from attnkit.apps.compare.tasks import Batch, PairBatch, Task
 
 __all__ = ["TrainConfig", "TrainResult", "distance_at", "evaluate", "loss_and_correct", "train"]
 

@@ -2,7 +2,7 @@
 gradient reaching each position against its distance from the loss, and the per-layer
 complexity of Vaswani et al. 2017, Table 1.
 
-`step_case` is a `attnkit.bench.common.run_case` target: it builds one model, runs one
+`step_case` is a `attnkit.apps.harness.run_case` target: it builds one model, runs one
 training step to allocate the optimizer state, then measures the peak resident memory of one
 more step and of one inference forward pass, and the median time of a few steps.
 """
@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnkit.compare.models import ModelSize, SequenceModel, build_models, count_parameters
-from attnkit.compare.tasks import Batch, PairBatch, Task, get_task
-from attnkit.compare.train import loss_and_correct
+from attnkit.apps.compare.networks import ModelSize, SequenceModel, build_models, count_parameters
+from attnkit.apps.compare.tasks import Batch, PairBatch, Task, get_task
+from attnkit.apps.compare.train import loss_and_correct
 
-__all__ = ["complexity", "gradient_by_distance", "pick_distances", "ratio", "score_matrix_bytes", "step_case"]
+__all__ = ["complexity", "gradient_by_distance", "pick_distances", "ratio", "step_case"]
 
 
 def complexity(kind: str, n: int, width: int, *, m: int | None = None) -> dict[str, Any]:
@@ -167,14 +167,14 @@ def step_case(
     repeat: int = 3,
     max_seconds: float = 30.0,
 ) -> dict[str, Any]:
-    """One throughput/memory case (run in a fresh process by `attnkit.bench.common.run_case`).
+    """One throughput/memory case (run in a fresh process by `attnkit.apps.harness.run_case`).
 
     Returns ``step_s`` (median training step after one warm-up step), ``tokens_per_s``,
     ``train_peak_bytes`` (resident memory one training step adds, optimizer state already
     allocated), ``infer_peak_bytes`` (one forward pass without gradients), the sequence length
     and the parameter count. Memory is read after the timing, with `_lean_malloc`.
     """
-    from attnkit.bench.common import peak_memory, time_fn
+    from attnkit.apps.harness import peak_memory, time_fn
 
     torch.set_num_threads(threads)
     t = get_task(task)
@@ -205,12 +205,6 @@ def step_case(
         "tokens": tokens,
         "parameters": count_parameters(net),
     }
-
-
-def score_matrix_bytes(*, batch: int, heads: int, depth: int, length: int, itemsize: int = 4) -> int:
-    """Bytes the ``(B, H, L, L)`` score matrices of ``depth`` layers would take if materialised
-    (what "grows as N^2" refers to; attnkit's kernels avoid holding them)."""
-    return batch * heads * length * length * itemsize * depth
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

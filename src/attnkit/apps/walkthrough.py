@@ -85,10 +85,6 @@ def toy_head(text: str, head: int, dim: int = 16, head_dim: int = 8) -> HeadInpu
 
 
 # ------------------------------------------------------------------ formatting
-def _cell(x: float) -> str:
-    return f"{x:7.3f}"
-
-
 def _matrix(title: str, rows: list[str], cols: list[str], values: Tensor, width: int = 9) -> str:
     cols = [c[: width - 1] for c in cols]
     head = " " * 12 + "".join(f"{c:>{width}}" for c in cols)

@@ -1,4 +1,4 @@
-"""Shared benchmark machinery: fresh-subprocess cases, timing, peak memory, results files.
+"""What bench and compare share: fresh-subprocess cases, timing, peak memory, results files.
 
 Every benchmark is a command. A *case* is a function ``module:function`` taking keyword
 arguments and returning a JSON-able dict; `run_case` runs it in a fresh Python process,
@@ -107,7 +107,7 @@ def run_case(target: str, kwargs: dict[str, Any], *, timeout: float = 600.0, env
     Returns the case's dict, or ``{"error": reason}`` when it failed, was killed (for
     example by the out-of-memory killer) or ran past ``timeout`` seconds.
     """
-    code = "import sys; from attnkit.bench.common import _child; _child(sys.argv[1], sys.argv[2])"
+    code = "import sys; from attnkit.apps.harness import _child; _child(sys.argv[1], sys.argv[2])"
     cmd = [sys.executable, "-c", code, target, json.dumps(kwargs)]
     try:
         proc = subprocess.run(

@@ -1,6 +1,6 @@
 """``attnkit bench triton``: the Triton kernels against PyTorch's on one GPU, in one run.
 
-One command on a CUDA machine (``python -m attnkit.bench.triton_gpu --out docs/results/``)
+One command on a CUDA machine (``python -m attnkit.apps.bench.triton_gpu --out docs/results/``)
 measures, in bf16 with ``B x N = 16K`` tokens and ``H = 2048 / D`` heads (the
 FlashAttention-2 paper's benchmark setting, Dao 2023, section 4.1):
 
@@ -322,7 +322,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from attnkit.bench.common import progress, write_results
+    from attnkit.apps.harness import progress, write_results
 
     if not torch.cuda.is_available():
         print("attnkit bench triton: needs a CUDA device (none is visible); nothing measured.", file=sys.stderr)
@@ -372,7 +372,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m attnkit.bench.triton_gpu", description=HELP)
+    parser = argparse.ArgumentParser(prog="python -m attnkit.apps.bench.triton_gpu", description=HELP)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

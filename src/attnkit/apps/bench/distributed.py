@@ -30,7 +30,7 @@ import socket
 import sys
 from typing import Any
 
-from attnkit.bench.common import DEFAULT_OUT, progress, run_case, write_results
+from attnkit.apps.harness import DEFAULT_OUT, progress, run_case, write_results
 
 NAME = "distributed"
 HELP = "ring and Ulysses attention on 1/2/4 ranks: step time, per-rank peak memory, bytes sent"
@@ -86,9 +86,9 @@ def rank_case(
     import torch.distributed as dist
 
     import attnkit
-    from attnkit.bench.common import peak_memory, time_fn
+    from attnkit.apps.harness import peak_memory, time_fn
     from attnkit.distributed import ring_attention, ulysses_attention
-    from attnkit.distributed.ring import _pack, _Ring
+    from attnkit.distributed.ring import Ring, pack
 
     torch.set_num_threads(threads)
     cuda = device == "cuda"
@@ -150,8 +150,8 @@ def rank_case(
     # One bare K/V hop, and one block of compute (this rank's queries against one K/V shard).
     hop_s = None
     if world > 1:
-        ring = _Ring(None)
-        buf = _pack(k.detach(), v.detach(), dtype=dt)
+        ring = Ring(None)
+        buf = pack(k.detach(), v.detach(), dtype=dt)
 
         def hop():
             _, works = ring.exchange(buf, 99)
@@ -180,7 +180,7 @@ def run_config(world: int, timeout: float, **kwargs: Any) -> dict[str, Any]:
         futures = [
             pool.submit(
                 run_case,
-                "attnkit.bench.distributed:rank_case",
+                "attnkit.apps.bench.distributed:rank_case",
                 {**kwargs, "rank": r, "world": world, "port": port},
                 timeout=timeout,
             )
@@ -290,6 +290,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m attnkit.bench.distributed", description=HELP)
+    parser = argparse.ArgumentParser(prog="python -m attnkit.apps.bench.distributed", description=HELP)
     add_arguments(parser)
     sys.exit(run(parser.parse_args()))

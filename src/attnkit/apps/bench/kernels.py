@@ -15,7 +15,7 @@ import argparse
 import math
 import sys
 
-from attnkit.bench import common
+from attnkit.apps import harness
 
 NAME = "kernels"
 HELP = "time and peak memory of every attention backend, N = 1K..16K (CPU)"
@@ -93,11 +93,11 @@ def case(
     result = {"backend": backend, "variant": variant, "N": N}
     if backend == "auto":
         result["auto_chose"] = attnkit.explain_backend(q, k, v, **options).backend
-    result["fwd_peak_mib"] = common.peak_memory(forward)["peak_bytes"] / 2**20
-    result["fwdbwd_peak_mib"] = common.peak_memory(forward_backward)["peak_bytes"] / 2**20
+    result["fwd_peak_mib"] = harness.peak_memory(forward)["peak_bytes"] / 2**20
+    result["fwdbwd_peak_mib"] = harness.peak_memory(forward_backward)["peak_bytes"] / 2**20
     # The two peak-memory runs above were this process's warm-up.
-    fwd = common.time_fn(forward, warmup=0, repeat=repeat)
-    fb = common.time_fn(forward_backward, warmup=0, repeat=repeat)
+    fwd = harness.time_fn(forward, warmup=0, repeat=repeat)
+    fb = harness.time_fn(forward_backward, warmup=0, repeat=repeat)
     causal = bool(options.get("causal"))
     result["fwd_s"] = fwd["median_s"]
     result["fwdbwd_s"] = fb["median_s"]
@@ -127,7 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-limit-gib", type=float, default=12.0, help="skip materialising cases above this")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per case; the median is reported")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per case")
-    parser.add_argument("--out", default=str(common.DEFAULT_OUT), help="folder for kernels.json / kernels.md")
+    parser.add_argument("--out", default=str(harness.DEFAULT_OUT), help="folder for kernels.json / kernels.md")
 
 
 def _targets(rows: list[dict]) -> list[str]:
@@ -183,7 +183,7 @@ def _targets(rows: list[dict]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     plan = [(v, n, b) for v in args.variants for n in args.sizes for b in args.backends]
     rows: list[dict] = []
-    for variant, N, backend in common.progress(plan, desc="kernels"):
+    for variant, N, backend in harness.progress(plan, desc="kernels"):
         base = {"backend": backend, "variant": variant, "N": N}
         reason = _skip_reason(backend, variant, N, args.batch, args.heads, args.memory_limit_gib)
         if reason:
@@ -195,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
             # The materialising baselines are timed once where a run takes seconds.
             repeat=1 if backend in MATRICES_HELD and N > 4096 else args.repeat,
         )  # fmt: skip
-        result = common.run_case("attnkit.bench.kernels:case", kwargs, timeout=args.timeout)
+        result = harness.run_case("attnkit.apps.bench.kernels:case", kwargs, timeout=args.timeout)
         rows.append({**base, **result})
         print(_row_line(rows[-1]), flush=True)
     columns = [
@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
         "peak memory = high-water RSS above the inputs; times are the median of "
         f"{args.repeat} runs after the two peak-memory runs (naive and reference above N=4096: one run)."
     )
-    json_path, md_path = common.write_results(
+    json_path, md_path = harness.write_results(
         "kernels", rows, columns, out_dir=args.out, title="attnkit bench kernels", notes=notes
     )
     print("\n".join(notes))
@@ -234,6 +234,6 @@ def _row_line(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m attnkit.bench.kernels", description=HELP)
+    parser = argparse.ArgumentParser(prog="python -m attnkit.apps.bench.kernels", description=HELP)
     add_arguments(parser)
     sys.exit(run(parser.parse_args()))

@@ -14,7 +14,7 @@ time at most 3x the SDPA forward.
 Full run (the lead runs it on a quiet machine)::
 
     attnkit bench stats                       # N = 4096, 16384, 32768
-    python -m attnkit.bench.stats --sizes 256 512 --repeat 1 --out /tmp/stats-smoke
+    python -m attnkit.apps.bench.attention_stats --sizes 256 512 --repeat 1 --out /tmp/stats-smoke
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import argparse
 NAME = "stats"
 HELP = "attention_stats (exact statistics, O(N) memory) versus the SDPA forward: time and peak memory"
 
-CASE = "attnkit.bench.stats:case"
+CASE = "attnkit.apps.bench.attention_stats:case"
 
 
 def case(
@@ -35,7 +35,7 @@ def case(
     import torch
 
     import attnkit
-    from attnkit.bench.common import peak_memory, time_fn
+    from attnkit.apps.harness import peak_memory, time_fn
 
     if threads:
         torch.set_num_threads(threads)
@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from attnkit.bench.common import markdown_table, progress, run_case, write_results
+    from attnkit.apps.harness import markdown_table, progress, run_case, write_results
 
     rows = []
     common = {
@@ -116,6 +116,6 @@ def run(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m attnkit.bench.stats", description=HELP)
+    parser = argparse.ArgumentParser(prog="python -m attnkit.apps.bench.attention_stats", description=HELP)
     add_arguments(parser)
     sys.exit(run(parser.parse_args()))

@@ -1,1 +1,0 @@
-"""Benchmarks: commands, not timed tests. ``attnkit bench <name>`` runs ``attnkit.bench.<module>``."""
