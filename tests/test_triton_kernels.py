@@ -407,6 +407,42 @@ def test_stats_kernel_matches_the_torch_statistics_kernel():
         torch.testing.assert_close(got[name], want[name].float(), atol=1e-4, rtol=1e-4, msg=name)
 
 
+@needs_interpreter
+def test_stats_buffers_past_32_bit_offsets_run_in_chunks(monkeypatch):
+    """Statistics whose buffers would pass the kernels' 32-bit reach run per batch element and GQA group."""
+    import attnkit.kernels.triton as triton_kernels
+
+    q, k, v = make_qkv(2, 4, 2, 20, 24, 16, 16, dtype=torch.float32)
+    mask = torch.rand(2, 4, 20, 24) < 0.8
+    spec = build_spec(q, k, v, mask=mask, alibi=True)
+    _, lse = triton_autograd.attention(q, k, v, spec, blocks=BLOCKS)
+    whole = triton_kernels.statistics(q, k, v, spec, lse, topk=3, pool=6)
+    monkeypatch.setattr(triton_kernels, "OFFSET_LIMIT", 2 * 20 * 6 + 1)  # two heads' row-pooled buffers
+    chunked = triton_kernels.statistics(q, k, v, spec, lse, topk=3, pool=6)
+    for name in whole:
+        torch.testing.assert_close(chunked[name], whole[name], msg=name)
+    monkeypatch.setattr(triton_kernels, "OFFSET_LIMIT", 50)  # not even one GQA group fits
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        triton_kernels.statistics(q, k, v, spec, lse, topk=3, pool=6)
+
+
+def test_tensors_past_32_bit_offsets_are_refused_or_copied():
+    """The kernels' int32 offsets: a mask spanning 2**32 elements goes to 'tiled'; far strides are copied."""
+    from attnkit.kernels.triton import offsets, offsets_refusal
+
+    q = torch.empty(4, 16, 8192, 64, device="meta", dtype=torch.float16)
+    spec = build_spec(q, q, q, mask=torch.empty(4, 16, 8192, 8192, device="meta", dtype=torch.bool))
+    assert "mask spans 4294967296 elements" in offsets_refusal(q, spec)
+    padding = build_spec(q, q, q, mask=torch.empty(4, 1, 1, 8192, device="meta", dtype=torch.bool))
+    assert offsets_refusal(q, padding) is None
+    big = torch.empty(17, 16, 8192, 1024, device="meta", dtype=torch.float16)  # over 2**31 elements
+    assert "q spans" in offsets_refusal(big, build_spec(big, big, big))
+    x = torch.randn(2, 3, 5, 4)
+    assert offsets.addressable(x) is x
+    strided = x.mT.contiguous().mT
+    assert offsets.addressable(strided).stride(-1) == 1 and torch.equal(offsets.addressable(strided), x)
+
+
 # -------------------------------------------------------------------- registry
 def test_backend_is_registered_and_refuses_cpu_with_a_reason():
     assert "triton" in attnkit.available_backends()

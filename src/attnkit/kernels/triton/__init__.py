@@ -10,11 +10,13 @@ live in `forward`, `backward` and `stats`, the autograd tier in `autograd`; the 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import torch
 from torch import Tensor
 
+from attnkit.kernels.triton.offsets import OFFSET_LIMIT, addressable, furthest_element
 from attnkit.spec import AttentionSpec
 
 MAX_HEAD_DIM = 256  # one tile row of q, k and v must fit in shared memory next to the scores
@@ -35,6 +37,29 @@ def device_refusal(q: Tensor) -> str | None:
     return None
 
 
+def offsets_refusal(q: Tensor, spec: AttentionSpec) -> str | None:
+    """Why 32-bit offsets cannot address this request's tensors (inputs, mask, outputs, gradients), or None.
+
+    Inputs reach the kernels through `addressable` (a contiguous copy where their strides reach too
+    far), outputs and gradients are allocated contiguous: their dense sizes bound every offset. The
+    mask is read in place, broadcast axes at stride 0.
+    """
+    B, Hq, Hk, Lq, Lk = spec.batch, spec.q_heads, spec.kv_heads, spec.q_len, spec.kv_len
+    D, Dv = spec.head_dim, spec.v_head_dim
+    sizes = {"q": B * Hq * Lq * D, "k": B * Hk * Lk * D, "v": B * Hk * Lk * Dv, "out": B * Hq * Lq * Dv}
+    if spec.mask is not None:
+        m = spec.mask
+        strides = tuple(0 if m.shape[d] == 1 else m.stride(d) for d in range(4))
+        sizes["mask"] = furthest_element(tuple(m.shape), strides) + 1
+    name, largest = max(sizes.items(), key=lambda item: item[1])
+    if largest > OFFSET_LIMIT:
+        return (
+            f"the kernels use 32-bit offsets and {name} spans {largest} elements (limit {OFFSET_LIMIT}); "
+            "'tiled' computes it"
+        )
+    return None
+
+
 def refusal(q: Tensor, spec: AttentionSpec, return_lse: bool) -> str | None:
     """Why the Triton backend cannot compute this request, or None if it can."""
     if spec.align is not None and spec.align != spec.kv_len - spec.q_len:
@@ -48,9 +73,9 @@ def refusal(q: Tensor, spec: AttentionSpec, return_lse: bool) -> str | None:
         return f"supports fp16, bf16 and fp32, got {q.dtype} (use 'tiled' for fp64)"
     if max(spec.head_dim, spec.v_head_dim) > MAX_HEAD_DIM:
         return f"head dims up to {MAX_HEAD_DIM}, got D={spec.head_dim}, Dv={spec.v_head_dim}"
-    largest = max(q.numel(), spec.batch * spec.kv_heads * spec.kv_len * max(spec.head_dim, spec.v_head_dim))
-    if largest >= 2**31:
-        return f"tensors must have under 2**31 elements (the kernels use 32-bit offsets), got {largest}"
+    why = offsets_refusal(q, spec)
+    if why is not None:
+        return why
     if spec.mask is not None and spec.mask.dtype != torch.bool and spec.mask.requires_grad:
         return "the float mask needs a gradient (the kernels treat masks as constants; use 'tiled')"
     return None
@@ -84,7 +109,42 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
 
 def statistics(q: Tensor, k: Tensor, v: Tensor | None, spec: AttentionSpec, lse: Tensor, *, topk: int, pool: int):
-    """The statistics pass in one launch; see `attnkit.kernels.triton.stats.stats_forward`."""
+    """The statistics pass; see `attnkit.kernels.triton.stats.stats_forward`.
+
+    Its buffers (``(B, Hq, Lq, P_k)`` row-pooled sums, the top-k) are addressed with 32-bit
+    offsets, so a request whose buffers would pass ``2**31`` elements runs one batch element and
+    one block of whole GQA groups of heads at a time, on views.
+    """
     from attnkit.kernels.triton import stats
 
-    return stats.stats_forward(q, k, v, spec, lse, topk=topk, pool=pool)
+    per_head = spec.q_len * max(min(pool, spec.kv_len), min(topk, spec.kv_len), 1)
+    heads = (OFFSET_LIMIT - 1) // per_head // spec.group * spec.group  # whole GQA groups per launch
+    if heads == 0:
+        raise ValueError(
+            f"attention_stats: one head's statistics buffers ({per_head} elements) pass the Triton kernel's "
+            f"32-bit offsets; lower pool/topk, or run on CPU"
+        )
+    if spec.batch * spec.q_heads * per_head < OFFSET_LIMIT:
+        return stats.stats_forward(addressable(q), addressable(k), v, spec, lse, topk=topk, pool=pool)
+    parts = []
+    for b in range(spec.batch):
+        row = []
+        for h0 in range(0, spec.q_heads, heads):
+            h1 = min(h0 + heads, spec.q_heads)
+            kh0, kh1 = h0 // spec.group, h1 // spec.group
+            mask = spec.mask
+            if mask is not None:
+                mask = mask[b : b + 1] if mask.shape[0] != 1 else mask
+                mask = mask[:, h0:h1] if mask.shape[1] != 1 else mask
+            slopes = None if spec.alibi_slopes is None else spec.alibi_slopes[h0:h1]
+            part = dataclasses.replace(
+                spec, batch=1, q_heads=h1 - h0, kv_heads=kh1 - kh0, mask=mask, alibi_slopes=slopes
+            )
+            row.append(
+                stats.stats_forward(
+                    addressable(q[b : b + 1, h0:h1]), addressable(k[b : b + 1, kh0:kh1]), None, part,
+                    lse[b : b + 1, h0:h1], topk=topk, pool=pool,
+                )
+            )  # fmt: skip
+        parts.append({name: torch.cat([r[name] for r in row], dim=1) for name in row[0]})
+    return {name: torch.cat([p[name] for p in parts], dim=0) for name in parts[0]}

@@ -16,12 +16,8 @@ from torch import Tensor
 
 from attnkit.kernels.triton.backward import launch_backward
 from attnkit.kernels.triton.forward import launch_forward
+from attnkit.kernels.triton.offsets import addressable
 from attnkit.spec import AttentionSpec
-
-
-def _contiguous_last(x: Tensor) -> Tensor:
-    """The kernels take any strides but read the head dim fastest; copy only when it is not."""
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 class TritonAttention(torch.autograd.Function):
@@ -29,7 +25,7 @@ class TritonAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, spec: AttentionSpec, blocks):
-        q, k, v = _contiguous_last(q), _contiguous_last(k), _contiguous_last(v)
+        q, k, v = addressable(q), addressable(k), addressable(v)
         spec = dataclasses.replace(spec, mask=mask)
         ctx.set_materialize_grads(False)  # an unused lse gets no zero gradient (and no check on it)
         out, lse = launch_forward(q, k, v, spec, blocks=blocks)
@@ -43,7 +39,7 @@ class TritonAttention(torch.autograd.Function):
         spec = dataclasses.replace(ctx.spec, mask=mask)
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = launch_backward(_contiguous_last(dout), q, k, v, out, lse, spec, dlse=dlse, blocks=ctx.blocks)
+        dq, dk, dv = launch_backward(addressable(dout), q, k, v, out, lse, spec, dlse=dlse, blocks=ctx.blocks)
         return dq, dk, dv, None, None, None
 
 
@@ -52,7 +48,7 @@ class TritonVarlenAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, spec: AttentionSpec, blocks):
-        q, k, v = _contiguous_last(q), _contiguous_last(k), _contiguous_last(v)
+        q, k, v = addressable(q), addressable(k), addressable(v)
         out, lse = launch_forward(
             q, k, v, spec, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, blocks=blocks
         )
@@ -66,7 +62,7 @@ class TritonVarlenAttention(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv = launch_backward(
-            _contiguous_last(dout), q, k, v, out, lse, ctx.spec, dlse=dlse, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+            addressable(dout), q, k, v, out, lse, ctx.spec, dlse=dlse, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
             max_seqlen_q=ctx.max[0], max_seqlen_k=ctx.max[1], blocks=ctx.blocks,
         )  # fmt: skip
         return dq, dk, dv, None, None, None, None, None, None
