@@ -185,7 +185,7 @@ class _Recorder:
         caller = call.caller
         if caller is None or not (self.any_module or id(caller) in self.names):
             return proceed(call)  # a bare call, or another model's
-        is_hf = caller is not None and type(caller).__module__.startswith("transformers.")
+        is_hf = type(caller).__module__.startswith("transformers.")
         layer = self.capture(caller, call.q, call.k, call.v, call.options, "huggingface" if is_hf else "attnkit")
         result = proceed(call)
         if layer._v is not None:
