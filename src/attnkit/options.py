@@ -39,9 +39,13 @@ class AttentionOptions:
     scale: float | None = None
     dropout_p: float = 0.0
 
-    def kwargs(self) -> dict[str, Any]:
-        """The options as keyword arguments of `attnkit.attention`."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    def kwargs(self, *, dropout: bool = True) -> dict[str, Any]:
+        """The options as keyword arguments of `attnkit.attention`.
+
+        ``dropout=False`` leaves out ``dropout_p``: the keywords of `attnkit.attention_weights`
+        (the weights before dropout), which takes every other option.
+        """
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if dropout or f.name != "dropout_p"}
 
     def replace(self, **changes: Any) -> AttentionOptions:
         """A copy with some options changed."""

@@ -4,9 +4,10 @@ A transformer is per-token everywhere except in attention and in positions. So a
 made of attnkit modules runs context-parallel when
 
 * every self-attention module computes through `ring_attention` (or `ulysses_attention`)
-  instead of `attnkit.attention`: the attnkit modules call their instance attribute
-  ``attention_fn``, which `context_parallel` swaps for a closure with the same keyword
-  signature;
+  instead of `attnkit.attention`: the attnkit modules call `attnkit.attention` with
+  themselves as ``caller``, and `context_parallel` installs an `attnkit.hooks` hook that
+  swaps the computation of the calls made by the model's attention modules (any other
+  call proceeds unchanged);
 * every position module (`RotaryEmbedding`, `SinusoidalPositions`, `LearnedPositions`)
   uses the rank's *global* positions, which under the zigzag layout are two ranges: their
   ``forward`` is applied per range with that range's offset (exact, since positions act
@@ -25,11 +26,12 @@ attention and KV caches (the queries and keys must be the same sharded sequence)
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from typing import Any, Literal
 
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from attnkit import hooks
 from attnkit.distributed.ring import ring_attention
 from attnkit.distributed.sharding import Layout, check_layout, segments
 from attnkit.distributed.ulysses import ulysses_attention
@@ -45,7 +47,7 @@ class ContextParallel:
     Attributes:
         seq_len: the true global length when the sequence was padded to split evenly
             (None: no padding). Read at every call, so set it per batch.
-        modules: the attention modules whose ``attention_fn`` was swapped.
+        modules: the attention modules whose calls are computed context-parallel.
         position_modules: the position modules whose ``forward`` was made global.
 
     Use as a context manager (restores on exit) or call `restore`.
@@ -56,9 +58,15 @@ class ContextParallel:
         self.modules: list[nn.Module] = []
         self.position_modules: list[nn.Module] = []
         self._saved: list[tuple[nn.Module, str, object]] = []
+        self._where: dict[int, str] = {}  # id(attention module) -> its name, for errors
+        self._remove_hook = None
 
     def restore(self) -> None:
-        """Put back every ``attention_fn`` and position ``forward`` as they were."""
+        """Remove the attention hook and put back every position ``forward`` as it was."""
+        if self._remove_hook is not None:
+            self._remove_hook()
+            self._remove_hook = None
+        self._where.clear()
         for module, name, old in reversed(self._saved):
             if old is _MISSING:
                 delattr(module, name)
@@ -81,39 +89,31 @@ class ContextParallel:
     def _rank_world(self) -> tuple[int, int]:
         return dist.get_rank(self.group), dist.get_world_size(self.group)
 
+    def _hook(self, call: hooks.AttentionCall, proceed: hooks.Proceed) -> Any:
+        """The `attnkit.hooks` hook: compute the model's attention calls context-parallel."""
+        where = None if call.caller is None else self._where.get(id(call.caller))
+        if where is None:
+            return proceed(call)  # not one of this model's attention modules
+        return _parallel_attention(self, where, call)
+
 
 _MISSING = object()
 
 
-def _attention_fn(
-    cp: ContextParallel,
-    where: str,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    causal: bool = False,
-    mask: Tensor | None = None,
-    window=None,
-    alibi=None,
-    softcap: float | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    return_lse: bool = False,
-    backend: str = "auto",
-) -> Tensor:
-    """`attnkit.attention`'s keyword signature, computed context-parallel (``backend`` is not used)."""
-    if mask is not None:
+def _parallel_attention(cp: ContextParallel, where: str, call: hooks.AttentionCall) -> Tensor:
+    """One attention call computed context-parallel (``call.backend`` is not used)."""
+    q, k, v, options = call.q, call.k, call.v, call.options
+    if options.mask is not None:
         raise ValueError(
             f"context_parallel ({where}): attention masks (and padding masks) cannot be split across ranks; "
             "pad the sequence at the end and set seq_len on the ContextParallel handle instead"
         )
-    if dropout_p > 0:
+    if options.dropout_p > 0:
         raise ValueError(
             f"context_parallel ({where}): attention dropout is not supported context-parallel, got "
-            f"dropout_p={dropout_p}; build the layers with dropout=0.0 or call model.eval()"
+            f"dropout_p={options.dropout_p}; build the layers with dropout=0.0 or call model.eval()"
         )
-    if return_lse:
+    if call.return_lse:
         raise ValueError(f"context_parallel ({where}): return_lse is not supported")
     if q.shape[2] != k.shape[2]:
         raise ValueError(
@@ -122,8 +122,8 @@ def _attention_fn(
         )
     fn = ring_attention if cp.method == "ring" else ulysses_attention
     return fn(
-        q, k, v, causal=causal, window=window, alibi=alibi, softcap=softcap, scale=scale,
-        group=cp.group, layout=cp.layout, seq_len=cp.seq_len,
+        q, k, v, causal=options.causal, window=options.window, alibi=options.alibi, softcap=options.softcap,
+        scale=options.scale, group=cp.group, layout=cp.layout, seq_len=cp.seq_len,
     )  # fmt: skip
 
 
@@ -176,8 +176,10 @@ def context_parallel(
     model's (parameter gradients after an all-reduce over ``group``).
 
     Args:
-        model: any module tree; attnkit attention modules (those with an ``attention_fn``
-            attribute, except `attnkit.nn.CrossAttention`) and position modules are changed.
+        model: any module tree; the calls of its attnkit self-attention modules
+            (`attnkit.nn.SelfAttention`, `attnkit.nn.MultiheadAttention`; not
+            `attnkit.nn.CrossAttention`) are computed context-parallel, its position modules
+            use global positions.
         group: the process group (None: the default group).
         layout: how the sequence is sharded (``"zigzag"`` balances causal work).
         method: ``"ring"`` (any head count) or ``"ulysses"`` (world size divides the heads).
@@ -186,9 +188,9 @@ def context_parallel(
 
     Returns:
         A `ContextParallel` handle; ``handle.restore()`` (or leaving its ``with`` block)
-        undoes the change.
+        undoes the change (removes the hook, restores the position modules).
     """
-    from attnkit.nn import CrossAttention, LearnedPositions, RotaryEmbedding, SinusoidalPositions
+    from attnkit.nn import LearnedPositions, MultiheadAttention, RotaryEmbedding, SelfAttention, SinusoidalPositions
 
     check_layout(layout, "context_parallel")
     if method not in ("ring", "ulysses"):
@@ -198,8 +200,8 @@ def context_parallel(
     cp = ContextParallel(model, group, layout, method, seq_len)
     for name, module in model.named_modules():
         where = f"{name or 'model'} ({type(module).__name__})"
-        if hasattr(module, "attention_fn") and not isinstance(module, CrossAttention):
-            cp._set(module, "attention_fn", functools.partial(_attention_fn, cp, where))
+        if isinstance(module, SelfAttention | MultiheadAttention):
+            cp._where[id(module)] = where
             cp.modules.append(module)
         elif isinstance(module, RotaryEmbedding):
             cp._set(module, "forward", functools.partial(_rotary_forward, cp, module.forward))
@@ -208,7 +210,9 @@ def context_parallel(
             cp._set(module, "forward", functools.partial(_absolute_forward, cp, module.forward))
             cp.position_modules.append(module)
     if not cp.modules:
+        cp.restore()
         raise ValueError(
-            "context_parallel: the model has no attnkit attention module (none has an attention_fn attribute)"
+            "context_parallel: the model has no attnkit self-attention module (SelfAttention or MultiheadAttention)"
         )
+    cp._remove_hook = hooks.install(cp._hook)
     return cp

@@ -10,11 +10,14 @@
 
 What can be captured, and how:
 
-* attnkit's own modules (`attnkit.nn`): they show their ``q, k, v`` to `attnkit.observers`.
+* every call of `attnkit.attention` made by a module (``caller=module``): `record`
+  installs an `attnkit.hooks` hook, which sees the calling module, ``q, k, v``, the options
+  and the output. attnkit's own modules (`attnkit.nn`) pass themselves as the caller.
 * Hugging Face ``transformers`` models: the model runs with the ``"attnkit"`` attention
-  implementation (`attnkit.integrations.huggingface`), which shows every call to the
-  observers; a model loaded with another implementation is switched for the duration of
-  the ``with`` block and switched back after (its outputs do not change).
+  implementation (`attnkit.integrations.huggingface`), which calls `attnkit.attention`
+  with the model's attention module as the caller; a model loaded with another
+  implementation is switched for the duration of the ``with`` block and switched back
+  after (its outputs do not change).
 * ``torch.nn.MultiheadAttention`` inside any model: a forward pre-hook recomputes
   ``q, k, v`` from the module's own input projections (``batch_first``, ``kdim``/``vdim``,
   ``bias_k``/``bias_v``, ``add_zero_attn``, both masks) and computes the statistics through
@@ -35,19 +38,22 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from attnkit import observers
+from attnkit import hooks
 from attnkit.functional import attention_weights
+from attnkit.nn import CrossAttention, MultiheadAttention, SelfAttention
+from attnkit.nn.multihead import torch_mha_mask
+from attnkit.options import AttentionOptions
 from attnkit.stats import AttentionStats, attention_stats
 
 __all__ = ["LayerRecord", "Recording", "UnsupportedModelError", "record"]
 
 log = logging.getLogger(__name__)
 
-_OPTION_KEYS = ("causal", "mask", "window", "alibi", "softcap", "scale")
 DEFAULT_MAX_MAP_BYTES = 64 * 2**20
 
 
@@ -130,10 +136,11 @@ class Recording:
 class _Recorder:
     def __init__(self, model, *, maps, stats, topk, pool, max_map_bytes, grads, rec: Recording):
         self.names = {id(m): n for n, m in model.named_modules()} if isinstance(model, nn.Module) else {}
+        self.any_module = model is None  # no model: the calls of every module
         self.maps, self.stats, self.topk, self.pool = maps, stats, topk, pool
         self.max_map_bytes, self.grads, self.rec = max_map_bytes, grads, rec
         self.calls: dict[str, int] = {}
-        self.pending: dict[int, list[LayerRecord]] = {}  # id(module) -> records waiting for an output
+        self.pending: dict[int, list[LayerRecord]] = {}  # id(torch MHA) -> records waiting for an output
 
     def name_of(self, module) -> str:
         base = self.names.get(id(module), type(module).__name__)
@@ -141,18 +148,18 @@ class _Recorder:
         self.calls[base] = n
         return base if n == 1 else f"{base}#{n}"
 
-    def capture(self, module, q: Tensor, k: Tensor, v: Tensor, options: dict, kind: str) -> LayerRecord:
-        options = {key: options[key] for key in _OPTION_KEYS if options.get(key) is not None}
+    def capture(self, module, q: Tensor, k: Tensor, v: Tensor, options: AttentionOptions, kind: str) -> LayerRecord:
+        kwargs = options.kwargs(dropout=False)  # statistics and maps of the weights before dropout
         q, k, v = q.detach(), k.detach(), v.detach()
         B, H, Lq, _ = q.shape
         Lk = k.shape[2]
-        st = attention_stats(q, k, v, **options, topk=self.topk, pool=self.pool) if self.stats else None
+        st = attention_stats(q, k, v, **kwargs, topk=self.topk, pool=self.pool) if self.stats else None
         weights = None
         if self.maps or self.grads:
             size = B * H * Lq * Lk * 4
             if size <= self.max_map_bytes:
                 with torch.no_grad():
-                    weights = attention_weights(q, k, **options).float()  # (B, H, Lq, Lk)
+                    weights = attention_weights(q, k, **kwargs).float()  # (B, H, Lq, Lk)
             else:
                 log.warning(
                     "record: the %s map of %s (%.0f MiB) exceeds max_map_bytes (%.0f MiB); kept statistics only",
@@ -166,30 +173,40 @@ class _Recorder:
         if self.grads and weights is not None:
             G = H // k.shape[1]
             layer._v = v.repeat_interleave(G, dim=1) if G > 1 else v  # (B, H, Lk, Dv)
-            self.pending.setdefault(id(module), []).append(layer)
         self.rec.layers.append(layer)
         return layer
 
-    def observe(self, module, q, k, v, options) -> None:
-        kind = "attnkit" if type(module).__module__.startswith("attnkit.") else "huggingface"
-        self.capture(module, q, k, v, options, kind)
+    def hook(self, call: hooks.AttentionCall, proceed: hooks.Proceed) -> Any:
+        """The `attnkit.hooks` hook: record the call (inputs and options), compute it, hook its output.
 
-    def attach_output(self, module, out_heads: Tensor) -> None:
-        """Hook the attention output ``(B, H, Lq, Dv)`` of ``module``'s latest call for its gradient."""
-        waiting = self.pending.get(id(module))
-        if not waiting or not out_heads.requires_grad:
-            return
-        layer = waiting.pop(0)
+        Bare calls (no caller) pass unrecorded: they include the library's own, such as the
+        `attnkit.attention` call inside the `attnkit.attention_stats` that records a layer.
+        """
+        caller = call.caller
+        if caller is None or not (self.any_module or id(caller) in self.names):
+            return proceed(call)  # a bare call, or another model's
+        is_hf = type(caller).__module__.startswith("transformers.")
+        layer = self.capture(caller, call.q, call.k, call.v, call.options, "huggingface" if is_hf else "attnkit")
+        result = proceed(call)
+        if layer._v is not None:
+            _store_grad(layer, result[0] if call.return_lse else result)
+        return result
 
-        def store(grad: Tensor) -> None:
-            g = torch.matmul(grad.float(), layer._v.float().transpose(-1, -2))  # (B, H, Lq, Lk): dO v^T
-            layer.grad = g if layer.grad is None else layer.grad + g
 
-        out_heads.register_hook(store)
+def _store_grad(layer: LayerRecord, out_heads: Tensor) -> None:
+    """Hook the attention output ``(B, H, Lq, Dv)`` of ``layer``'s call so that backward fills ``layer.grad``."""
+    if not out_heads.requires_grad:
+        return
+
+    def store(grad: Tensor) -> None:
+        g = torch.matmul(grad.float(), layer._v.float().transpose(-1, -2))  # (B, H, Lq, Lk): dO v^T
+        layer.grad = g if layer.grad is None else layer.grad + g
+
+    out_heads.register_hook(store)
 
 
 # ------------------------------------------------------------- torch MultiheadAttention
-def _mha_qkv(mha: nn.MultiheadAttention, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor, dict]:
+def _mha_qkv(mha: nn.MultiheadAttention, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor, AttentionOptions]:
     """Recompute ``q (B, H, L, D)``, ``k, v (B, H, S, D)`` and attnkit options from an MHA call's inputs."""
     names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
              "is_causal")  # fmt: skip
@@ -214,52 +231,32 @@ def _mha_qkv(mha: nn.MultiheadAttention, args: tuple, kwargs: dict) -> tuple[Ten
     k = nn.functional.linear(key, w_k, b_k)  # (S, B, E)
     v = nn.functional.linear(value, w_v, b_v)  # (S, B, E)
     L, B, _ = q.shape
+    S = k.shape[0]
     attn_mask, kpm = bound.get("attn_mask"), bound.get("key_padding_mask")
     if kpm is not None and not batched:
         kpm = kpm.unsqueeze(0)  # (1, S)
-    if attn_mask is not None and attn_mask.dim() == 3:
-        attn_mask = attn_mask.view(B, H, L, -1)  # (B*H, L, S) -> (B, H, L, S)
     if mha.bias_k is not None:  # one learned key/value appended to every sequence
         k = torch.cat([k, mha.bias_k.expand(1, B, E)])  # (S+1, B, E)
         v = torch.cat([v, mha.bias_v.expand(1, B, E)])
-        attn_mask = None if attn_mask is None else nn.functional.pad(attn_mask, (0, 1))
-        kpm = None if kpm is None else nn.functional.pad(kpm, (0, 1))
     if mha.add_zero_attn:  # one all-zero key/value appended after the projections
         k = torch.cat([k, k.new_zeros(1, B, E)])
         v = torch.cat([v, v.new_zeros(1, B, E)])
-        attn_mask = None if attn_mask is None else nn.functional.pad(attn_mask, (0, 1))
-        kpm = None if kpm is None else nn.functional.pad(kpm, (0, 1))
     q = q.view(L, B, H, D).permute(1, 2, 0, 3)  # (B, H, L, D)
-    k = k.view(k.shape[0], B, H, D).permute(1, 2, 0, 3)  # (B, H, S, D)
-    v = v.view(v.shape[0], B, H, D).permute(1, 2, 0, 3)  # (B, H, S, D)
-    mask = None
-    for m in (attn_mask, None if kpm is None else kpm[:, None, None, :]):  # (L, S) / (B, H, L, S), (B, 1, 1, S)
-        if m is None:
-            continue
-        # torch's convention: bool True = masked out, float = added; attnkit's: bool True = may attend
-        m = ~m if m.dtype == torch.bool else m.to(q.dtype)
-        if mask is None:
-            mask = m
-        elif mask.dtype == torch.bool and m.dtype == torch.bool:
-            mask = mask & m
-        else:
-            mask = _as_float(mask, q.dtype) + _as_float(m, q.dtype)
+    k = k.view(k.shape[0], B, H, D).permute(1, 2, 0, 3)  # (B, H, S', D)
+    v = v.view(v.shape[0], B, H, D).permute(1, 2, 0, 3)  # (B, H, S', D)
+    appended = k.shape[2] - S
+    mask = torch_mha_mask(kpm, attn_mask, batch=B, heads=H, q_len=L, kv_len=S, dtype=q.dtype, appended=appended)
     causal = bool(bound.get("is_causal", False)) and attn_mask is None
-    return q, k, v, {"mask": mask, "causal": causal, "scale": 1.0 / math.sqrt(D)}
-
-
-def _as_float(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """An attnkit mask as an additive float mask (``-inf`` where a bool mask forbids)."""
-    if mask.dtype != torch.bool:
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return q, k, v, AttentionOptions(mask=mask, causal=causal, scale=1.0 / math.sqrt(D))
 
 
 def _hook_mha(recorder: _Recorder, mha: nn.MultiheadAttention, stack: contextlib.ExitStack) -> None:
     def pre(module, args, kwargs):
         with torch.no_grad():
             q, k, v, options = _mha_qkv(module, args, kwargs)
-        recorder.capture(module, q, k, v, options, "torch.nn.MultiheadAttention")
+        layer = recorder.capture(module, q, k, v, options, "torch.nn.MultiheadAttention")
+        if layer._v is not None:
+            recorder.pending.setdefault(id(module), []).append(layer)
 
     def post(module, args, kwargs, output):
         if not recorder.grads:
@@ -307,7 +304,7 @@ def _is_hf_model(model) -> bool:
 
 
 @contextlib.contextmanager
-def _hf_attnkit(model, recorder: _Recorder) -> Iterator[None]:
+def _hf_attnkit(model) -> Iterator[None]:
     """Run a ``transformers`` model on the ``"attnkit"`` implementation for the block's duration."""
     from attnkit.integrations import huggingface as hf
 
@@ -322,33 +319,11 @@ def _hf_attnkit(model, recorder: _Recorder) -> Iterator[None]:
                 f"record: cannot capture the attention of {type(model).__name__} (model family {family!r}): "
                 f"it does not support a custom attention implementation in transformers ({e})"
             ) from e
-    with hf.output_listener(recorder.attach_output) if recorder.grads else contextlib.nullcontext():
-        try:
-            yield
-        finally:
-            if before != hf.NAME:
-                model.set_attn_implementation(before)
-
-
-def _wrap_attnkit_outputs(recorder: _Recorder, model: nn.Module, stack: contextlib.ExitStack) -> int:
-    """Wrap the ``attention_fn`` of attnkit modules so their outputs can carry a gradient hook."""
-    count = 0
-    for module in model.modules():
-        if not type(module).__module__.startswith("attnkit.") or not hasattr(module, "attention_fn"):
-            continue
-        count += 1
-        if not recorder.grads:
-            continue
-        original = module.attention_fn
-
-        def wrapped(q, k, v, *args, _module=module, _original=original, **kwargs):
-            out = _original(q, k, v, *args, **kwargs)
-            recorder.attach_output(_module, out)
-            return out
-
-        module.attention_fn = wrapped
-        stack.callback(setattr, module, "attention_fn", original)
-    return count
+    try:
+        yield
+    finally:
+        if before != hf.NAME:
+            model.set_attn_implementation(before)
 
 
 @contextlib.contextmanager
@@ -367,7 +342,9 @@ def record(
 
     Args:
         model: the model (attnkit modules, a ``transformers`` model, or any module holding
-            ``torch.nn.MultiheadAttention``); None records every attnkit call in the block.
+            ``torch.nn.MultiheadAttention``): the attnkit calls made by its modules are
+            recorded. None records the `attnkit.attention` calls of every module in the
+            block (``caller`` given); a bare call of `attnkit.attention` is never recorded.
         maps: also keep each layer's full ``(B, H, Lq, Lk)`` map when it fits ``max_map_bytes``.
         stats: keep `AttentionStats` per layer (``topk``, ``pool`` as in `attnkit.attention_stats`).
         tokens: token strings to attach to the records (for pictures and head roles).
@@ -388,13 +365,13 @@ def record(
         sources = 0
         if model is not None:
             if _is_hf_model(model):
-                stack.enter_context(_hf_attnkit(model, recorder))
+                stack.enter_context(_hf_attnkit(model))
                 sources += 1
             for module in model.modules():
                 if isinstance(module, nn.MultiheadAttention) and not type(module).__module__.startswith("attnkit."):
                     _hook_mha(recorder, module, stack)
                     sources += 1
-            sources += _wrap_attnkit_outputs(recorder, model, stack)
+            sources += sum(isinstance(m, SelfAttention | CrossAttention | MultiheadAttention) for m in model.modules())
             if sources == 0:
                 raise UnsupportedModelError(
                     f"record: found no attention to capture in {type(model).__name__}: it holds no attnkit module, "
@@ -405,5 +382,5 @@ def record(
                 fast = torch.backends.mha.get_fastpath_enabled()
                 torch.backends.mha.set_fastpath_enabled(False)  # the fused path skips the module's forward
                 stack.callback(torch.backends.mha.set_fastpath_enabled, fast)
-        stack.enter_context(observers.observe(recorder.observe))
+        stack.enter_context(hooks.attention_hook(recorder.hook))
         yield rec

@@ -5,7 +5,8 @@ After `register()` (`attnkit.inspect.record` calls it for you)::
     model = AutoModel.from_pretrained(path, attn_implementation="attnkit")
 
 runs every attention layer through `attnkit.attention` (the fast path: SDPA's fused
-kernel or the tiled one), and an active `attnkit.inspect.record` sees every call.
+kernel or the tiled one) with the layer's module as ``caller``, so `attnkit.hooks` (and so
+`attnkit.inspect.record`) see every call: the module, ``q, k, v``, the options, the output.
 
 Two pieces are registered, as the ``transformers`` docs ask of a custom implementation
 (``AttentionInterface`` and ``AttentionMaskInterface``):
@@ -31,36 +32,20 @@ boolean mask is used.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from attnkit import observers
 from attnkit.functional import attention, attention_weights
+from attnkit.options import AttentionOptions
 
-__all__ = ["AttnkitMask", "attnkit_attention_forward", "attnkit_mask", "is_registered", "output_listener", "register"]
+__all__ = ["AttnkitMask", "attnkit_attention_forward", "attnkit_mask", "register"]
 
 log = logging.getLogger(__name__)
 
 NAME = "attnkit"
-
-# Callables ``listener(module, out)`` shown each attention output ``(B, H, Lq, Dv)`` (gradient capture).
-_output_listeners: ContextVar[tuple[Callable, ...]] = ContextVar("attnkit_hf_output_listeners", default=())
-
-
-@contextlib.contextmanager
-def output_listener(listener: Callable) -> Iterator[None]:
-    """Show every attention output ``(B, H, Lq, Dv)`` of the ``"attnkit"`` implementation to ``listener``."""
-    token = _output_listeners.set((*_output_listeners.get(), listener))
-    try:
-        yield
-    finally:
-        _output_listeners.reset(token)
 
 
 def _transformers():
@@ -229,15 +214,13 @@ def attnkit_attention_forward(
         )
     if causal and query.shape[2] == 1:
         causal = False  # one query at the end of the keys sees all of them (bottom-right)
-    options = {"causal": causal, "mask": mask, "window": window, "softcap": softcap, "scale": scaling}
-    if observers.active():
-        observers.notify(module, query, key, value, options)
-    out = attention(query, key, value, **options, dropout_p=float(dropout))  # (B, H, Lq, Dv)
-    for listener in _output_listeners.get():
-        listener(module, out)
+    options = AttentionOptions(
+        causal=causal, mask=mask, window=window, softcap=softcap, scale=scaling, dropout_p=float(dropout)
+    )
+    out = attention(query, key, value, **options.kwargs(), caller=module)  # (B, H, Lq, Dv)
     weights = None
     if _weights_requested(kwargs):
-        weights = attention_weights(query, key, **options).to(query.dtype)
+        weights = attention_weights(query, key, **options.kwargs(dropout=False)).to(query.dtype)
     return out.transpose(1, 2).contiguous(), weights  # (B, Lq, H, Dv)
 
 
@@ -258,12 +241,6 @@ def _weights_requested(kwargs: dict) -> bool:
     except LookupError:
         return False
     return isinstance(collected, dict) and ("attentions" in collected or "cross_attentions" in collected)
-
-
-def is_registered() -> bool:
-    """True when ``"attnkit"`` is registered with ``transformers``."""
-    tr = _transformers()
-    return NAME in tr.AttentionInterface._global_mapping and NAME in tr.masking_utils.ALL_MASK_ATTENTION_FUNCTIONS
 
 
 def register() -> None:

@@ -3,38 +3,27 @@
 Shape legend: ``B`` batch, ``L`` query length, ``Lc`` context length, ``H`` query heads,
 ``Hk`` key/value heads (``Hk`` divides ``H``: GQA, or MQA for ``Hk = 1``), ``D`` head dim.
 
-Every module here computes through its instance attribute ``attention_fn`` (by default
-`attnkit.attention`, same keyword signature), so that another implementation (ring
-attention, a registered backend) can be swapped in per module. Before computing it shows
-``q, k, v`` (after RoPE and qk-norm) and the options to `attnkit.observers` when, and only
-when, an observer is installed.
+Every module here keeps its options in an `attnkit.AttentionOptions` and computes through
+``attnkit.attention(q, k, v, **options.kwargs(), caller=self)``, so an installed
+`attnkit.hooks` hook sees each call (``q, k, v`` after RoPE and qk-norm, the options, the
+module and the output) and may swap the computation (ring attention does); with no hook
+installed the call costs nothing more.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-import attnkit
-from attnkit import observers
+from attnkit.functional import attention, attention_weights
 from attnkit.nn.cache import KVCache
+from attnkit.nn.multihead import merge_masks
 from attnkit.nn.positions import RotaryEmbedding
+from attnkit.options import AttentionOptions, Window
 
-__all__ = ["CrossAttention", "SelfAttention", "call_attention", "padding_to_mask"]
-
-Window = int | tuple[int | None, int | None] | None
-
-
-def call_attention(module: Any, q: Tensor, k: Tensor, v: Tensor, options: dict, *, dropout_p: float = 0.0) -> Tensor:
-    """Notify the observers (if any), then ``module.attention_fn(q, k, v, dropout_p=..., **options)``.
-
-    ``q (B, H, L, D)``, ``k (B, Hk, Lk, D)``, ``v (B, Hk, Lk, Dv)`` -> ``(B, H, L, Dv)``.
-    """
-    if observers.active():
-        observers.notify(module, q, k, v, options)
-    return module.attention_fn(q, k, v, dropout_p=dropout_p, **options)
+__all__ = ["CrossAttention", "SelfAttention", "padding_to_mask"]
 
 
 def padding_to_mask(padding_mask: Tensor | None, mask: Tensor | None, batch: int, kv_len: int) -> Tensor | None:
@@ -53,9 +42,7 @@ def padding_to_mask(padding_mask: Tensor | None, mask: Tensor | None, batch: int
         pad = padding_mask.view(batch, 1, 1, kv_len)  # (B, 1, 1, Lk)
     if mask is None or pad is None:
         return pad if mask is None else mask
-    if mask.dtype == torch.bool:
-        return mask & pad
-    return mask.masked_fill(~pad, float("-inf"))
+    return merge_masks(mask, pad, mask.dtype)  # bool & bool, or the float mask with -inf where padded
 
 
 class _Attention(nn.Module):
@@ -97,7 +84,8 @@ class _Attention(nn.Module):
         # Normalising q and k per head bounds the logits (Dehghani et al., 2023, arXiv:2302.05442).
         self.q_norm = nn.RMSNorm(head_dim) if qk_norm else None
         self.k_norm = nn.RMSNorm(head_dim) if qk_norm else None
-        self.attention_fn = attnkit.attention
+        # what this layer passes to `attnkit.attention` besides the per-call mask and dropout
+        self.options = AttentionOptions()
 
     def _split(self, x: Tensor, heads: int) -> Tensor:
         B, L, _ = x.shape
@@ -114,14 +102,18 @@ class _Attention(nn.Module):
         q = self._split(self.q_proj(x), self.heads)  # (B, H, L, D)
         return self.q_norm(q) if self.q_norm is not None else q
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, options: dict, return_weights: bool):
-        """Attention and the output projection; ``(B, L, dim)``, plus ``(B, H, L, Lk)`` weights if asked."""
-        out = call_attention(self, q, k, v, options, dropout_p=self.dropout if self.training else 0.0)  # (B, H, L, D)
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, return_weights: bool):
+        """Attention and the output projection; ``(B, L, dim)``, plus ``(B, H, L, Lk)`` weights if asked.
+
+        ``q (B, H, L, D)``, ``k, v (B, Hk, Lk, D)``; ``mask`` is this call's attnkit mask or None.
+        """
+        options = self.options.replace(mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        out = attention(q, k, v, **options.kwargs(), caller=self)  # (B, H, L, D)
         B, H, L, D = out.shape
         out = self.out_proj(out.transpose(1, 2).reshape(B, L, H * D))  # (B, L, dim)
         if not return_weights:
             return out
-        return out, attnkit.attention_weights(q, k, **options).to(q.dtype)  # (B, H, L, Lk)
+        return out, attention_weights(q, k, **options.kwargs(dropout=False)).to(q.dtype)  # (B, H, L, Lk)
 
     def _check_x(self, name: str, x: Tensor, width: int, what: str) -> None:
         if x.dim() != 3 or x.shape[-1] != width:
@@ -163,10 +155,8 @@ class SelfAttention(_Attention):
         super().__init__(
             dim, heads, dim, kv_heads=kv_heads, head_dim=head_dim, qk_norm=qk_norm, dropout=dropout, bias=bias
         )
-        self.causal = causal
-        self.window = window
         self.rope: RotaryEmbedding | None = None
-        self.alibi = False
+        alibi = False
         if positions == "rope":
             self.rope = RotaryEmbedding(self.head_dim)
         elif isinstance(positions, RotaryEmbedding):
@@ -176,11 +166,27 @@ class SelfAttention(_Attention):
                 )
             self.rope = positions
         elif positions == "alibi":
-            self.alibi = True
+            alibi = True
         elif positions is not None:
             raise ValueError(
                 f"SelfAttention: positions must be 'rope', 'alibi', a RotaryEmbedding or None, got {positions!r}"
             )
+        self.options = AttentionOptions(causal=causal, window=window, alibi=True if alibi else None)
+
+    @property
+    def causal(self) -> bool:
+        """Each token sees itself and the tokens before it (``self.options.causal``)."""
+        return self.options.causal
+
+    @property
+    def window(self) -> Window:
+        """The sliding window (``self.options.window``), None = unbounded."""
+        return self.options.window
+
+    @property
+    def alibi(self) -> bool:
+        """ALiBi biases with the standard slopes (``self.options.alibi``)."""
+        return self.options.alibi is not None
 
     @property
     def window_left(self) -> int | None:
@@ -188,17 +194,6 @@ class SelfAttention(_Attention):
         if self.window is None:
             return None
         return self.window if isinstance(self.window, int) else self.window[0]
-
-    def options(self, mask: Tensor | None) -> dict:
-        """The keyword options this layer passes to `attnkit.attention`."""
-        return {
-            "causal": self.causal,
-            "mask": mask,
-            "window": self.window,
-            "alibi": True if self.alibi else None,
-            "softcap": None,
-            "scale": None,
-        }
 
     def forward(
         self,
@@ -233,7 +228,7 @@ class SelfAttention(_Attention):
             k, v = cache.update(k, v, padding=padding_mask)  # (B, Hk, Lk, D): every key held
             padding_mask = cache.padding  # (B, Lk) or None
         mask = padding_to_mask(padding_mask, mask, x.shape[0], k.shape[2])
-        return self._attend(q, k, v, self.options(mask), return_weights)
+        return self._attend(q, k, v, mask, return_weights)
 
 
 class CrossAttention(_Attention):
@@ -262,10 +257,6 @@ class CrossAttention(_Attention):
             dim, heads, self_context, kv_heads=kv_heads, head_dim=head_dim, qk_norm=qk_norm, dropout=dropout, bias=bias
         )
         self.context_dim = self_context
-
-    def options(self, mask: Tensor | None) -> dict:
-        """The keyword options this layer passes to `attnkit.attention`."""
-        return {"causal": False, "mask": mask, "window": None, "alibi": None, "softcap": None, "scale": None}
 
     def forward(
         self,
@@ -301,4 +292,4 @@ class CrossAttention(_Attention):
                 k, v = cache.update(k, v)
         q = self._project_q(x)  # (B, H, L, D)
         mask = padding_to_mask(context_mask, None, x.shape[0], k.shape[2])
-        return self._attend(q, k, v, self.options(mask), return_weights)
+        return self._attend(q, k, v, mask, return_weights)

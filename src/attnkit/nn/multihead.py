@@ -9,6 +9,9 @@ return values. Two differences, both deliberate:
   ``attn_mask`` already is one: a ``key_padding_mask (N, S)`` travels to the kernel as a
   ``(N, 1, 1, S)`` mask and is never expanded.
 
+It computes through ``attnkit.attention(..., caller=self)``, so an installed `attnkit.hooks`
+hook sees (and may swap) every call, with or without ``need_weights``.
+
 Shape legend: ``N`` batch, ``L`` target (query) length, ``S`` source (key) length,
 ``E`` embed_dim, ``H`` num_heads, ``D = E / H``.
 """
@@ -19,12 +22,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import attnkit
-from attnkit import observers
-from attnkit.functional import build_spec
-from attnkit.nn.attention import call_attention
+from attnkit import hooks
+from attnkit.functional import attention, attention_weights, build_spec
+from attnkit.options import AttentionOptions
 
-__all__ = ["MultiheadAttention"]
+__all__ = ["MultiheadAttention", "merge_masks", "torch_mha_mask"]
+
+
+def _to_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """An attnkit mask as an additive float mask: bool True (may attend) -> 0, False -> ``-inf``; float -> cast.
+
+    The one bool-to-``-inf`` conversion of `attnkit.nn` and `attnkit.inspect`.
+    """
+    if mask.dtype != torch.bool:
+        return mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def merge_masks(a: Tensor | None, b: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """Combine two attnkit masks (bool True = may attend, or float added; None = none) into one.
+
+    bool & bool stays bool (allowed where both allow); otherwise the sum of their additive
+    forms in ``dtype``. The shapes broadcast against each other.
+    """
+    if a is None or b is None:
+        return a if b is None else b
+    if a.dtype == torch.bool and b.dtype == torch.bool:
+        return a & b
+    return _to_additive(a, dtype) + _to_additive(b, dtype)
 
 
 def _to_allowed(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -32,36 +57,80 @@ def _to_allowed(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return ~mask if mask.dtype == torch.bool else mask.to(dtype)
 
 
-def _as_float(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """An attnkit mask as an additive float mask (``-inf`` where a bool mask forbids)."""
-    if mask.dtype != torch.bool:
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+def torch_mha_mask(
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    *,
+    batch: int,
+    heads: int,
+    q_len: int,
+    kv_len: int,
+    dtype: torch.dtype,
+    appended: int = 0,
+    causal: bool = False,
+) -> Tensor | None:
+    """``torch.nn.MultiheadAttention``'s two masks as one attnkit mask (None when both are None).
+
+    Args:
+        key_padding_mask: ``(N, S)``; bool True = ignore that key, float = added to its scores.
+        attn_mask: ``(L, S)`` or ``(N * H, L, S)``; bool True = not allowed, float = added.
+        batch, heads, q_len, kv_len: ``N``, ``H``, ``L``, ``S`` (keys before any appended one).
+        dtype: the float dtype of a mixed (bool and float) or float result.
+        appended: keys appended after the ``S`` (``bias_k``, ``add_zero_attn``): every query may
+            attend to them.
+        causal: ``attn_mask`` is the causal mask and the caller computes it as attnkit's
+            ``causal=True`` (torch's ``is_causal`` hint): its shape is checked, its values not read.
+
+    Returns:
+        attnkit's convention (bool True = may attend, or float added), broadcastable to
+        ``(N, H, L, S + appended)``: the padding mask travels as ``(N, 1, 1, S')`` and is
+        never expanded; bool masks stay bool.
+    """
+    N, H, L, S = batch, heads, q_len, kv_len
+    kpm = None
+    if key_padding_mask is not None:
+        if tuple(key_padding_mask.shape) != (N, S):
+            raise ValueError(
+                f"MultiheadAttention: key_padding_mask must have shape (N, S) = {(N, S)}, "
+                f"got {tuple(key_padding_mask.shape)}"
+            )
+        kpm = _to_allowed(key_padding_mask, dtype).view(N, 1, 1, S)  # (N, 1, 1, S)
+    mask = None
+    if attn_mask is not None:
+        if attn_mask.dim() == 2 and tuple(attn_mask.shape) == (L, S):
+            mask = _to_allowed(attn_mask, dtype)  # (L, S)
+        elif attn_mask.dim() == 3 and tuple(attn_mask.shape) == (N * H, L, S):
+            mask = _to_allowed(attn_mask, dtype).view(N, H, L, S)  # (N, H, L, S)
+        else:
+            raise ValueError(
+                f"MultiheadAttention: attn_mask must have shape (L, S) = {(L, S)} or (N * num_heads, L, S) = "
+                f"{(N * H, L, S)}, got {tuple(attn_mask.shape)}"
+            )
+        if causal:
+            mask = None
+    if appended:  # one allowed column per appended key
+        kpm, mask = (
+            None if m is None else F.pad(m, (0, appended), value=True if m.dtype == torch.bool else 0.0)
+            for m in (kpm, mask)
+        )
+    return merge_masks(mask, kpm, dtype)
 
 
-def _merge(a: Tensor | None, b: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """Combine two attnkit masks: bool & bool stays bool, otherwise additive."""
-    if a is None or b is None:
-        return a if b is None else b
-    if a.dtype == torch.bool and b.dtype == torch.bool:
-        return a & b
-    return _as_float(a, dtype) + _as_float(b, dtype)
-
-
-def _weights(q: Tensor, k: Tensor, options: dict) -> Tensor:
+def _weights(q: Tensor, k: Tensor, options: AttentionOptions) -> Tensor:
     """The attention weights ``(N, H, L, S)`` of ``q (N, H, L, D)``, ``k (N, H, S, D)``, in the accumulation dtype.
 
     The same values as `attnkit.attention_weights` (the scores come from the one definition,
     `AttentionSpec.scores`), computed in the fewest passes over the ``L x S`` matrix so that
     ``need_weights=True`` costs what torch's own path costs: PyTorch's fused softmax, then
     zeros for the rows with no allowed key (where softmax gives NaN), only when a mask or
-    causal alignment can produce such rows.
+    causal alignment can produce such rows. ``options.dropout_p`` is not applied.
     """
-    spec = build_spec(q, k, None, **options)
+    kwargs = options.kwargs(dropout=False)
+    spec = build_spec(q, k, None, **kwargs)
     may_be_empty = spec.mask is not None or spec.has_structure_mask
     if may_be_empty and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         # softmax's gradient is NaN on an all -inf row; the reference's is 0 there
-        return attnkit.attention_weights(q, k, **options)
+        return attention_weights(q, k, **kwargs)
     if may_be_empty or spec.has_bias or spec.softcap is not None or spec.kv_heads != spec.q_heads:
         scores, _ = spec.scores(q, k, 0, 0)  # (N, H, L, S): scaled, biased, masked with -inf
     else:  # plain scores q·kᵀ·scale; scaling q (L x D) rather than the scores saves a pass over L x S
@@ -128,7 +197,6 @@ class MultiheadAttention(nn.Module):
         self.batch_first = batch_first
         self.head_dim = embed_dim // num_heads
         self.add_zero_attn = add_zero_attn
-        self.attention_fn = attnkit.attention
         if self._qkv_same_embed_dim:
             self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
             self.register_parameter("q_proj_weight", None)
@@ -217,40 +285,6 @@ class MultiheadAttention(nn.Module):
             )
         return query.dim() == 3
 
-    def _masks(
-        self, key_padding_mask: Tensor | None, attn_mask: Tensor | None, N: int, L: int, S: int, dtype: torch.dtype
-    ) -> tuple[Tensor | None, Tensor | None]:
-        """Convert torch's masks to attnkit's: ``(N, 1, 1, S)`` padding and ``(L, S)``/``(N, H, L, S)`` mask."""
-        kpm = None
-        if key_padding_mask is not None:
-            if tuple(key_padding_mask.shape) != (N, S):
-                raise ValueError(
-                    f"MultiheadAttention: key_padding_mask must have shape (N, S) = {(N, S)}, "
-                    f"got {tuple(key_padding_mask.shape)}"
-                )
-            kpm = _to_allowed(key_padding_mask, dtype).view(N, 1, 1, S)  # (N, 1, 1, S)
-        mask = None
-        if attn_mask is not None:
-            if attn_mask.dim() == 2 and tuple(attn_mask.shape) == (L, S):
-                mask = _to_allowed(attn_mask, dtype)  # (L, S)
-            elif attn_mask.dim() == 3 and tuple(attn_mask.shape) == (N * self.num_heads, L, S):
-                mask = _to_allowed(attn_mask, dtype).view(N, self.num_heads, L, S)  # (N, H, L, S)
-            else:
-                raise ValueError(
-                    f"MultiheadAttention: attn_mask must have shape (L, S) = {(L, S)} or (N * num_heads, L, S) = "
-                    f"{(N * self.num_heads, L, S)}, got {tuple(attn_mask.shape)}"
-                )
-        return kpm, mask
-
-    @staticmethod
-    def _pad_masks(kpm: Tensor | None, mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
-        """Let every query see one appended key (bias_kv or zero_attn): pad masks by one allowed column."""
-        if kpm is not None:
-            kpm = F.pad(kpm, (0, 1), value=True if kpm.dtype == torch.bool else 0.0)
-        if mask is not None:
-            mask = F.pad(mask, (0, 1), value=True if mask.dtype == torch.bool else 0.0)
-        return kpm, mask
-
     # ----------------------------------------------------------------- forward
     def forward(
         self,
@@ -300,49 +334,39 @@ class MultiheadAttention(nn.Module):
         N, L, _ = query.shape
         S = key.shape[1]
         H, D = self.num_heads, self.head_dim
-        kpm, mask = self._masks(key_padding_mask, attn_mask, N, L, S, query.dtype)
-        causal = bool(is_causal) and L == S and self.bias_k is None and not self.add_zero_attn
-        if causal:
-            mask = None
+        appended = int(self.bias_k is not None) + int(self.add_zero_attn)  # keys added after the S
+        causal = bool(is_causal) and L == S and not appended
+        mask = torch_mha_mask(
+            key_padding_mask, attn_mask, batch=N, heads=H, q_len=L, kv_len=S, dtype=query.dtype, appended=appended,
+            causal=causal,
+        )  # fmt: skip
 
         q, k, v = self._project(query, key, value, self_attention=self_attention, shared_kv=shared_kv)
         # q (N, L, E), k and v (N, S, E)
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.expand(N, 1, -1)], dim=1)  # (N, S + 1, E)
             v = torch.cat([v, self.bias_v.expand(N, 1, -1)], dim=1)  # (N, S + 1, E)
-            kpm, mask = self._pad_masks(kpm, mask)
         q = q.view(N, L, H, D).transpose(1, 2)  # (N, H, L, D)
         k = k.view(N, -1, H, D).transpose(1, 2)  # (N, H, S', D)
         v = v.view(N, -1, H, D).transpose(1, 2)  # (N, H, S', D)
         if self.add_zero_attn:
             k = torch.cat([k, k.new_zeros(N, H, 1, D)], dim=2)  # (N, H, S' + 1, D)
             v = torch.cat([v, v.new_zeros(N, H, 1, D)], dim=2)  # (N, H, S' + 1, D)
-            kpm, mask = self._pad_masks(kpm, mask)
-        options = {
-            "causal": causal,
-            "mask": _merge(mask, kpm, query.dtype),
-            "window": None,
-            "alibi": None,
-            "softcap": None,
-            "scale": None,
-        }
-        dropout_p = self.dropout if self.training else 0.0
+        options = AttentionOptions(causal=causal, mask=mask, dropout_p=self.dropout if self.training else 0.0)
         weights = None
         if need_weights:
-            if observers.active():
-                observers.notify(self, q, k, v, options)
             p = _weights(q, k, options)  # (N, H, L, S'), before dropout
             weights = p.to(query.dtype)
-            if dropout_p > 0 or self.attention_fn is not attnkit.attention:
-                # a swapped attention_fn (ring attention, an inspector's wrapper) always computes the
-                # output; so does dropout, which the weights returned here do not include
-                out = self.attention_fn(q, k, v, dropout_p=dropout_p, **options)  # (N, H, L, D)
+            if options.dropout_p > 0 or hooks.active():
+                # an installed hook (a recorder, ring attention) sees the call and may swap the
+                # output; dropout, which the weights returned here do not include, needs it too
+                out = attention(q, k, v, **options.kwargs(), caller=self)  # (N, H, L, D)
             else:  # the output is the weights applied to the values: one matmul more, as in torch
                 out = torch.matmul(p, v.to(p.dtype)).to(query.dtype)  # (N, H, L, D)
             if average_attn_weights:
                 weights = weights.mean(dim=1)  # (N, L, S')
         else:
-            out = call_attention(self, q, k, v, options, dropout_p=dropout_p)  # (N, H, L, D)
+            out = attention(q, k, v, **options.kwargs(), caller=self)  # (N, H, L, D)
         out = out.transpose(1, 2).reshape(N, L, H * D)  # (N, L, E)
         out = self.out_proj(out)
         if not batched:
