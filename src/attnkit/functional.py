@@ -25,6 +25,7 @@ from attnkit.spec import AttentionSpec
 __all__ = [
     "Alibi",
     "Window",
+    "attend",
     "attention",
     "attention_weights",
     "build_spec",
@@ -323,18 +324,23 @@ def attention(
     if hooks.active():  # a plain global read: no cost and no graph break when nobody listens
         call = hooks.AttentionCall(q, k, v, options, caller=caller, return_lse=return_lse, backend=backend)
         return hooks.run_hooks(call, _compute)
-    return _attend(q, k, v, options, return_lse, backend)
+    return attend(q, k, v, options, return_lse=return_lse, backend=backend)
 
 
 def _compute(call: hooks.AttentionCall) -> Tensor | tuple[Tensor, Tensor]:
     """The end of the hook chain: compute the call as given."""
-    return _attend(call.q, call.k, call.v, call.options, call.return_lse, call.backend)
+    return attend(call.q, call.k, call.v, call.options, return_lse=call.return_lse, backend=call.backend)
 
 
-def _attend(
-    q: Tensor, k: Tensor, v: Tensor, options: AttentionOptions, return_lse: bool, backend: str
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, options: AttentionOptions, *, return_lse: bool = False, backend: str = "auto"
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Validate, choose a backend and run it."""
+    """`attention` with typed options and without the hooks: validate, choose a backend and run it.
+
+    What the last ``proceed`` of the hook chain runs. Library code that computes on behalf of a
+    call (the forward of `attnkit.attention_stats`, Ulysses after its all-to-all) uses it, so
+    that hooks see each user-level call once.
+    """
     spec = build_spec(q, k, v, **options.kwargs())
     if not isinstance(return_lse, bool):
         raise TypeError(f"attention: return_lse must be a bool, got {return_lse!r}")

@@ -24,10 +24,10 @@ import torch
 from torch import Tensor
 
 from attnkit.backends import choose, get_backend
-from attnkit.functional import attention, build_spec
+from attnkit.functional import attend, build_spec
 from attnkit.kernels import nonfinite
 from attnkit.kernels import stats as stats_kernel
-from attnkit.options import Alibi, Window
+from attnkit.options import Alibi, AttentionOptions, Window
 
 __all__ = ["AttentionStats", "attention_stats"]
 
@@ -150,7 +150,7 @@ def attention_stats(
     # One fast forward gives the output and the log-sum-exp; its lse is that of the weights
     # before dropout on every backend, which is what the statistics describe.
     with torch.enable_grad() if return_output else torch.no_grad():
-        out, lse = attention(q, k, v, **options, dropout_p=dropout_p, return_lse=True, backend=backend)
+        out, lse = attend(q, k, v, AttentionOptions(**options, dropout_p=dropout_p), return_lse=True, backend=backend)
     choice = choose(q, spec, False, "auto", "statistics")  # the statistics kernel for q's device
     if choice.backend is None:
         reasons = "; ".join(f"{name}: {why}" for name, why in choice.reasons.items())

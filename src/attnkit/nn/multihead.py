@@ -24,19 +24,10 @@ from torch import Tensor, nn
 
 from attnkit import hooks
 from attnkit.functional import attention, attention_weights, build_spec
+from attnkit.masks import to_additive
 from attnkit.options import AttentionOptions
 
 __all__ = ["MultiheadAttention", "merge_masks", "torch_mha_mask"]
-
-
-def _to_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """An attnkit mask as an additive float mask: bool True (may attend) -> 0, False -> ``-inf``; float -> cast.
-
-    The one bool-to-``-inf`` conversion of `attnkit.nn` and `attnkit.inspect`.
-    """
-    if mask.dtype != torch.bool:
-        return mask.to(dtype)
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def merge_masks(a: Tensor | None, b: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -49,7 +40,7 @@ def merge_masks(a: Tensor | None, b: Tensor | None, dtype: torch.dtype) -> Tenso
         return a if b is None else b
     if a.dtype == torch.bool and b.dtype == torch.bool:
         return a & b
-    return _to_additive(a, dtype) + _to_additive(b, dtype)
+    return to_additive(a, dtype) + to_additive(b, dtype)
 
 
 def _to_allowed(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -303,7 +294,8 @@ class MultiheadAttention(nn.Module):
             query: ``(L, N, E)``, or ``(N, L, E)`` with ``batch_first``, or ``(L, E)`` unbatched.
             key: ``(S, N, kdim)`` / ``(N, S, kdim)`` / ``(S, kdim)``.
             value: ``(S, N, vdim)`` / ``(N, S, vdim)`` / ``(S, vdim)``.
-            key_padding_mask: ``(N, S)`` (or ``(S,)`` unbatched); bool True = ignore that key,
+            key_padding_mask: ``(N, S)`` (or ``(S,)`` unbatched); bool True = IGNORE that key (torch's
+                convention, the opposite of `attnkit.key_padding_mask`, whose True = may attend),
                 float = added to its scores.
             need_weights: also return the attention weights (these are ``L x S`` by nature).
             attn_mask: ``(L, S)`` or ``(N * H, L, S)``; bool True = not allowed, float = added.
