@@ -347,3 +347,40 @@ def test_drops_into_torch_transformer_encoder_layer():
     layer.self_attn = ours
     got = layer(x, src_mask=causal, src_key_padding_mask=pad, is_causal=True)
     torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("padding", [False, True])
+def test_drop_in_inside_torchs_encoder_layer_in_eval_mode(padding):
+    """Issue 12 item 7: torch's own layers take their fused fast path in eval mode without grad."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(64, 4, 128, batch_first=True).eval()
+    x = torch.randn(2, 10, 64)
+    pad = torch.zeros(2, 10, dtype=torch.bool)
+    pad[1, 7:] = True  # torch's convention: True = ignore
+    kwargs = {"src_key_padding_mask": pad} if padding else {}
+    with torch.no_grad():
+        want = layer(x, **kwargs)  # torch's fused path
+        ours = attnkit.nn.MultiheadAttention(64, 4, batch_first=True)
+        ours.load_state_dict(layer.self_attn.state_dict())
+        layer.self_attn = ours
+        seen = []
+
+        def hook(call, proceed):
+            seen.append(call.caller)
+            return proceed(call)
+
+        with attnkit.attention_hook(hook):
+            got = layer(x, **kwargs)
+    assert seen == [ours]  # attnkit computed the attention, not torch's fused kernel
+    if padding:  # torch's fused path leaves padded query rows unspecified (nested tensors)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1, :7], want[1, :7], rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_nested_tensors_get_a_clear_error():
+    mha = attnkit.nn.MultiheadAttention(16, 2, batch_first=True)
+    x = torch.nested.nested_tensor([torch.randn(3, 16), torch.randn(5, 16)])
+    with pytest.raises(TypeError, match="enable_nested_tensor=False"):
+        mha(x, x, x)

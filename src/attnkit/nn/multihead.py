@@ -30,6 +30,11 @@ from attnkit.options import AttentionOptions
 __all__ = ["MultiheadAttention", "merge_masks", "torch_mha_mask"]
 
 
+def _keep_attnkit_in_charge(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook that changes nothing; its presence turns torch's encoder fast path off."""
+    return None
+
+
 def merge_masks(a: Tensor | None, b: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """Combine two attnkit masks (bool True = may attend, or float added; None = none) into one.
 
@@ -188,6 +193,11 @@ class MultiheadAttention(nn.Module):
         self.batch_first = batch_first
         self.head_dim = embed_dim // num_heads
         self.add_zero_attn = add_zero_attn
+        # torch's TransformerEncoderLayer, in eval mode without grad, computes attention with its
+        # own fused kernel from this module's weights, bypassing forward (and reaching for methods
+        # only torch's module has), unless some module of the layer carries a hook. This no-op
+        # pre-hook keeps attnkit's attention (its semantics, its hooks) in charge there.
+        self.register_forward_pre_hook(_keep_attnkit_in_charge)
         if self._qkv_same_embed_dim:
             self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
             self.register_parameter("q_proj_weight", None)
@@ -309,6 +319,11 @@ class MultiheadAttention(nn.Module):
             counts the appended bias/zero keys), or None without ``need_weights``. The weights
             are those before dropout.
         """
+        if query.is_nested or key.is_nested or value.is_nested:
+            raise TypeError(
+                "MultiheadAttention: nested tensors are not supported (got a NestedTensor); inside "
+                "torch.nn.TransformerEncoder build it with enable_nested_tensor=False"
+            )
         batched = self._check_inputs(query, key, value)
         self_attention, shared_kv = query is key and key is value, key is value  # before any view
         if is_causal and attn_mask is None:
