@@ -7,7 +7,8 @@ import torch
 
 import attnkit
 from attnkit.kernels import stats as stats_kernel
-from attnkit.stats import AttentionStats, attention_stats
+from attnkit.stats import AttentionStats, attention_stats, pool_segments
+from tests.conftest import make_qkv
 
 
 def reference_stats(q, k, opts, *, topk, pool):
@@ -95,7 +96,9 @@ def test_exact_at_fp64_and_tiles_do_not_matter():
     spec = attnkit.functional.build_spec(q, k, v, **opts)
     _, lse = attnkit.attention(q, k, v, **opts, return_lse=True)
     for bq, bk in [(90, 90), (16, 32), (13, 11)]:
-        got = stats_kernel.stats_forward(q, k, v, spec, lse, topk=3, pool=7, block_q=bq, block_k=bk)
+        got = stats_kernel.stats_forward(
+            q, k, v, spec, lse, topk=3, pool=pool_segments(7, spec.q_len, spec.kv_len, q.device), block_q=bq, block_k=bk
+        )
         for name in ("entropy", "mean_distance", "received", "pooled", "topk_weight"):
             torch.testing.assert_close(got[name], ref[name], rtol=1e-10, atol=1e-10, msg=name)
 
@@ -117,7 +120,9 @@ def test_peaked_rows_take_the_partial_top_k_path():
 
     stats_kernel.update_topk = spy
     try:
-        got = stats_kernel.stats_forward(q, k, k, spec, lse, topk=4, pool=9, block_q=64, block_k=40)
+        got = stats_kernel.stats_forward(
+            q, k, k, spec, lse, topk=4, pool=pool_segments(9, spec.q_len, spec.kv_len, q.device), block_q=64, block_k=40
+        )
     finally:
         stats_kernel.update_topk = original
     torch.testing.assert_close(got["topk_weight"].double(), ref["topk_weight"], rtol=1e-5, atol=1e-6)
@@ -187,5 +192,82 @@ def test_memory_is_blockwise():
             return out
 
     with Largest():
-        stats_kernel.stats_forward(q, k, v, spec, lse, topk=4, pool=64, block_q=64, block_k=128)
+        stats_kernel.stats_forward(
+            q,
+            k,
+            v,
+            spec,
+            lse,
+            topk=4,
+            pool=pool_segments(64, spec.q_len, spec.kv_len, q.device),
+            block_q=64,
+            block_k=128,
+        )
     assert biggest <= 64 * 128 * 2  # one tile (plus a concatenation), far below L * L = 410K
+
+
+def _segment_sums(p, q_edges, k_edges):
+    """``(B, H, S_q, S_k)`` sums of the fp64 weights over each block, by explicit slicing."""
+    out = torch.zeros(*p.shape[:2], len(q_edges) - 1, len(k_edges) - 1, dtype=p.dtype)
+    for r in range(len(q_edges) - 1):
+        for c in range(len(k_edges) - 1):
+            out[:, :, r, c] = p[:, :, q_edges[r] : q_edges[r + 1], k_edges[c] : k_edges[c + 1]].sum((-1, -2))
+    return out
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [{"causal": True}, {"window": (5, 0), "alibi": True}, {"mask": "padding"}, {}],
+    ids=["causal", "window_alibi", "padding", "plain"],
+)
+def test_segment_pooling_is_exact_against_the_materialised_weights(opts):
+    """Sections of uneven length: the pooled map is the exact block sums; segment_flow rows sum to 1."""
+    q, k, v = make_qkv(2, 4, 2, 61, 61, 8)
+    opts = dict(opts)
+    if opts.get("mask") == "padding":
+        opts["mask"] = attnkit.key_padding_mask(torch.tensor([61, 40]), 61)
+    edges = torch.tensor([0, 3, 17, 18, 40, 61])
+    st = attention_stats(q, k, v, pool=edges, topk=2, **opts)
+    p = attnkit.attention_weights(q, k, **opts)  # (B, H, Lq, Lk) fp64
+    torch.testing.assert_close(st.pooled, _segment_sums(p, edges.tolist(), edges.tolist()), rtol=1e-12, atol=1e-12)
+    assert torch.equal(st.query_edges, edges) and torch.equal(st.key_edges, edges)
+    flow = st.segment_flow()  # (B, H, 5, 5): mean attention a token of segment a pays to segment b
+    torch.testing.assert_close(flow.sum(-1), torch.ones(2, 4, 5, dtype=flow.dtype), rtol=0, atol=1e-12)
+    mean_of_rows = p[:, :, 3:17].mean(-2)  # (B, H, Lk): segment 1's 14 queries, averaged
+    torch.testing.assert_close(flow[:, :, 1, 2], mean_of_rows[..., 17:18].sum(-1), rtol=1e-12, atol=1e-12)
+    one = st.select(batch=1, heads=slice(0, 2))  # edges travel whole
+    assert torch.equal(one.query_edges, edges) and one.pooled.shape == (1, 2, 5, 5)
+
+
+def test_query_and_key_segments_differ_when_lengths_do():
+    q, k, v = make_qkv(1, 2, 2, 9, 30, 8)
+    q_edges, k_edges = torch.tensor([0, 4, 9]), torch.tensor([0, 10, 11, 29, 30])
+    st = attention_stats(q, k, v, causal=True, pool=(q_edges, k_edges))
+    p = attnkit.attention_weights(q, k, causal=True)
+    torch.testing.assert_close(st.pooled, _segment_sums(p, q_edges.tolist(), k_edges.tolist()), rtol=1e-12, atol=1e-12)
+    assert st.pool_edges()[1] is st.key_edges
+
+
+@pytest.mark.parametrize(
+    ("pool", "exc", "match"),
+    [
+        (torch.tensor([0, 5, 5, 12]), ValueError, "rise strictly from 0 to the length 12"),
+        (torch.tensor([0, 5, 11]), ValueError, "rise strictly from 0 to the length 12"),
+        (torch.tensor([1, 5, 12]), ValueError, "rise strictly"),
+        (torch.tensor([0.0, 5.0, 12.0]), ValueError, "1-D integer tensor of segment edges"),
+        (torch.tensor([[0, 12]]), ValueError, "1-D integer tensor"),
+        ((torch.tensor([0, 12]), torch.tensor([0, 3, 9])), ValueError, r"pool\[1\] \(key edges\).*length 12"),
+        ("sections", TypeError, "pool must be an int >= 1, a 1-D tensor of segment edges or a pair"),
+        (0, ValueError, "pool must be an int >= 1"),
+    ],
+)
+def test_bad_segment_edges_are_clear_errors(pool, exc, match):
+    q, k, v = make_qkv(1, 2, 2, 12, 12, 4)
+    with pytest.raises(exc, match=match):
+        attention_stats(q, k, v, pool=pool)
+
+
+def test_one_edge_tensor_needs_equal_lengths():
+    q, k, v = make_qkv(1, 2, 2, 5, 12, 4)
+    with pytest.raises(ValueError, match=r"Lq=5 != Lk=12; pass pool=\(query_edges, key_edges\)"):
+        attention_stats(q, k, v, pool=torch.tensor([0, 5, 12]))

@@ -34,9 +34,11 @@ pytest.importorskip("triton", reason="triton not installed (pip install attnkit[
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from attnkit.kernels.stats import pool_edges, segment_of  # noqa: E402
 from attnkit.kernels.triton import autograd as triton_autograd  # noqa: E402
 from attnkit.kernels.triton import common  # noqa: E402
-from attnkit.kernels.triton.stats import bin_of, stats_forward  # noqa: E402
+from attnkit.kernels.triton.stats import stats_forward  # noqa: E402
+from attnkit.stats import pool_segments  # noqa: E402
 
 # When another test module imported Triton first (compiled mode), this process cannot
 # interpret kernels: run this module again in a fresh process instead (see the last test).
@@ -344,8 +346,10 @@ def _stats_from_weights(w, Lq, Lk, topk, pool):
     i = torch.arange(Lq)[:, None] + Lk - Lq
     j = torch.arange(Lk)[None, :]
     pq, pk = min(pool, Lq), min(pool, Lk)
-    rows = torch.zeros(*w.shape[:2], pq, Lk, dtype=w.dtype).index_add_(2, bin_of(Lq, pq, w.device), w)
-    pooled = torch.zeros(*w.shape[:2], pq, pk, dtype=w.dtype).index_add_(3, bin_of(Lk, pk, w.device), rows)
+    rows = torch.zeros(*w.shape[:2], pq, Lk, dtype=w.dtype).index_add_(2, segment_of(pool_edges(Lq, pq, w.device)), w)
+    pooled = torch.zeros(*w.shape[:2], pq, pk, dtype=w.dtype).index_add_(
+        3, segment_of(pool_edges(Lk, pk, w.device)), rows
+    )
     return {
         "entropy": -(w * torch.where(w > 0, w.log(), 0)).sum(-1),
         "mean_distance": (w * (i - j).abs()).sum(-1),
@@ -378,7 +382,7 @@ def test_stats_kernel_matches_reference_weights(case):
     if opts.get("mask") == "bool":
         opts["mask"] = _bool_mask_with_empty_rows(shape["B"], Lq, Lk)
     spec = build_spec(q, k, v, **opts)
-    got = stats_forward(q, k, v, spec, None, topk=topk, pool=pool, blocks=BLOCKS)
+    got = stats_forward(q, k, v, spec, None, topk=topk, pool=pool_segments(pool, Lq, Lk, q.device), blocks=BLOCKS)
     assert set(got) == {"entropy", "mean_distance", "received", "topk_index", "topk_weight", "pooled"}
     w = attnkit.attention_weights(q.double(), k.double(), **opts)  # (B, Hq, Lq, Lk)
     want = _stats_from_weights(w, Lq, Lk, topk, pool)
@@ -401,10 +405,25 @@ def test_stats_kernel_matches_the_torch_statistics_kernel():
     q, k, v = make_qkv(1, 2, 1, 33, 40, 16, 16, dtype=torch.float32)
     spec = build_spec(q, k, v, causal=True, alibi=True)
     _, lse = triton_autograd.attention(q, k, v, spec, blocks=BLOCKS)
-    got = stats_forward(q, k, v, spec, lse, topk=4, pool=8, blocks=BLOCKS)
-    want = torch_stats.stats_forward(q, k, v, spec, lse, topk=4, pool=8)
+    edges = pool_segments(8, 33, 40, q.device)
+    got = stats_forward(q, k, v, spec, lse, topk=4, pool=edges, blocks=BLOCKS)
+    want = torch_stats.stats_forward(q, k, v, spec, lse, topk=4, pool=edges)
     for name in ("entropy", "mean_distance", "received", "topk_weight", "pooled"):
         torch.testing.assert_close(got[name], want[name].float(), atol=1e-4, rtol=1e-4, msg=name)
+
+
+@needs_interpreter
+def test_stats_kernel_pools_over_uneven_segments():
+    """Section pooling: the Triton kernel's segment sums equal the torch kernel's."""
+    torch_stats = pytest.importorskip("attnkit.kernels.stats")
+    q, k, v = make_qkv(1, 2, 1, 30, 30, 16, 16, dtype=torch.float32)
+    spec = build_spec(q, k, v, causal=True)
+    _, lse = triton_autograd.attention(q, k, v, spec, blocks=BLOCKS)
+    edges = (torch.tensor([0, 2, 13, 14, 30]), torch.tensor([0, 7, 8, 29, 30]))
+    got = stats_forward(q, k, v, spec, lse, topk=2, pool=edges, blocks=BLOCKS)
+    want = torch_stats.stats_forward(q, k, v, spec, lse, topk=2, pool=edges)
+    assert got["pooled"].shape == (1, 2, 4, 4)
+    torch.testing.assert_close(got["pooled"], want["pooled"].float(), atol=1e-5, rtol=1e-5)
 
 
 @needs_interpreter
@@ -416,14 +435,14 @@ def test_stats_buffers_past_32_bit_offsets_run_in_chunks(monkeypatch):
     mask = torch.rand(2, 4, 20, 24) < 0.8
     spec = build_spec(q, k, v, mask=mask, alibi=True)
     _, lse = triton_autograd.attention(q, k, v, spec, blocks=BLOCKS)
-    whole = triton_kernels.statistics(q, k, v, spec, lse, topk=3, pool=6)
+    whole = triton_kernels.statistics(q, k, v, spec, lse, topk=3, pool=pool_segments(6, 20, 24, q.device))
     monkeypatch.setattr(triton_kernels, "OFFSET_LIMIT", 2 * 20 * 6 + 1)  # two heads' row-pooled buffers
-    chunked = triton_kernels.statistics(q, k, v, spec, lse, topk=3, pool=6)
+    chunked = triton_kernels.statistics(q, k, v, spec, lse, topk=3, pool=pool_segments(6, 20, 24, q.device))
     for name in whole:
         torch.testing.assert_close(chunked[name], whole[name], msg=name)
     monkeypatch.setattr(triton_kernels, "OFFSET_LIMIT", 50)  # not even one GQA group fits
     with pytest.raises(ValueError, match="32-bit offsets"):
-        triton_kernels.statistics(q, k, v, spec, lse, topk=3, pool=6)
+        triton_kernels.statistics(q, k, v, spec, lse, topk=3, pool=pool_segments(6, 20, 24, q.device))
 
 
 def test_tensors_past_32_bit_offsets_are_refused_or_copied():

@@ -29,14 +29,18 @@ from attnkit.kernels import nonfinite
 from attnkit.kernels import stats as stats_kernel
 from attnkit.options import Alibi, AttentionOptions, Window
 
-__all__ = ["AttentionStats", "attention_stats"]
+__all__ = ["AttentionStats", "Pool", "attention_stats", "pool_segments"]
+
+# ``pool``: near-equal tiles (int), segment edges for queries and keys alike, or a pair of them.
+Pool = int | Tensor | tuple[Tensor, Tensor]
 
 
 @dataclass
 class AttentionStats:
     """Exact statistics of one attention call, per batch element and query head.
 
-    Shapes (``K = min(topk, Lk)``, ``P_q = min(pool, Lq)``, ``P_k = min(pool, Lk)``):
+    Shapes (``K = min(topk, Lk)``; ``S_q``, ``S_k`` query and key segments of the pooled map:
+    ``min(pool, L)`` near-equal tiles for an int ``pool``, else the segments given):
 
     * ``lse (B, H, Lq)``: natural-log log-sum-exp of each row's scores (``-inf``: no allowed key).
     * ``entropy (B, H, Lq)``: ``-sum_j p_ij log p_ij`` in nats (0 for an empty row).
@@ -44,9 +48,11 @@ class AttentionStats:
     * ``received (B, H, Lk)``: ``sum_i p_ij``, the attention each key receives.
     * ``topk_index (B, H, Lq, K)`` int64 and ``topk_weight (B, H, Lq, K)``: the largest weights
       of each row, largest first (weight 0 pads rows with fewer than ``K`` allowed keys).
-    * ``pooled (B, H, P_q, P_k)``: the exact map summed into tiles; row ``r`` covers queries
-      ``[floor(r Lq / P_q), floor((r+1) Lq / P_q))``, columns likewise (see `pool_edges`).
+    * ``pooled (B, H, S_q, S_k)``: the exact map summed over each (query segment, key segment)
+      block; row ``r`` covers queries ``[query_edges[r], query_edges[r+1])``, columns likewise.
+      For an int ``pool`` the edges are ``floor(r L / P)``.
     * ``output (B, H, Lq, Dv)`` or None: the attention output, when asked for.
+    * ``query_edges (S_q + 1,)``, ``key_edges (S_k + 1,)`` int64: the segments of ``pooled``.
 
     Statistics describe the weights before dropout, in fp32 (fp64 for fp64 inputs).
     """
@@ -59,6 +65,11 @@ class AttentionStats:
     topk_weight: Tensor
     pooled: Tensor
     output: Tensor | None = None
+    query_edges: Tensor | None = None  # None: the near-equal tiles of an int pool
+    key_edges: Tensor | None = None
+
+    # Per-segment fields, not indexed by batch and head (`select` keeps them whole).
+    _EDGES = ("query_edges", "key_edges")
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -67,14 +78,25 @@ class AttentionStats:
         return B, H, Lq, self.received.shape[-1]
 
     def pool_edges(self) -> tuple[Tensor, Tensor]:
-        """``(P_q + 1,)`` query and ``(P_k + 1,)`` key edges of the pooled tiles."""
+        """``(S_q + 1,)`` query and ``(S_k + 1,)`` key edges of the pooled segments."""
         _, _, Lq, Lk = self.shape
         Pq, Pk = self.pooled.shape[-2:]
         dev = self.pooled.device
-        return stats_kernel.pool_edges(Lq, Pq, dev), stats_kernel.pool_edges(Lk, Pk, dev)
+        eq = self.query_edges if self.query_edges is not None else stats_kernel.pool_edges(Lq, Pq, dev)
+        ek = self.key_edges if self.key_edges is not None else stats_kernel.pool_edges(Lk, Pk, dev)
+        return eq, ek
+
+    def segment_flow(self) -> Tensor:
+        """``(B, H, S_q, S_k)``: the mean attention a token of query segment ``a`` pays to key segment ``b``.
+
+        ``pooled`` divided by the number of queries in each query segment; a row sums to 1 when
+        every query of its segment has an allowed key.
+        """
+        eq, _ = self.pool_edges()
+        return self.pooled / eq.diff().to(self.pooled.dtype)[:, None]  # (B, H, S_q, S_k)
 
     def pooled_density(self) -> Tensor:
-        """``(B, H, P_q, P_k)``: ``pooled`` divided by each tile's number of pairs (mean weight)."""
+        """``(B, H, S_q, S_k)``: ``pooled`` divided by each block's number of pairs (mean weight)."""
         eq, ek = self.pool_edges()
         area = (eq.diff()[:, None] * ek.diff()[None, :]).to(self.pooled.dtype)  # (P_q, P_k)
         return self.pooled / area
@@ -86,7 +108,7 @@ class AttentionStats:
         out = {}
         for f in fields(self):
             x = getattr(self, f.name)
-            out[f.name] = None if x is None else x[b][:, h]
+            out[f.name] = x if x is None or f.name in self._EDGES else x[b][:, h]
         return AttentionStats(**out)
 
     def to(self, *args, **kwargs) -> AttentionStats:
@@ -96,7 +118,7 @@ class AttentionStats:
             x = getattr(self, f.name)
             if x is None:
                 out[f.name] = None
-            elif f.name == "topk_index":
+            elif f.name == "topk_index" or f.name in self._EDGES:
                 out[f.name] = x.to(
                     *[a for a in args if not isinstance(a, torch.dtype)],
                     **{key: val for key, val in kwargs.items() if key != "dtype"},
@@ -120,7 +142,7 @@ def attention_stats(
     dropout_p: float = 0.0,
     backend: str = "auto",
     topk: int = 8,
-    pool: int = 256,
+    pool: Pool = 256,
     return_output: bool = False,
 ) -> AttentionStats:
     """Exact attention statistics (and optionally the output) without the ``Lq x Lk`` weights.
@@ -130,7 +152,12 @@ def attention_stats(
         causal, mask, window, alibi, softcap, scale, dropout_p, backend: exactly as in
             `attnkit.attention`; dropout only affects ``output``, never the statistics.
         topk: how many of the largest weights to keep per query (``min(topk, Lk)``), >= 0.
-        pool: side of the pooled map, >= 1 (``P_q = min(pool, Lq)``, ``P_k = min(pool, Lk)``).
+        pool: how to pool the map: an int ``P >= 1`` for ``min(P, L)`` near-equal tiles; a 1-D int64
+            tensor of segment edges ``[0, e_1, ..., e_S = L]`` (strictly increasing; for queries and
+            keys alike, so ``Lq == Lk``), e.g. the token boundaries of a document's sections; or a
+            pair ``(query_edges, key_edges)``. ``pooled`` then holds the exact sums of the weights
+            over each (query segment, key segment) block, and `AttentionStats.segment_flow` the
+            mean attention a token of one segment pays to another.
         return_output: also keep the attention output in ``.output`` (with autograd, as
             `attnkit.attention` returns it; the statistics themselves carry no gradient).
 
@@ -141,12 +168,11 @@ def attention_stats(
     """
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 0:
         raise ValueError(f"attention_stats: topk must be an int >= 0, got {topk!r}")
-    if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1:
-        raise ValueError(f"attention_stats: pool must be an int >= 1, got {pool!r}")
     if not isinstance(return_output, bool):
         raise TypeError(f"attention_stats: return_output must be a bool, got {return_output!r}")
     options = dict(causal=causal, mask=mask, window=window, alibi=alibi, softcap=softcap, scale=scale)
     spec = build_spec(q, k, v, **options)  # validates once; the stats pass never applies dropout
+    q_edges, k_edges = pool_segments(pool, spec.q_len, spec.kv_len, q.device)
     # One fast forward gives the output and the log-sum-exp; its lse is that of the weights
     # before dropout on every backend, which is what the statistics describe.
     with torch.enable_grad() if return_output else torch.no_grad():
@@ -160,9 +186,53 @@ def attention_stats(
     if nonfinite.find(q_s, k_s, v.detach()) is not None:  # rows that read them already carry lse = NaN
         q_s, k_s = nonfinite.clean(q_s), nonfinite.clean(k_s)
     with torch.no_grad():
-        result = run_stats(q_s, k_s, v.detach(), spec, lse.detach(), topk=topk, pool=pool)
+        result = run_stats(q_s, k_s, v.detach(), spec, lse.detach(), topk=topk, pool=(q_edges, k_edges))
     return AttentionStats(
         lse=lse.detach().to(spec.acc_dtype),
         output=out if return_output else None,
+        query_edges=q_edges,
+        key_edges=k_edges,
         **result,
+    )
+
+
+def _check_edges(name: str, edges, length: int, device: torch.device) -> Tensor:
+    """Validate segment edges ``[0, e_1, ..., e_S = length]``; returns them as int64 on ``device``."""
+    if not isinstance(edges, Tensor) or edges.dim() != 1 or edges.is_floating_point() or edges.dtype == torch.bool:
+        got = f"{edges.dtype} of shape {tuple(edges.shape)}" if isinstance(edges, Tensor) else type(edges).__name__
+        raise ValueError(f"attention_stats: {name} must be a 1-D integer tensor of segment edges, got {got}")
+    e = edges.to(device=device, dtype=torch.int64)
+    if e.numel() < 2 or int(e[0]) != 0 or int(e[-1]) != length or not bool((e.diff() > 0).all()):
+        shown = e.tolist() if e.numel() <= 12 else [*e[:6].tolist(), "...", *e[-3:].tolist()]
+        raise ValueError(
+            f"attention_stats: {name} must rise strictly from 0 to the length {length} "
+            f"([0, e_1, ..., {length}], one segment at least), got {shown}"
+        )
+    return e
+
+
+def pool_segments(pool: Pool, q_len: int, kv_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(query_edges, key_edges)`` for `attention_stats`'s ``pool`` argument (see there)."""
+    if isinstance(pool, int) and not isinstance(pool, bool):
+        if pool < 1:
+            raise ValueError(f"attention_stats: pool must be an int >= 1 or segment edges, got {pool!r}")
+        return (
+            stats_kernel.pool_edges(q_len, min(pool, q_len), device),
+            stats_kernel.pool_edges(kv_len, min(pool, kv_len), device),
+        )
+    if isinstance(pool, Tensor):
+        if q_len != kv_len:
+            raise ValueError(
+                f"attention_stats: one tensor of segment edges serves queries and keys alike, but Lq={q_len} != "
+                f"Lk={kv_len}; pass pool=(query_edges, key_edges)"
+            )
+        edges = _check_edges("pool", pool, q_len, device)
+        return edges, edges
+    if isinstance(pool, tuple | list) and len(pool) == 2:
+        return _check_edges("pool[0] (query edges)", pool[0], q_len, device), _check_edges(
+            "pool[1] (key edges)", pool[1], kv_len, device
+        )
+    raise TypeError(
+        f"attention_stats: pool must be an int >= 1, a 1-D tensor of segment edges or a pair "
+        f"(query_edges, key_edges), got {type(pool).__name__}"
     )

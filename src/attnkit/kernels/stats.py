@@ -17,10 +17,10 @@ Definitions (``i' = i + Lk - Lq`` is the aligned query position, see `attnkit.ma
   weights of each row, largest first, and their key indices. Rows with fewer than ``K``
   allowed keys (or none) are padded with weight 0; the index of a weight-0 entry is an
   unspecified valid key index (ties).
-* ``pooled (B, H, P_q, P_k)`` with ``P_q = min(pool, Lq)``, ``P_k = min(pool, Lk)``:
-  row ``r`` covers queries ``[floor(r Lq / P_q), floor((r + 1) Lq / P_q))``, column ``c``
-  keys ``[floor(c Lk / P_k), floor((c + 1) Lk / P_k))``, and the cell holds the SUM of
-  ``p_ij`` over that tile (so each full row-band sums to the number of its non-empty rows).
+* ``pooled (B, H, S_q, S_k)`` for query segments ``[qe[r], qe[r+1])`` and key segments
+  ``[ke[c], ke[c+1])`` (``pool = (qe, ke)``, strictly increasing edges from 0 to the length;
+  `pool_edges` gives ``P`` near-equal segments): the cell holds the SUM of ``p_ij`` over that
+  block (so each full row-band sums to the number of its non-empty rows).
 * Dropout never applies to statistics: they describe the weights before dropout.
 
 Memory: ``O(B * H * ((Lq + Lk) * (D + K) + P_q * P_k))`` plus one tile of
@@ -49,18 +49,22 @@ def pool_edges(length: int, bins: int, device: torch.device) -> Tensor:
     return torch.arange(bins + 1, device=device, dtype=torch.int64) * length // bins
 
 
-def _bin_matrix(length: int, bins: int, lo: int, hi: int, dtype: torch.dtype, device) -> tuple[Tensor, int]:
+def segment_of(edges: Tensor) -> Tensor:
+    """``(L,)`` int64: the segment of each position, for segments ``[edges[r], edges[r+1])`` covering ``[0, L)``."""
+    pos = torch.arange(int(edges[-1]), device=edges.device, dtype=torch.int64)
+    return torch.bucketize(pos, edges[1:].to(torch.int64), right=True)
+
+
+def _bin_matrix(edges: Tensor, lo: int, hi: int, dtype: torch.dtype) -> tuple[Tensor, int]:
     """One-hot ``(hi - lo, nb)`` matrix of positions ``[lo, hi)`` onto the pool bins they touch, and the first bin.
 
-    With edges ``e_r = floor(r * length / bins)``, position ``x`` lies in bin
-    ``r = floor(((x + 1) * bins - 1) / length)`` (the largest ``r`` with ``e_r <= x``).
-    Summing through this matrix (a matmul) adds positions into bins exactly as a loop would.
+    Bin ``r`` is ``[edges[r], edges[r+1])``; summing through this matrix (a matmul) adds
+    positions into bins exactly as a loop would.
     """
-    pos = torch.arange(lo, hi, device=device, dtype=torch.int64)  # (n,)
-    which = ((pos + 1) * bins - 1) // length  # (n,) bin of each position
-    first, last = (lo + 1) * bins - 1, hi * bins - 1
-    first, last = first // length, last // length
-    onehot = which[:, None] == torch.arange(first, last + 1, device=device)[None, :]  # (n, nb)
+    pos = torch.arange(lo, hi, device=edges.device, dtype=torch.int64)  # (n,)
+    which = torch.bucketize(pos, edges[1:], right=True)  # (n,) bin of each position
+    first, last = int(which[0]), int(which[-1])
+    onehot = which[:, None] == torch.arange(first, last + 1, device=edges.device)[None, :]  # (n, nb)
     return onehot.to(dtype), first
 
 
@@ -131,7 +135,7 @@ def stats_forward(
     lse: Tensor,
     *,
     topk: int,
-    pool: int,
+    pool: tuple[Tensor, Tensor],
     block_q: int = BLOCK_Q,
     block_k: int = BLOCK_K,
 ) -> dict[str, Tensor]:
@@ -143,18 +147,20 @@ def stats_forward(
         spec: the validated spec of the call (`attnkit.build_spec`); dropout is ignored.
         lse: ``(B, Hq, Lq)`` natural-log log-sum-exp of each row, ``-inf`` for a row with no key.
         topk: number of largest weights kept per query (``min(topk, Lk)``), >= 0.
-        pool: side of the pooled map (``P_q = min(pool, Lq)``, ``P_k = min(pool, Lk)``), >= 1.
+        pool: ``(query_edges (S_q + 1,), key_edges (S_k + 1,))`` int64 segment edges, validated
+            (`attnkit.stats.pool_segments`).
 
     Returns:
         dict with ``entropy (B, Hq, Lq)``, ``mean_distance (B, Hq, Lq)``, ``received (B, Hq, Lk)``,
         ``topk_index (B, Hq, Lq, K)`` int64, ``topk_weight (B, Hq, Lq, K)`` and
-        ``pooled (B, Hq, P_q, P_k)``; definitions in the module docstring.
+        ``pooled (B, Hq, S_q, S_k)``; definitions in the module docstring.
     """
     B, Hq, Lq, _ = q.shape
     Lk = k.shape[2]
     acc, dev = spec.acc_dtype, q.device
     K = min(topk, Lk)
-    Pq, Pk = min(pool, Lq), min(pool, Lk)
+    q_edges, k_edges = (e.to(device=dev, dtype=torch.int64) for e in pool)
+    Pq, Pk = q_edges.numel() - 1, k_edges.numel() - 1
     # A row with no allowed key has lse = -inf; +inf makes every p = exp(s - lse) = 0 there.
     lse_safe = torch.where(torch.isneginf(lse), float("inf"), lse.to(acc))  # (B, Hq, Lq)
     fused = spec.softcap is None
@@ -174,7 +180,7 @@ def stats_forward(
         lse_blk = lse_safe[:, :, i0:i1, None]  # (B, Hq, bq, 1)
         run_w, run_i = top_w[:, :, i0:i1], top_i[:, :, i0:i1]  # (B, Hq, bq, K) running top-k
         ent, dist_acc = entropy[:, :, i0:i1], distance[:, :, i0:i1]  # (B, Hq, bq) views, updated in place
-        rows_onehot, r_first = _bin_matrix(Lq, Pq, i0, i1, acc, dev)  # (bq, nr)
+        rows_onehot, r_first = _bin_matrix(q_edges, i0, i1, acc)  # (bq, nr)
         rows_onehot_t = rows_onehot.t()  # (nr, bq)
         lo, hi = spec.key_range(i0, i1)
         for j0 in range(lo, hi, block_k):
@@ -194,7 +200,7 @@ def stats_forward(
             # in one bin, so the row bands also give the attention each key receives.
             band = torch.matmul(rows_onehot_t, p)  # (B, Hq, nr, bk)
             received[:, :, j0:j1] += band.sum(dim=-2)
-            cols_onehot, c_first = _bin_matrix(Lk, Pk, j0, j1, acc, dev)  # (bk, nc)
+            cols_onehot, c_first = _bin_matrix(k_edges, j0, j1, acc)  # (bk, nc)
             cell = torch.matmul(band, cols_onehot)  # (B, Hq, nr, nc)
             pooled[:, :, r_first : r_first + cell.shape[-2], c_first : c_first + cell.shape[-1]] += cell
             # top-k: merged into the running (bq, K) buffer, only for the rows where this tile

@@ -108,7 +108,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     return autograd.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, spec)
 
 
-def statistics(q: Tensor, k: Tensor, v: Tensor | None, spec: AttentionSpec, lse: Tensor, *, topk: int, pool: int):
+def statistics(
+    q: Tensor, k: Tensor, v: Tensor | None, spec: AttentionSpec, lse: Tensor, *, topk: int, pool: tuple[Tensor, Tensor]
+):
     """The statistics pass; see `attnkit.kernels.triton.stats.stats_forward`.
 
     Its buffers (``(B, Hq, Lq, P_k)`` row-pooled sums, the top-k) are addressed with 32-bit
@@ -117,7 +119,7 @@ def statistics(q: Tensor, k: Tensor, v: Tensor | None, spec: AttentionSpec, lse:
     """
     from attnkit.kernels.triton import stats
 
-    per_head = spec.q_len * max(min(pool, spec.kv_len), min(topk, spec.kv_len), 1)
+    per_head = spec.q_len * max(pool[1].numel() - 1, min(topk, spec.kv_len), 1)
     heads = (OFFSET_LIMIT - 1) // per_head // spec.group * spec.group  # whole GQA groups per launch
     if heads == 0:
         raise ValueError(

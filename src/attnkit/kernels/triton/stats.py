@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from attnkit.kernels.stats import segment_of
 from attnkit.kernels.triton.common import (
     INTERPRETED,
     LOG2E,
@@ -44,7 +45,7 @@ from attnkit.spec import AttentionSpec
 
 @triton.jit
 def _stats_kernel(
-    Q, K, LSE, Slopes, Mask,
+    Q, K, LSE, Slopes, Mask, KSeg,
     ENT, DIST, RECV, TOPW, TOPI, ROWPOOL,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd,
     smb, smh, smm, smn,
@@ -126,7 +127,7 @@ def _stats_kernel(
         plogp += tl.sum(p * tl.where(p > 0.0, s - lse[:, None], 0.0), 1)
         dist += tl.sum(p * tl.abs((offs_m + offset)[:, None] - offs_n[None, :]).to(tl.float32), 1)
         tl.atomic_add(RECV + bh * kv_len + offs_n, tl.sum(p, 0), mask=col_ok)
-        col_bin = ((offs_n + 1) * pool_k + kv_len - 1) // kv_len - 1  # (BLOCK_N,)
+        col_bin = tl.load(KSeg + offs_n, mask=col_ok, other=-1)  # (BLOCK_N,) key segment of each column
         onehot = (col_bin[:, None] == offs_p[None, :]).to(tl.float32)  # (BLOCK_N, BLOCK_P)
         pooled += tl.dot(p, onehot, input_precision=POOL_PRECISION)
         if TOPK > 0:
@@ -176,10 +177,9 @@ def pool_precision(device: torch.device) -> str:
     return "tf32x3" if torch.cuda.get_device_capability(device)[0] >= 8 else "ieee"
 
 
-def bin_of(n: int, bins: int, device: torch.device) -> torch.Tensor:
-    """``(n,)`` int64: the bin of each index when ``n`` indices are cut into ``bins`` near-equal runs."""
-    i = torch.arange(n, device=device)
-    return ((i + 1) * bins + n - 1) // n - 1
+# The pooled accumulator is (BLOCK_M, BLOCK_P) registers per program: more key segments than this
+# would spill (pool the keys in several passes, or on the torch kernel).
+MAX_POOL_SEGMENTS = 256
 
 
 def stats_forward(
@@ -190,7 +190,7 @@ def stats_forward(
     lse: torch.Tensor | None,
     *,
     topk: int,
-    pool: int,
+    pool: tuple[torch.Tensor, torch.Tensor],
     blocks: tuple[int, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The statistics of the attention weights (before dropout), one extra pass over the keys.
@@ -200,7 +200,8 @@ def stats_forward(
             when ``lse`` is None).
         lse: ``(B, Hq, Lq)`` from the forward, or None to run the forward kernel first.
         topk: weights kept per row (``min(topk, Lk)``; 0 for none).
-        pool: ``P_q = min(pool, Lq)`` by ``P_k = min(pool, Lk)`` pooled map.
+        pool: ``(query_edges (P_q + 1,), key_edges (P_k + 1,))`` segment edges (`attnkit.stats.pool_segments`);
+            at most `MAX_POOL_SEGMENTS` key segments.
         blocks: ``(BLOCK_M, BLOCK_N)``; default (64, 64).
 
     Returns:
@@ -213,7 +214,12 @@ def stats_forward(
         _, lse = launch_forward(q, k, v, spec, blocks=blocks)
     lse = lse.to(torch.float32).contiguous()  # (B, Hq, Lq)
     kk = min(int(topk), Lk)
-    pq, pk = min(int(pool), Lq), min(int(pool), Lk)
+    q_seg, k_seg = (segment_of(e.to(q.device)) for e in pool)  # (Lq,), (Lk,) int64
+    pq, pk = pool[0].numel() - 1, pool[1].numel() - 1
+    if pk > MAX_POOL_SEGMENTS:
+        raise ValueError(
+            f"attention_stats: the Triton statistics kernel pools at most {MAX_POOL_SEGMENTS} key segments, got {pk}"
+        )
     dev = q.device
     entropy = torch.empty(B, Hq, Lq, dtype=torch.float32, device=dev)
     distance = torch.empty(B, Hq, Lq, dtype=torch.float32, device=dev)
@@ -228,6 +234,7 @@ def stats_forward(
     meta["DROPOUT"] = False  # statistics describe the weights before dropout
     _stats_kernel[(triton.cdiv(Lq, bm), B * Hq)](
         q, k, lse, spec.alibi_slopes if spec.alibi_slopes is not None else lse, mask if mask is not None else lse,
+        k_seg.to(torch.int32),
         entropy, distance, received, top_w, top_i, row_pooled,
         *q.stride(), *k.stride(), *mstrides,
         Hq, spec.group, Lq, Lk, spec.head_dim, pk,
@@ -237,7 +244,7 @@ def stats_forward(
         DOT_PRECISION=dot_precision(q.dtype), POOL_PRECISION=pool_precision(q.device), **meta,
     )  # fmt: skip
     pooled = torch.zeros(B, Hq, pq, pk, dtype=torch.float32, device=dev)
-    pooled.index_add_(2, bin_of(Lq, pq, dev), row_pooled)  # (B, Hq, P_q, P_k): rows summed into their bins
+    pooled.index_add_(2, q_seg, row_pooled)  # (B, Hq, P_q, P_k): rows summed into their segments
     top_w, order = torch.sort(top_w, dim=-1, descending=True, stable=True)
     top_i = torch.gather(top_i.long(), -1, order)
     return {
