@@ -107,7 +107,7 @@ def _partition(text: str, heads: list[tuple[int, str, str]], *, none_title: str 
         return [Section(none_title, 0, len(text), "")]
     if heads[0][0] > 0:
         if text[: heads[0][0]].strip():
-            heads.insert(0, (0, "(preamble)", "preamble"))
+            heads.insert(0, (0, "(preamble)", ""))
         else:
             heads[0] = (0, *heads[0][1:])
     ends = [h[0] for h in heads[1:]] + [len(text)]
@@ -136,9 +136,16 @@ def _heading_like(s: str, max_words: int = 12) -> bool:
     return bool(s) and len(s.split()) <= max_words and len(s) <= 100 and s[-1] not in ".,;:"
 
 
-def _title_case(s: str) -> bool:
+_VERBS = frozenset(
+    ["shall", "may", "must", "will", "is", "are", "was", "were", "means", "has", "have", "does", "do", "can"]
+)
+
+
+def _inline_heading(s: str) -> bool:
+    """A few words before the first full stop that read as a heading ("Service Credits",
+    "Long-stop date"), not as a sentence (no "shall", "may", "is", "means"...)."""
     words = s.split()
-    return 0 < len(words) <= 6 and all(w[0].isupper() or len(w) <= 3 for w in words)
+    return 0 < len(words) <= 6 and not any(w.lower() in _VERBS for w in words)
 
 
 def _clause_title(rest: str) -> str:
@@ -149,7 +156,7 @@ def _clause_title(rest: str) -> str:
     if m:
         return _shorten(m.group("term"))
     m = _INLINE_HEADING.match(rest)
-    if m and _title_case(m.group("head")):
+    if m and _inline_heading(m.group("head")):
         return _shorten(m.group("head"))
     return _shorten(rest, 40)
 
@@ -532,11 +539,7 @@ def _span_sections(text: str, spans: Any) -> list[Section]:
                 f"span {i - 1} {items[i - 1][1:]}"
             )
         if start > covered:
-            out.append(
-                Section(
-                    "(preamble)" if covered == 0 else "(gap)", covered, start, "preamble" if covered == 0 else "gap"
-                )
-            )
+            out.append(Section("(preamble)" if covered == 0 else "(gap)", covered, start, ""))
         out.append(
             Section(
                 _shorten(title) if title else _shorten(text[start:end]) or f"span {i + 1}", start, end, f"span {i + 1}"
@@ -544,7 +547,7 @@ def _span_sections(text: str, spans: Any) -> list[Section]:
         )
         covered = end
     if covered < n and out:
-        out.append(Section("(tail)", covered, n, "tail"))
+        out.append(Section("(tail)", covered, n, ""))
     if not out and n:
         out.append(Section("(whole text)", 0, n, ""))
     return out
