@@ -448,7 +448,7 @@ def _protein_heads(text: str, lines: list[_Line], window: int) -> list[tuple[int
         return heads
     (rec,) = records
     name = rec.body.lstrip()[1:].strip()
-    heads = [(rec.start, _shorten(name.split("|")[0].strip() or "(header)"), "header")]
+    heads = [(rec.start, _shorten(name.split()[0] if name else "(header)"), "header")]
     return heads + _residue_heads(text, rec.end, len(text), window, name)
 
 
