@@ -6,11 +6,14 @@
   duplicate-token, induction, rare-token) and label it (`ROLE_DESCRIPTIONS`, `THRESHOLDS`).
 * `explain` / `rollout` / `gradient_weighted`: token saliency beyond raw weights, and
   `faithfulness`: how much removing each explanation's top tokens moves the output, versus random.
+* `sections`: split a document into clauses, messages, articles, domains or paragraphs
+  (`Section` spans); `token_boundaries` maps them onto token edges for ``pool=``.
 """
 
 from attnkit.inspect.explain import Faithfulness, explain, faithfulness, gradient_weighted, raw_attention, rollout
 from attnkit.inspect.record import LayerRecord, Recording, UnsupportedModelError, record
 from attnkit.inspect.roles import ROLE_DESCRIPTIONS, THRESHOLDS, HeadRoles, head_roles, rare_by_counts, rare_by_rank
+from attnkit.inspect.sections import Section, detect_kind, parse_sections_arg, sections, token_boundaries
 
 __all__ = [
     "ROLE_DESCRIPTIONS",
@@ -19,14 +22,19 @@ __all__ = [
     "HeadRoles",
     "LayerRecord",
     "Recording",
+    "Section",
     "UnsupportedModelError",
+    "detect_kind",
     "explain",
     "faithfulness",
     "gradient_weighted",
     "head_roles",
+    "parse_sections_arg",
     "rare_by_counts",
     "rare_by_rank",
     "raw_attention",
     "record",
     "rollout",
+    "sections",
+    "token_boundaries",
 ]
