@@ -271,3 +271,68 @@ def test_one_edge_tensor_needs_equal_lengths():
     q, k, v = make_qkv(1, 2, 2, 5, 12, 4)
     with pytest.raises(ValueError, match=r"Lq=5 != Lk=12; pass pool=\(query_edges, key_edges\)"):
         attention_stats(q, k, v, pool=torch.tensor([0, 5, 12]))
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"causal": True},
+        {"window": (7, 3), "alibi": True},
+        {"softcap": 5.0, "mask": "float"},
+        {"mask": "bool", "causal": True},
+        {},
+    ],
+    ids=["causal", "window_alibi", "softcap_float_mask", "bool_mask_causal", "plain"],
+)
+@pytest.mark.parametrize("shape", [(2, 4, 2, 70, 70), (1, 2, 1, 30, 90), (1, 2, 2, 90, 30)], ids=str)
+def test_one_pass_equals_forward_plus_statistics_pass(opts, shape):
+    """The one-pass kernel (output and statistics together) against the forward + second pass."""
+    B, Hq, Hk, Lq, Lk = shape
+    q, k, v = make_qkv(B, Hq, Hk, Lq, Lk, 8)
+    opts = dict(opts)
+    if opts.get("mask") == "float":
+        opts["mask"] = torch.randn(B, 1, Lq, Lk, dtype=torch.float64).masked_fill(
+            torch.rand(B, 1, Lq, Lk) < 0.1, -torch.inf
+        )
+    elif opts.get("mask") == "bool":
+        opts["mask"] = torch.rand(B, Hq, Lq, Lk) < 0.7
+    spec = attnkit.functional.build_spec(q, k, v, **opts)
+    edges = pool_segments(5, Lq, Lk, q.device)
+    one = stats_kernel.strip_forward(q, k, v, spec, topk=4, pool=edges, block_q=16)
+    out, lse = attnkit.attention(q, k, v, **opts, return_lse=True, backend="reference")
+    two = stats_kernel.stats_forward(q, k, v, spec, lse, topk=4, pool=edges)
+    torch.testing.assert_close(one["output"], out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(one["lse"], lse, rtol=1e-10, atol=1e-10)
+    for name in ("entropy", "mean_distance", "received", "pooled", "topk_weight"):
+        torch.testing.assert_close(one[name], two[name], rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_one_pass_output_has_the_attention_gradient():
+    q, k, v = make_qkv(1, 4, 2, 40, 40, 8, grad=True)
+    st = attention_stats(q, k, v, causal=True, alibi=True, return_output=True)
+    got = torch.autograd.grad(st.output.sum(), (q, k, v))
+    want = torch.autograd.grad(attnkit.attention(q, k, v, causal=True, alibi=True).sum(), (q, k, v))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+
+
+def test_one_pass_never_holds_more_than_a_strip():
+    """Memory: the largest tensor of the one-pass kernel is one strip (rows x visible keys) per GQA group."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    q, k, v = make_qkv(1, 4, 4, 640, 640, 8, dtype=torch.float32)
+    spec = attnkit.functional.build_spec(q, k, v)
+    biggest = 0
+
+    class Largest(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal biggest
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else [out]:
+                if isinstance(t, torch.Tensor):
+                    biggest = max(biggest, t.numel())
+            return out
+
+    with Largest():
+        stats_kernel.strip_forward(q, k, v, spec, topk=4, pool=pool_segments(64, 640, 640, q.device), block_q=32)
+    assert biggest <= max(32 * 640, 4 * 640 * 8)  # one strip, or the inputs/outputs; far below 4 * 640 * 640

@@ -159,7 +159,9 @@ def attention_stats(
             over each (query segment, key segment) block, and `AttentionStats.segment_flow` the
             mean attention a token of one segment pays to another.
         return_output: also keep the attention output in ``.output`` (with autograd, as
-            `attnkit.attention` returns it; the statistics themselves carry no gradient).
+            `attnkit.attention` returns it; the statistics themselves carry no gradient). Without
+            dropout and with ``backend="auto"`` the output comes from the same pass as the
+            statistics, at no extra cost.
 
     Returns:
         `AttentionStats`; shapes in its docstring.
@@ -173,20 +175,28 @@ def attention_stats(
     options = dict(causal=causal, mask=mask, window=window, alibi=alibi, softcap=softcap, scale=scale)
     spec = build_spec(q, k, v, **options)  # validates once; the stats pass never applies dropout
     q_edges, k_edges = pool_segments(pool, spec.q_len, spec.kv_len, q.device)
-    # One fast forward gives the output and the log-sum-exp; its lse is that of the weights
-    # before dropout on every backend, which is what the statistics describe.
-    with torch.enable_grad() if return_output else torch.no_grad():
-        out, lse = attend(q, k, v, AttentionOptions(**options, dropout_p=dropout_p), return_lse=True, backend=backend)
     choice = choose(q, spec, False, "auto", "statistics")  # the statistics kernel for q's device
     if choice.backend is None:
         reasons = "; ".join(f"{name}: {why}" for name, why in choice.reasons.items())
         raise ValueError(f"attention_stats: no backend can run the statistics pass ({reasons})")
     run_stats = get_backend(choice.backend).run_stats
-    q_s, k_s = q.detach(), k.detach()
-    if nonfinite.find(q_s, k_s, v.detach()) is not None:  # rows that read them already carry lse = NaN
-        q_s, k_s = nonfinite.clean(q_s), nonfinite.clean(k_s)
-    with torch.no_grad():
-        result = run_stats(q_s, k_s, v.detach(), spec, lse.detach(), topk=topk, pool=(q_edges, k_edges))
+    if dropout_p == 0 and backend == "auto" and nonfinite.find(q, k, v) is None:
+        # One pass: the statistics kernel computes the output and its log-sum-exp as it goes.
+        with torch.enable_grad() if return_output else torch.no_grad():
+            result = run_stats(q, k, v, spec, None, topk=topk, pool=(q_edges, k_edges))
+        out, lse = result.pop("output"), result.pop("lse")
+    else:
+        # A forward on the backend asked for (with dropout, or guarding non-finite inputs), then the
+        # statistics pass from its log-sum-exp, that of the weights before dropout on every backend.
+        with torch.enable_grad() if return_output else torch.no_grad():
+            out, lse = attend(
+                q, k, v, AttentionOptions(**options, dropout_p=dropout_p), return_lse=True, backend=backend
+            )
+        q_s, k_s = q.detach(), k.detach()
+        if nonfinite.find(q_s, k_s, v.detach()) is not None:  # rows that read them already carry lse = NaN
+            q_s, k_s = nonfinite.clean(q_s), nonfinite.clean(k_s)
+        with torch.no_grad():
+            result = run_stats(q_s, k_s, v.detach(), spec, lse.detach(), topk=topk, pool=(q_edges, k_edges))
     return AttentionStats(
         lse=lse.detach().to(spec.acc_dtype),
         output=out if return_output else None,

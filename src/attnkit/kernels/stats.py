@@ -30,6 +30,8 @@ Memory: ``O(B * H * ((Lq + Lk) * (D + K) + P_q * P_k))`` plus one tile of
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
@@ -213,6 +215,121 @@ def stats_forward(
 
     top_w = top_w.clamp_(min=0)  # slots never filled (fewer visited keys than K) hold weight 0
     return {
+        "entropy": entropy,
+        "mean_distance": distance,
+        "received": received,
+        "topk_index": top_i,
+        "topk_weight": top_w,
+        "pooled": pooled,
+    }
+
+
+# ------------------------------------------------------------------ one pass: output and statistics
+STRIP_BYTES = 4 * 2**20  # a strip of scores (query rows x visible keys, one GQA group) stays in cache
+
+
+def _group_spec(spec: AttentionSpec, b: int, hk: int) -> AttentionSpec:
+    """The spec of batch element ``b`` and key/value head ``hk``: one batch, its ``G`` query heads."""
+    h0, h1 = hk * spec.group, (hk + 1) * spec.group
+    mask = spec.mask
+    if mask is not None:
+        mask = mask[b : b + 1] if mask.shape[0] != 1 else mask
+        mask = mask[:, h0:h1] if mask.shape[1] != 1 else mask
+    slopes = None if spec.alibi_slopes is None else spec.alibi_slopes[h0:h1]
+    return dataclasses.replace(spec, batch=1, q_heads=spec.group, kv_heads=1, mask=mask, alibi_slopes=slopes)
+
+
+def strip_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    spec: AttentionSpec,
+    *,
+    topk: int,
+    pool: tuple[Tensor, Tensor],
+    block_q: int | None = None,
+) -> dict[str, Tensor]:
+    """The attention output, its log-sum-exp and every statistic in one pass over the scores.
+
+    A strip of query rows is scored against all the keys it may see (causal/window ranges
+    only), normalised exactly (its log-sum-exp is known once the strip is scored), reduced into
+    the statistics and mixed with ``v``, then dropped. Strips are sized to ``STRIP_BYTES`` per
+    GQA group, so memory is ``O(L)`` plus one strip, and a strip stays in cache while it is
+    read several times. Dropout is not applied (the caller uses the two-pass path for it).
+
+    Args:
+        q: ``(B, Hq, Lq, D)``; k: ``(B, Hk, Lk, D)``; v: ``(B, Hk, Lk, Dv)``.
+        spec, topk, pool: as in `stats_forward`.
+        block_q: query rows per strip; default from ``STRIP_BYTES``.
+
+    Returns:
+        `stats_forward`'s dict plus ``output (B, Hq, Lq, Dv)`` (accumulation dtype) and
+        ``lse (B, Hq, Lq)``.
+    """
+    B, Hq, Lq, _ = q.shape
+    Hk, Lk, Dv, G = spec.kv_heads, k.shape[2], v.shape[-1], spec.group
+    acc, dev = spec.acc_dtype, q.device
+    K = min(topk, Lk)
+    q_edges, k_edges = (e.to(device=dev, dtype=torch.int64) for e in pool)
+    Pq, Pk = q_edges.numel() - 1, k_edges.numel() - 1
+    key_segment = segment_of(k_edges)  # (Lk,)
+    if block_q is None:
+        itemsize = torch.empty((), dtype=acc).element_size()
+        block_q = max(16, min(512, STRIP_BYTES // max(1, G * Lk * itemsize)))
+
+    output = torch.zeros(B, Hq, Lq, Dv, dtype=acc, device=dev)
+    lse = torch.full((B, Hq, Lq), float("-inf"), dtype=acc, device=dev)
+    entropy = torch.zeros(B, Hq, Lq, dtype=acc, device=dev)
+    distance = torch.zeros(B, Hq, Lq, dtype=acc, device=dev)
+    received = torch.zeros(B, Hq, Lk, dtype=acc, device=dev)
+    pooled = torch.zeros(B, Hq, Pq, Pk, dtype=acc, device=dev)
+    top_w = torch.zeros(B, Hq, Lq, K, dtype=acc, device=dev)
+    top_i = torch.zeros(B, Hq, Lq, K, dtype=torch.int64, device=dev)
+    groups = [(b, hk, _group_spec(spec, b, hk)) for b in range(B) for hk in range(Hk)]
+
+    for i0 in range(0, Lq, block_q):
+        i1 = min(i0 + block_q, Lq)
+        lo, hi = spec.key_range(i0, i1)
+        if hi <= lo:
+            continue  # no key visible to any row of the strip: zeros and lse = -inf
+        dist = aligned_distance(i0, i1, lo, hi, spec.offset, acc, dev)  # (bq, W) |i' - j|, shared by the groups
+        rows_onehot, r_first = _bin_matrix(q_edges, i0, i1, acc)  # (bq, nr)
+        segments = key_segment[lo:hi]  # (W,)
+        c_first, c_last = int(segments[0]), int(segments[-1]) + 1
+        for b, hk, gspec in groups:
+            h0, h1 = hk * G, (hk + 1) * G
+            q_s = q[b : b + 1, h0:h1, i0:i1]  # (1, G, bq, D)
+            s, _ = gspec.scores(q_s, k[b : b + 1, hk : hk + 1, lo:hi], i0, lo)  # (1, G, bq, W), -inf where masked
+            s = s[0]  # (G, bq, W)
+            m = s.amax(dim=-1, keepdim=True)  # (G, bq, 1)
+            m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+            t = s.sub_(m)  # s - m, in place
+            p = torch.exp(t)  # (G, bq, W) unnormalised
+            total = p.sum(dim=-1, keepdim=True)  # (G, bq, 1)
+            empty = total == 0
+            log_total = torch.log(torch.where(empty, torch.ones_like(total), total))
+            p.div_(torch.where(empty, torch.ones_like(total), total))  # exact weights
+            t.sub_(log_total).clamp_(min=_CLAMP)  # log p, finite where masked (p = 0 there)
+            lse[b, h0:h1, i0:i1] = torch.where(empty, float("-inf"), m + log_total).squeeze(-1)
+            output[b, h0:h1, i0:i1] = torch.matmul(p, v[b, hk, lo:hi].to(acc))  # (G, bq, Dv)
+            entropy[b, h0:h1, i0:i1] = -torch.einsum("gqk,gqk->gq", p, t)
+            distance[b, h0:h1, i0:i1] = torch.einsum("gqk,qk->gq", p, dist)
+            band = torch.matmul(rows_onehot.t(), p)  # (G, nr, W): rows summed into their segments
+            received[b, h0:h1, lo:hi] += band.sum(dim=-2)
+            cell = torch.zeros(G, band.shape[1], c_last - c_first, dtype=acc, device=dev)
+            cell.index_add_(-1, segments - c_first, band)  # (G, nr, nc): keys into their segments
+            pooled[b, h0:h1, r_first : r_first + cell.shape[1], c_first:c_last] += cell
+            if K > 0:
+                kk = min(K, hi - lo)
+                w, idx = torch.topk(p, kk, dim=-1)  # (G, bq, kk)
+                top_w[b, h0:h1, i0:i1, :kk] = w
+                top_i[b, h0:h1, i0:i1, :kk] = idx + lo
+                if kk < K:  # fewer visible keys than K: weight-0 keys outside the range fill the rest
+                    outside = torch.cat([torch.arange(0, lo, device=dev), torch.arange(hi, Lk, device=dev)])
+                    top_i[b, h0:h1, i0:i1, kk:] = outside[: K - kk]
+    return {
+        "output": output,
+        "lse": lse,
         "entropy": entropy,
         "mean_distance": distance,
         "received": received,

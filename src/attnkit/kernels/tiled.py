@@ -385,7 +385,52 @@ def attention_varlen(
 
 
 def statistics(
-    q: Tensor, k: Tensor, v: Tensor | None, spec: AttentionSpec, lse: Tensor, *, topk: int, pool: int
+    q: Tensor, k: Tensor, v: Tensor | None, spec: AttentionSpec, lse: Tensor | None, *, topk: int, pool
 ) -> dict[str, Tensor]:
-    """The statistics pass in PyTorch, one tile at a time (`attnkit.kernels.stats`), on any device."""
-    return stats.stats_forward(q, k, v, spec, lse, topk=topk, pool=pool)
+    """The statistics pass in PyTorch, on any device.
+
+    With the forward's ``lse``: a second blockwise pass over the scores (`attnkit.kernels.stats`).
+    With ``lse=None``: one pass that also returns ``output`` (with autograd: the backward is
+    `backward`'s, from the saved output and log-sum-exp) and ``lse`` (`stats.strip_forward`).
+    """
+    if lse is not None:
+        return stats.stats_forward(q, k, v, spec, lse, topk=topk, pool=pool)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        out, lse, *rest = StripAttention.apply(q, k, v, spec.mask, spec, topk, pool)
+        return {"output": out, "lse": lse, **dict(zip(STAT_NAMES, rest, strict=True))}
+    result = stats.strip_forward(q, k, v, spec, topk=topk, pool=pool)
+    result["output"] = result["output"].to(q.dtype)
+    return result
+
+
+STAT_NAMES = ("entropy", "mean_distance", "received", "topk_index", "topk_weight", "pooled")
+
+
+class StripAttention(torch.autograd.Function):
+    """Output and statistics in one pass (`stats.strip_forward`); the output's gradient as `TiledAttention`'s."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, spec: AttentionSpec, topk: int, pool):
+        spec = dataclasses.replace(spec, mask=mask)
+        result = stats.strip_forward(q, k, v, spec, topk=topk, pool=pool)
+        out, lse = result["output"].to(q.dtype), result["lse"]
+        rest = [result[name] for name in STAT_NAMES]
+        ctx.mark_non_differentiable(*rest)
+        ctx.save_for_backward(q, k, v, mask, out, lse)
+        ctx.spec = spec
+        return (out, lse, *rest)
+
+    @staticmethod
+    def backward(ctx, dout, dlse, *_):
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        spec = dataclasses.replace(ctx.spec, mask=mask)
+        mask_grad = mask is not None and mask.dtype != torch.bool and ctx.needs_input_grad[3]
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv, dmask = backward(
+            dout, q, k, v, out, lse, spec,
+            dlse=dlse if dlse is not None and bool(dlse.any()) else None, mask_grad=mask_grad,
+        )  # fmt: skip
+        if dmask is not None:
+            dmask = dmask.to(mask.dtype)
+        return dq, dk, dv, dmask, None, None, None

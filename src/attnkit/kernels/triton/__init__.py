@@ -109,7 +109,14 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
 
 def statistics(
-    q: Tensor, k: Tensor, v: Tensor | None, spec: AttentionSpec, lse: Tensor, *, topk: int, pool: tuple[Tensor, Tensor]
+    q: Tensor,
+    k: Tensor,
+    v: Tensor | None,
+    spec: AttentionSpec,
+    lse: Tensor | None,
+    *,
+    topk: int,
+    pool: tuple[Tensor, Tensor],
 ):
     """The statistics pass; see `attnkit.kernels.triton.stats.stats_forward`.
 
@@ -119,6 +126,9 @@ def statistics(
     """
     from attnkit.kernels.triton import stats
 
+    if lse is None:  # the forward first (with autograd), then the statistics pass from its lse
+        out, lse = attention(q, k, v, spec)
+        return {"output": out, "lse": lse, **statistics(q, k, v, spec, lse.detach(), topk=topk, pool=pool)}
     per_head = spec.q_len * max(pool[1].numel() - 1, min(topk, spec.kv_len), 1)
     heads = (OFFSET_LIMIT - 1) // per_head // spec.group * spec.group  # whole GQA groups per launch
     if heads == 0:
