@@ -37,7 +37,7 @@ from attnkit.distributed import (
 )
 
 GROUP_TIMEOUT_S = 20  # init_process_group(timeout=...) in the workers
-FAULT_TIMEOUT_S = 3  # the group timeout in the fault tests: the survivor must fail about this fast
+FAULT_TIMEOUT_S = 3  # the timeout of the pair groups in the fault tests: the survivor must fail about this fast
 WORKER_TIMEOUT_S = 120  # each worker process is killed after this
 TOL = 1e-5  # fp32 ring/Ulysses against the float64 single-process result
 
@@ -295,7 +295,9 @@ def _worker(args: argparse.Namespace) -> int:
     else:  # faults: two pairs {0, 1} and {2, 3}; ranks 1 and 3 misbehave, ranks 0 and 2 must raise PeerError
         import torch.distributed as dist
 
-        timeout = datetime.timedelta(seconds=args.group_timeout)  # a new group does not inherit the default's
+        # Only the pairs, where the faults happen, get the short timeout: the default group's also bounds the
+        # rendezvous, i.e. how far apart the 4 processes finish importing torch, which a loaded machine stretches.
+        timeout = datetime.timedelta(seconds=FAULT_TIMEOUT_S)  # a new group does not inherit the default's
         pairs = [dist.new_group(pair, timeout=timeout) for pair in ([0, 1], [2, 3])]  # every rank creates both
         pair = args.rank // 2
         fault, method = FAULT_SUITES[args.suite][pair]
@@ -402,11 +404,15 @@ def test_context_parallel_model_matches_single_process(equal_results, world, cas
         assert errs["grads"] <= MODEL_TOL, f"rank {rank} of {world}: parameter gradients differ by {errs['grads']:.2e}"
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(WORKER_TIMEOUT_S + 60)
 @pytest.mark.parametrize("suite", list(FAULT_SUITES))
 def test_dead_or_hung_peer_fails_fast(tmp_path, suite):
-    start = time.monotonic()
-    results = _spawn_until(4, suite, tmp_path, ranks=(0, 2), limit=40)
+    """Failing fast is timed inside the workers, from the call; the wall clock here only guards against a hang.
+
+    Starting 4 processes that import torch takes about 5 s on a quiet 2-core machine and 30 s at a
+    load of 13, so a wall-clock bound on the whole test measures the machine, not the library.
+    """
+    results = _spawn_until(4, suite, tmp_path, ranks=(0, 2), limit=WORKER_TIMEOUT_S)
     for rank, (fault, method) in zip((0, 2), FAULT_SUITES[suite]):
         got = results[rank]["fault"]
         assert got["error"] is not None, f"{method} returned although its peer {fault}"
@@ -415,12 +421,11 @@ def test_dead_or_hung_peer_fails_fast(tmp_path, suite):
         assert got["elapsed"] <= FAULT_TIMEOUT_S + 5, f"{method}, peer {fault}: failed after {got['elapsed']:.1f} s"
         if fault == "dies":  # a closed connection is noticed at once, not at the timeout
             assert got["elapsed"] < FAULT_TIMEOUT_S, got
-    assert time.monotonic() - start < 60
 
 
 def _spawn_until(world: int, suite: str, tmp: Path, *, ranks: tuple[int, ...], limit: float) -> dict[int, dict]:
     """Like `_spawn`, but return once ``ranks`` have finished (at most ``limit`` s); kill the others."""
-    procs = _start(world, suite, tmp, FAULT_TIMEOUT_S)
+    procs = _start(world, suite, tmp, GROUP_TIMEOUT_S)
     deadline = time.monotonic() + limit
     try:
         for r in ranks:
