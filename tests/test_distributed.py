@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import socket
 import subprocess
@@ -550,6 +551,30 @@ def test_errors_name_the_argument():
         ring_attention(x, x, x)
     with pytest.raises(ValueError, match="multiple of 2"):
         segments(0, 2, "zigzag", 5)
+
+
+def test_descriptor_fields_in_one_process():
+    """The descriptor in one process: equal arguments agree, each option is its own field, versions stop early."""
+    from attnkit.distributed import ring as peers
+    from attnkit.functional import build_spec
+    from attnkit.masks import alibi_slopes
+
+    x = torch.randn(1, 4, 6, 8)
+
+    def words(layout="contiguous", seq_len=12, error=None, **options):
+        spec = None if error else build_spec(x, x, x, **options)
+        return peers._describe("ring_attention", x, x, x, spec, layout, seq_len, error)
+
+    a = words(causal=True, alibi=True)
+    assert len(a) == peers.DESCRIPTOR_WORDS
+    assert peers._disagreements([a, words(causal=True, alibi=alibi_slopes(4), scale=1 / math.sqrt(8))]) == []
+    assert peers._disagreements([a, a, words(causal=True, alibi=True, window=(3, None), softcap=2.0)]) == [
+        "window: ranks 0, 1: None; rank 2: (3, None)",
+        "softcap: ranks 0, 1: None; rank 2: 2.0",
+    ]
+    assert words(error=ValueError())[peers._ARGUMENTS] == 2 and words(error=TypeError())[peers._ARGUMENTS] == 1
+    other_version = [a[0] + 1, *[w + 1 for w in a[1:]]]
+    assert peers._disagreements([a, other_version]) == [f"protocol: rank 0: {a[0]}; rank 1: {a[0] + 1}"]
 
 
 @pytest.mark.parametrize("causal", [False, True])

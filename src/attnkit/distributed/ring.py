@@ -124,6 +124,7 @@ _FIELDS: tuple[tuple[str, int], ...] = (  # (name in messages, int64 words), in 
     ("seq_len", 1),  # resolved (None -> P * shard length)
 )
 DESCRIPTOR_WORDS = sum(width for _, width in _FIELDS)
+_ARGUMENTS = 2  # the word of the "arguments" field
 
 
 def _bits(x: float) -> int:
@@ -231,6 +232,14 @@ def _disagreements(table: list[list[int]]) -> list[str]:
     return lines
 
 
+def _descriptor_device(group, q) -> torch.device:
+    """Where the descriptor travels: the CPU, unless the group only speaks NCCL (then this rank's GPU)."""
+    backend = str(dist.get_backend(group))
+    if "nccl" not in backend or "gloo" in backend:
+        return torch.device("cpu")
+    return q.device if isinstance(q, Tensor) and q.is_cuda else torch.device("cuda", torch.cuda.current_device())
+
+
 def _exchange(who: str, group, words: list[int], device: torch.device) -> list[list[int]]:
     """Every rank's descriptor, in group rank order: one all_gather of ``(DESCRIPTOR_WORDS,)`` int64."""
     mine = torch.tensor(words, dtype=torch.int64, device=device)  # (N,)
@@ -239,7 +248,7 @@ def _exchange(who: str, group, words: list[int], device: torch.device) -> list[l
         dist.all_gather(rows, mine, group=group)
     except RuntimeError as e:  # gloo: a closed connection or the timeout
         raise peer_failed(who, group, "exchanging argument descriptors (before any data moved)", e) from e
-    return torch.stack(rows).tolist()  # (P, N)
+    return torch.stack(rows).tolist()  # (P, N); on a GPU this waits for the stream, once per call
 
 
 def agreed_arguments(
@@ -304,21 +313,18 @@ def agreed_arguments(
         except (TypeError, ValueError) as e:
             spec, error = None, e
     words = _describe(who, q, k, v, spec, layout, seq_len, error)
-    if world > 1:
-        nccl_only = "nccl" in str(dist.get_backend(group)) and "gloo" not in str(dist.get_backend(group))
-        device = torch.device("cpu")
-        if nccl_only:
-            device = (
-                q.device if isinstance(q, Tensor) and q.is_cuda else torch.device("cuda", torch.cuda.current_device())
-            )
-        table = _exchange(who, group, words, device)
-    else:
-        table = [words]
+    try:
+        table = _exchange(who, group, words, _descriptor_device(group, q)) if world > 1 else [words]
+    except PeerError as failed:
+        if error is not None:  # this rank's own mistake is the news, whatever its peers did
+            raise error from failed
+        raise
     if error is not None:
         raise error
-    rejected = [r for r, row in enumerate(table) if row[2] != 0]  # the "arguments" word
-    if rejected:
-        verdicts = sorted({_VERDICTS[table[r][2]] for r in rejected})
+    lines = _disagreements(table)
+    rejected = [r for r, row in enumerate(table) if row[_ARGUMENTS] != 0]
+    if rejected and not (lines and lines[0].startswith("protocol:")):
+        verdicts = sorted({_VERDICTS[table[r][_ARGUMENTS]] for r in rejected})
         raise PeerError(
             f"{who}: rank {rank} of {world}: {_ranks(rejected)} rejected {'its' if len(rejected) == 1 else 'their'} "
             f"own arguments ({', '.join(verdicts)}, raised there), so no rank computes"
