@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import socket
 import subprocess
@@ -37,7 +38,7 @@ from attnkit.distributed import (
 )
 
 GROUP_TIMEOUT_S = 20  # init_process_group(timeout=...) in the workers
-FAULT_TIMEOUT_S = 3  # the group timeout in the fault tests: the survivor must fail about this fast
+FAULT_TIMEOUT_S = 3  # the timeout of the pair groups in the fault tests: the survivor must fail about this fast
 WORKER_TIMEOUT_S = 120  # each worker process is killed after this
 TOL = 1e-5  # fp32 ring/Ulysses against the float64 single-process result
 
@@ -69,6 +70,26 @@ MODEL_CASES: dict[str, dict] = {
 }
 MODEL_TOL = 1e-9
 WORLDS = (2, 3, 4)
+# Ranks that pass different shards or options: one group of PEER_WORLD ranks runs every case, rank "odd"
+# passes something else, and every rank must raise PeerError naming the field and each rank's value.
+PEER_WORLD = 3
+PEER_SHAPE = (1, 3, 4, 8)  # (B, H, L / P, D): Hq = 3 divides P = 3, so Ulysses takes it too
+PEER_CASES: dict[str, dict] = {
+    "length": dict(fn="ring", odd=2, field="q shape", shape=(1, 3, 6, 8), values=("(1, 3, 4, 8)", "(1, 3, 6, 8)")),
+    "dtype": dict(fn="ring", odd=1, field="q dtype", dtype="float64", values=("torch.float32", "torch.float64")),
+    "same-numel-other-shape": dict(
+        fn="ulysses", odd=2, field="q shape", shape=(1, 6, 2, 8), values=("(1, 3, 4, 8)", "(1, 6, 2, 8)")
+    ),
+    "causal": dict(fn="ulysses", odd=1, field="causal", kw=dict(causal=True), values=("False", "True")),
+    "window": dict(fn="ring", odd=2, field="window", kw=dict(window=(2, 1)), values=("None", "(2, 1)")),
+    "scale": dict(fn="ring", odd=1, field="scale", kw=dict(scale=0.5), values=(repr(1 / 8**0.5), "0.5")),
+    "alibi": dict(fn="ulysses", odd=2, field="alibi", kw=dict(alibi=True), values=("None", "slopes summing to")),
+    "layout": dict(fn="ring", odd=1, field="layout", kw=dict(layout="zigzag"), values=("'contiguous'", "'zigzag'")),
+    "gradients": dict(fn="ring", odd=2, field="gradients", grad=True, values=("no gradients", "needs gradients")),
+    "function": dict(
+        fn="ring", odd=1, field="function", other="ulysses", values=("ring_attention", "ulysses_attention")
+    ),
+}
 # Each fault suite runs 4 ranks as two pairs: (what rank 1 does, method of pair 0), (rank 3, pair 1).
 FAULT_SUITES = {
     "faults-a": (("dies", "ring"), ("hangs", "ulysses")),
@@ -207,6 +228,50 @@ def _run_model_case(opts: dict, rank: int, world: int) -> dict[str, float]:
     }
 
 
+def _run_peer_suite(rank: int, world: int) -> dict[str, dict]:
+    """Every PEER_CASES case, then a correct call (the group still works), then a late call after rank 0 gave up."""
+    results: dict[str, dict] = {}
+
+    def call(fn, *args, **kwargs) -> dict:
+        start = time.monotonic()
+        try:
+            fn(*args, **kwargs)
+            return {"error": None}
+        except Exception as e:
+            cause = e.__cause__
+            return {
+                "error": f"{type(e).__name__}: {e}",
+                "cause": None if cause is None else [c.__name__ for c in type(cause).__mro__],
+                "elapsed": time.monotonic() - start,
+            }
+
+    for name, opts in PEER_CASES.items():
+        odd = rank == opts["odd"]
+        dtype = getattr(torch, opts["dtype"]) if odd and "dtype" in opts else torch.float32
+        x = torch.randn(opts["shape"] if odd and "shape" in opts else PEER_SHAPE, dtype=dtype)
+        x.requires_grad_(odd and opts.get("grad", False))
+        method = opts["other"] if odd and "other" in opts else opts["fn"]
+        fn = ring_attention if method == "ring" else ulysses_attention
+        results[name] = call(fn, x, x, x, **(opts.get("kw", {}) if odd else {}))
+    # One rank rejects its own arguments: it raises its ValueError, its peers learn it at once.
+    x = torch.randn(PEER_SHAPE)
+    results["rejected"] = call(ring_attention, x, x, x, seq_len=0 if rank == 1 else None)
+
+    # After all that, agreeing ranks compute the right answer on the same group.
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 3, 4 * world, 8, generator=gen) for _ in range(3))
+    want = shard(attnkit.attention(q, k, v, causal=True), rank, world, layout="zigzag")
+    got = ulysses_attention(*(shard(x, rank, world, layout="zigzag") for x in (q, k, v)), causal=True, layout="zigzag")
+    results["agreeing"] = {"error": (got - want).abs().max().item()}
+
+    # Rank 0 gives up (its process ends, as after an uncaught error); the others arrive late.
+    if rank == 0:
+        return results
+    time.sleep(1.0)
+    results["late"] = call(ring_attention, x, x, x)
+    return results
+
+
 def _worker(args: argparse.Namespace) -> int:
     out_path = Path(args.out) / f"rank{args.rank}.json"
     try:
@@ -226,10 +291,14 @@ def _worker(args: argparse.Namespace) -> int:
                 results[name] = _run_model_case(opts, args.rank, args.world)
             except Exception as e:
                 results[name] = {"error": f"{type(e).__name__}: {e}"}
+    elif args.suite == "peers":
+        results = _run_peer_suite(args.rank, args.world)
     else:  # faults: two pairs {0, 1} and {2, 3}; ranks 1 and 3 misbehave, ranks 0 and 2 must raise PeerError
         import torch.distributed as dist
 
-        timeout = datetime.timedelta(seconds=args.group_timeout)  # a new group does not inherit the default's
+        # Only the pairs, where the faults happen, get the short timeout: the default group's also bounds the
+        # rendezvous, i.e. how far apart the 4 processes finish importing torch, which a loaded machine stretches.
+        timeout = datetime.timedelta(seconds=FAULT_TIMEOUT_S)  # a new group does not inherit the default's
         pairs = [dist.new_group(pair, timeout=timeout) for pair in ([0, 1], [2, 3])]  # every rank creates both
         pair = args.rank // 2
         fault, method = FAULT_SUITES[args.suite][pair]
@@ -336,11 +405,15 @@ def test_context_parallel_model_matches_single_process(equal_results, world, cas
         assert errs["grads"] <= MODEL_TOL, f"rank {rank} of {world}: parameter gradients differ by {errs['grads']:.2e}"
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(WORKER_TIMEOUT_S + 60)
 @pytest.mark.parametrize("suite", list(FAULT_SUITES))
 def test_dead_or_hung_peer_fails_fast(tmp_path, suite):
-    start = time.monotonic()
-    results = _spawn_until(4, suite, tmp_path, ranks=(0, 2), limit=40)
+    """Failing fast is timed inside the workers, from the call; the wall clock here only guards against a hang.
+
+    Starting 4 processes that import torch takes about 5 s on a quiet 2-core machine and 30 s at a
+    load of 13, so a wall-clock bound on the whole test measures the machine, not the library.
+    """
+    results = _spawn_until(4, suite, tmp_path, ranks=(0, 2), limit=WORKER_TIMEOUT_S)
     for rank, (fault, method) in zip((0, 2), FAULT_SUITES[suite]):
         got = results[rank]["fault"]
         assert got["error"] is not None, f"{method} returned although its peer {fault}"
@@ -349,12 +422,11 @@ def test_dead_or_hung_peer_fails_fast(tmp_path, suite):
         assert got["elapsed"] <= FAULT_TIMEOUT_S + 5, f"{method}, peer {fault}: failed after {got['elapsed']:.1f} s"
         if fault == "dies":  # a closed connection is noticed at once, not at the timeout
             assert got["elapsed"] < FAULT_TIMEOUT_S, got
-    assert time.monotonic() - start < 60
 
 
 def _spawn_until(world: int, suite: str, tmp: Path, *, ranks: tuple[int, ...], limit: float) -> dict[int, dict]:
     """Like `_spawn`, but return once ``ranks`` have finished (at most ``limit`` s); kill the others."""
-    procs = _start(world, suite, tmp, FAULT_TIMEOUT_S)
+    procs = _start(world, suite, tmp, GROUP_TIMEOUT_S)
     deadline = time.monotonic() + limit
     try:
         for r in ranks:
@@ -367,6 +439,58 @@ def _spawn_until(world: int, suite: str, tmp: Path, *, ranks: tuple[int, ...], l
     missing = [r for r in ranks if not (tmp / f"rank{r}.json").exists()]
     assert not missing, f"ranks {missing} wrote no result within {limit} s"
     return {r: json.loads((tmp / f"rank{r}.json").read_text()) for r in ranks}
+
+
+@pytest.fixture(scope="module")
+def peer_results(tmp_path_factory) -> dict[int, dict]:
+    return _spawn(PEER_WORLD, "peers", tmp_path_factory.mktemp("peers"), GROUP_TIMEOUT_S)
+
+
+def _holders(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", list(PEER_CASES))
+def test_mismatched_peers_all_raise_peer_error(peer_results, case):
+    """Every rank raises PeerError naming the field, which ranks hold which value; none hangs, aborts or computes."""
+    opts = PEER_CASES[case]
+    assert sorted(peer_results) == list(range(PEER_WORLD)), f"ranks without results: {peer_results.keys()}"
+    same = [r for r in range(PEER_WORLD) if r != opts["odd"]]
+    want = f"\n  {opts['field']}: {_holders(same)}: {opts['values'][0]}; rank {opts['odd']}: {opts['values'][1]}"
+    for rank, res in peer_results.items():
+        assert "init_error" not in res, res
+        err = res[case]["error"]
+        assert err is not None, f"rank {rank} computed although rank {opts['odd']} passed another {opts['field']}"
+        assert err.startswith("PeerError: "), f"rank {rank}: {err}"
+        assert "the ranks of the group disagree, so no rank computes" in err, f"rank {rank}: {err}"
+        assert want in err, f"rank {rank}: {err!r} lacks {want!r}"
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_that_rejects_its_arguments_fails_its_peers_at_once(peer_results):
+    assert peer_results[1]["rejected"]["error"].startswith("ValueError: ring_attention: seq_len must be"), peer_results
+    for rank in (0, 2):
+        err = peer_results[rank]["rejected"]["error"]
+        assert err.startswith(f"PeerError: ring_attention: rank {rank} of 3: rank 1 rejected its own arguments "), err
+        assert "(ValueError, raised there)" in err, err
+
+
+@pytest.mark.timeout(120)
+def test_agreeing_peers_still_compute_after_peer_errors(peer_results):
+    for rank, res in peer_results.items():
+        assert res["agreeing"]["error"] <= TOL, f"rank {rank}: {res['agreeing']}"
+
+
+@pytest.mark.timeout(120)
+def test_a_late_rank_after_its_peer_gave_up_gets_peer_error(peer_results):
+    """Rank 0 is gone when ranks 1 and 2 call: PeerError chained to gloo's RuntimeError, at once (no timeout)."""
+    for rank in (1, 2):
+        got = peer_results[rank]["late"]
+        assert got["error"] is not None and got["error"].startswith("PeerError: ring_attention"), got
+        assert "a peer likely failed or mismatched" in got["error"], got
+        assert got["cause"] is not None and "RuntimeError" in got["cause"] and "PeerError" not in got["cause"], got
+        assert got["elapsed"] < GROUP_TIMEOUT_S, got
 
 
 # --------------------------------------------------------- in one process
@@ -474,6 +598,30 @@ def test_errors_name_the_argument():
         segments(0, 2, "zigzag", 5)
 
 
+def test_descriptor_fields_in_one_process():
+    """The descriptor in one process: equal arguments agree, each option is its own field, versions stop early."""
+    from attnkit.distributed import ring as peers
+    from attnkit.functional import build_spec
+    from attnkit.masks import alibi_slopes
+
+    x = torch.randn(1, 4, 6, 8)
+
+    def words(layout="contiguous", seq_len=12, error=None, **options):
+        spec = None if error else build_spec(x, x, x, **options)
+        return peers._describe("ring_attention", x, x, x, spec, layout, seq_len, error)
+
+    a = words(causal=True, alibi=True)
+    assert len(a) == peers.DESCRIPTOR_WORDS
+    assert peers._disagreements([a, words(causal=True, alibi=alibi_slopes(4), scale=1 / math.sqrt(8))]) == []
+    assert peers._disagreements([a, a, words(causal=True, alibi=True, window=(3, None), softcap=2.0)]) == [
+        "window: ranks 0, 1: None; rank 2: (3, None)",
+        "softcap: ranks 0, 1: None; rank 2: 2.0",
+    ]
+    assert words(error=ValueError())[peers._ARGUMENTS] == 2 and words(error=TypeError())[peers._ARGUMENTS] == 1
+    other_version = [a[0] + 1, *[w + 1 for w in a[1:]]]
+    assert peers._disagreements([a, other_version]) == [f"protocol: rank 0: {a[0]}; rank 1: {a[0] + 1}"]
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("backward", [False, True])
 def test_overlap_model_balances_compute_and_transfer(causal, backward):
@@ -500,7 +648,7 @@ if __name__ == "__main__":
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--world", type=int, required=True)
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--suite", choices=["equal", *FAULT_SUITES], required=True)
+    parser.add_argument("--suite", choices=["equal", "peers", *FAULT_SUITES], required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--group-timeout", type=float, default=GROUP_TIMEOUT_S)
     sys.exit(_worker(parser.parse_args()))

@@ -23,9 +23,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from attnkit.distributed.ring import PeerError, group_timeout
-from attnkit.distributed.sharding import Layout, check_layout, merge_shards, segments
-from attnkit.functional import Alibi, Window, attention, build_spec
+from attnkit.distributed.ring import agreed_arguments, peer_failed
+from attnkit.distributed.sharding import Layout, merge_shards, segments
+from attnkit.functional import Alibi, Window, attention
+from attnkit.spec import AttentionSpec
 
 __all__ = ["ulysses_attention"]
 
@@ -49,12 +50,8 @@ def _all_to_all(x: Tensor, group) -> Tensor:
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, whatever x's strides were
     try:
         dist.all_to_all_single(out, x, group=group)
-    except Exception as e:  # gloo raises RuntimeError; say what we were doing
-        raise PeerError(
-            f"ulysses_attention: rank {dist.get_rank(group)} of {dist.get_world_size(group)} failed in the "
-            f"all-to-all of a {tuple(x.shape)} tensor: a peer died, hangs, or passed other shapes. "
-            f"Process-group timeout: {group_timeout(group)}. Cause: {e}"
-        ) from e
+    except RuntimeError as e:  # gloo: a closed connection or the timeout; say what we were doing
+        raise peer_failed("ulysses_attention", group, f"in the all-to-all of a {tuple(x.shape)} tensor", e) from e
     return out
 
 
@@ -76,6 +73,14 @@ def _heads_to_seq(x: Tensor, group, world: int, rank: int, layout: Layout) -> Te
         parts.append(torch.cat([x[:, :, s.start : s.start + s.length] for s in segs], dim=2))  # (B, H/P, Ls, D)
     x = _AllToAll.apply(torch.stack(parts).contiguous(), group)  # (P, B, H/P, Ls, D): row p = heads of rank p
     return x.transpose(0, 1).reshape(B, Hp * world, Ls, D)  # (B, H, Ls, D)
+
+
+def _check_heads(spec: AttentionSpec, world: int) -> None:
+    if spec.q_heads % world != 0:
+        raise ValueError(
+            f"ulysses_attention: the query heads Hq={spec.q_heads} must be divisible by the world size P={world}; "
+            "use ring_attention, which has no such constraint"
+        )
 
 
 def ulysses_attention(
@@ -106,26 +111,17 @@ def ulysses_attention(
 
     Returns:
         ``out (B, Hq, L / P, Dv)`` in ``q.dtype``.
+
+    Raises:
+        PeerError, TypeError, ValueError: as in `ring_attention` (the same `agreed_arguments`).
     """
-    check_layout(layout, "ulysses_attention")
-    spec = build_spec(q, k, v, causal=causal, window=window, alibi=alibi, softcap=softcap, scale=scale)
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("ulysses_attention: torch.distributed is not initialised; call init_process_group first")
+    options = dict(causal=causal, window=window, alibi=alibi, softcap=softcap, scale=scale)
+    spec, seq_len = agreed_arguments(
+        "ulysses_attention", q, k, v, group=group, layout=layout, seq_len=seq_len, options=options, check=_check_heads
+    )
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    _, Hq, Ls, _ = q.shape
-    if q.shape[2] != k.shape[2]:
-        raise ValueError(f"ulysses_attention: q and k shards must have the same length; got q {q.shape}, k {k.shape}")
-    if Hq % world != 0:
-        raise ValueError(
-            f"ulysses_attention: the query heads Hq={Hq} must be divisible by the world size P={world}; "
-            "use ring_attention, which has no such constraint"
-        )
-    segments(rank, world, layout, Ls)  # validates the shard length for the layout
+    Hq, Ls = spec.q_heads, q.shape[2]
     total = world * Ls
-    if seq_len is None:
-        seq_len = total
-    elif isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 0 < seq_len <= total:
-        raise ValueError(f"ulysses_attention: seq_len must be an int in [1, {total}], got {seq_len!r}")
     if spec.kv_heads % world != 0:
         k = k.repeat_interleave(spec.group, dim=1)  # (B, Hq, Ls, D): query head h reads key head h // G
         v = v.repeat_interleave(spec.group, dim=1)  # (B, Hq, Ls, Dv)
