@@ -25,7 +25,8 @@ from torch import Tensor
 
 from attnkit.distributed.ring import agreed_arguments, peer_failed
 from attnkit.distributed.sharding import Layout, merge_shards, segments
-from attnkit.functional import Alibi, Window, attention
+from attnkit.functional import attend
+from attnkit.options import Alibi, AttentionOptions, Window
 from attnkit.spec import AttentionSpec
 
 __all__ = ["ulysses_attention"]
@@ -132,7 +133,9 @@ def ulysses_attention(
     qh = _seq_to_heads(q, group, world, layout)[:, :, :seq_len]  # (B, Hq/P, seq_len, D)
     kh = _seq_to_heads(k, group, world, layout)[:, :, :seq_len]  # (B, Hk/P, seq_len, D)
     vh = _seq_to_heads(v, group, world, layout)[:, :, :seq_len]  # (B, Hk/P, seq_len, Dv)
-    out = attention(qh, kh, vh, causal=causal, window=window, alibi=slopes, softcap=softcap, scale=spec.scale)
+    # On behalf of the caller's call (which hooks already saw): the un-hooked entry.
+    options = AttentionOptions(causal=causal, window=window, alibi=slopes, softcap=softcap, scale=spec.scale)
+    out = attend(qh, kh, vh, options)
     if seq_len < total:  # padded query positions: zeros, dropped by unsharding
         out = torch.nn.functional.pad(out, (0, 0, 0, total - seq_len))  # (B, Hq/P, L_pad, Dv)
     return _heads_to_seq(out, group, world, rank, layout)
