@@ -226,7 +226,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=POSITIVE,
         default=None,
-        help="torch threads per rank (default cores / ranks)",
+        help="torch threads per rank (default: $OMP_NUM_THREADS, else $MKL_NUM_THREADS, else cores / ranks)",
     )
     parser.add_argument("--repeat", type=POSITIVE, default=3)
     parser.add_argument("--timeout", type=positive_float, default=1800.0, help="seconds per configuration")
@@ -242,6 +242,9 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")
     import torch
 
+    from attnkit.apps.harness import thread_count
+
+    chosen, source = thread_count(args.threads)
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     itemsize = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     configs = [("single", 1)] + [(m, p) for m in args.methods for p in args.ranks]
@@ -259,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
         if why:
             rows.append({**row, "note": f"skipped: {why}"})
             continue
-        threads = args.threads or max(1, (os.cpu_count() or 1) // world)
+        threads = chosen if source != "torch's default" else max(1, (os.cpu_count() or 1) // world)
         result = run_config(
             world, args.timeout, method=method, layout=args.layout, device=args.device, dtype=dtype,
             batch=args.batch, heads=args.heads, kv_heads=kv_heads, length=args.length, head_dim=args.head_dim,

@@ -7,7 +7,7 @@ dependency distance, training throughput, time per step and peak memory against 
 (a fresh process per case), and the gradient reaching each position against its distance,
 then regenerates the table with the measured numbers (Markdown and JSON) and draws four plots.
 
-    attnkit compare --quick              # under a minute on 2 cores
+    attnkit compare --quick              # 36 s to 111 s measured on 2 busy cores (docs/compare.md)
     attnkit compare --out docs/results/compare
     python -m attnkit.apps.compare.command --quick
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -68,14 +67,15 @@ def _ints(text: str) -> list[int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     positive = int_at_least(1)
-    parser.add_argument("--quick", action="store_true", help="a small run (under a minute on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="a small run (36-111 s on 2 busy cores: docs/compare.md)")
     parser.add_argument("--out", default="out/compare", help="folder for compare.json, compare.md and the PNGs")
     parser.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the data, the initialisations, order")
     parser.add_argument(
         "--threads",
         type=positive,
         default=None,
-        help="torch threads (default: all cores)",
+        help="torch threads, here and in every case's process (default: $OMP_NUM_THREADS, else $MKL_NUM_THREADS, "
+        "else torch's default, one per core)",
     )
     parser.add_argument("--tasks", default=None, help="comma-separated subset of retrieval,copy,adding,lookup")
     parser.add_argument("--distances", type=_ints, default=None, help="accuracy distances for every task (d1,d2,..)")
@@ -204,11 +204,11 @@ def _record_parameters(task, models, results) -> None:
 def _speed(plan, size, threads, seed, timeout, results, progress) -> None:
     from attnkit.apps.compare.measure import complexity
     from attnkit.apps.compare.tasks import get_task
-    from attnkit.apps.harness import run_case
+    from attnkit.apps.harness import run_case, thread_env
 
     cases = [(t, m, d) for t, ds in plan["speed"].items() for m in SPEED_MODELS[t] for d in ds]
     stopped: set[tuple[str, str]] = set()
-    env = {"OMP_NUM_THREADS": str(threads)}
+    env = thread_env(threads)
     for task, model, d in progress(cases, desc="throughput and memory", total=len(cases)):
         length = get_task(task).length(d)
         row: dict[str, Any] = {"task": task, "model": model, "distance": d, "length": length,
@@ -237,9 +237,9 @@ def run(args: argparse.Namespace) -> int:
     from attnkit.apps.compare.networks import ModelSize
     from attnkit.apps.compare.report import glance_rows, markdown, plot_all
     from attnkit.apps.compare.train import TrainConfig
-    from attnkit.apps.harness import command_line, machine_info, progress
+    from attnkit.apps.harness import command_line, machine_info, progress, thread_count
 
-    threads = args.threads or os.cpu_count() or 1
+    threads, threads_from = thread_count(args.threads)
     torch.set_num_threads(threads)
     size = ModelSize(width=args.width, heads=args.heads, depth=args.depth, lstm_depth=args.lstm_depth)
     config = TrainConfig(
@@ -255,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
     results["size"] = {**size.__dict__, "batch_speed": plan["speed_batch"]}
     results["plan"] = plan
     results["threads"] = threads
+    results["threads_from"] = threads_from
     results["notes"] += _notes(plan, results)
     results["glance"] = glance_rows(results)
     results["meta"] = {
