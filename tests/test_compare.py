@@ -292,3 +292,46 @@ def test_cli_knows_the_command():
 
     args = build_parser().parse_args(["compare", "--quick", "--tasks", "retrieval"])
     assert args.quick and args.tasks == "retrieval"
+
+
+# ------------------------------------------------------------------------------ threads (issue 12, item 10)
+def test_thread_count_honours_the_users_settings(monkeypatch):
+    from attnkit.apps.checks import UsageError
+    from attnkit.apps.harness import thread_count, thread_env
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.setenv("MKL_NUM_THREADS", "5")
+    assert thread_count(2) == (2, "--threads")
+    assert thread_count(None) == (3, "OMP_NUM_THREADS")
+    monkeypatch.setenv("OMP_NUM_THREADS", "4,2")  # an OpenMP list: the outer level counts
+    assert thread_count(None) == (4, "OMP_NUM_THREADS")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert thread_count(None) == (5, "MKL_NUM_THREADS")
+    monkeypatch.delenv("MKL_NUM_THREADS")
+    assert thread_count(None) == (torch.get_num_threads(), "torch's default")
+    monkeypatch.setenv("OMP_NUM_THREADS", "many")
+    with pytest.raises(UsageError, match="OMP_NUM_THREADS='many' is not a positive integer"):
+        thread_count(None)
+    assert thread_env(1) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def test_compare_honours_omp_num_threads_in_every_process(tmp_path):
+    """With OMP_NUM_THREADS=1 the training and each fresh throughput/memory process use one thread."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
+    env.pop("MKL_NUM_THREADS", None)
+    out = tmp_path / "cmp"
+    args = [sys.executable, "-m", "attnkit", "compare", "--quick", "--steps", "2", "--tasks", "retrieval"]
+    args += ["--distances", "8", "--lengths", "8", "--no-plots", "--out", str(out)]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads((out / "compare.json").read_text())
+    assert data["threads"] == 1 and data["threads_from"] == "OMP_NUM_THREADS"
+    assert data["meta"]["machine"]["torch_threads"] == 1
+    speed = [r for r in data["speed"] if "error" not in r]
+    assert len(speed) == 2 and all(r["threads"] == 1 for r in speed), data["speed"]

@@ -3,6 +3,10 @@
 Each command lives in its own module exposing ``add_arguments(parser)`` and ``run(args)``;
 this file only wires them up, importing each lazily so ``attnkit --help`` stays fast and
 a command whose optional dependencies are missing fails with its own clear message.
+
+A user error is one line on stderr and exit status 2 (`attnkit.apps.checks`): argparse's
+own errors, and the `UsageError` a command raises while checking its arguments, before it
+loads a model or runs anything long.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import importlib
 import importlib.util
 import pkgutil
 import sys
+
+from attnkit.apps.checks import Parser, run_command
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -52,31 +58,36 @@ def bench_modules() -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="attnkit", description="Exact, fast self-attention and tools to see it.")
+    parser = Parser(prog="attnkit", description="Exact, fast self-attention and tools to see it.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         if not _present(module):
             continue
         p = sub.add_parser(name, help=help_text, description=help_text)
         importlib.import_module(module).add_arguments(p)
-        p.set_defaults(_run=importlib.import_module(module).run)
+        p.set_defaults(_run=importlib.import_module(module).run, _parser=p)
     bench = sub.add_parser("bench", help="benchmarks (each case in a fresh subprocess; results under docs/results/)")
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     for name, module_name in sorted(bench_modules().items()):
         module = importlib.import_module(module_name)
         p = bench_sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _parser=p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``attnkit ARGV``; returns the exit status.
+
+    A user error is one line on stderr and status 2: returned for the checks a command makes
+    (`attnkit.apps.checks.UsageError`), raised as ``SystemExit(2)`` by argparse for the rest.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
-    return int(args._run(args) or 0)
+    return run_command(args._parser, args._run, args)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,43 @@ def time_fn(fn: Callable[[], Any], *, warmup: int = 1, repeat: int = 3, max_seco
     return {"median_s": statistics.median(times), "min_s": min(times), "runs": len(times)}
 
 
+# ------------------------------------------------------------------ threads
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def thread_count(explicit: int | None = None) -> tuple[int, str]:
+    """``(threads, source)``: the torch intra-op threads a command should use, and where the number came from.
+
+    ``explicit`` (a ``--threads`` option) first, then the user's ``OMP_NUM_THREADS``, then
+    ``MKL_NUM_THREADS`` (the first value of a comma-separated OpenMP list), then torch's own
+    default (one thread per physical core). A command sets it with ``torch.set_num_threads``
+    and passes it on to the fresh processes of its cases, so a limit the user set holds everywhere.
+
+    Raises:
+        UsageError: a thread variable that is set is not a positive integer.
+    """
+    if explicit is not None:
+        return int(explicit), "--threads"
+    for name in THREAD_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if not value:
+            continue
+        first = value.split(",")[0].strip()
+        if not first.isdigit() or int(first) < 1:
+            from attnkit.apps.checks import UsageError
+
+            raise UsageError(f"{name}={value!r} is not a positive integer; unset it or give --threads")
+        return int(first), name
+    import torch
+
+    return torch.get_num_threads(), "torch's default"
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """The environment that holds a fresh process to ``threads`` threads (OpenMP and MKL alike)."""
+    return {name: str(threads) for name in THREAD_VARIABLES}
+
+
 # ------------------------------------------------------------ the fresh process
 def _child(target: str, kwargs_json: str) -> None:
     module, _, name = target.partition(":")

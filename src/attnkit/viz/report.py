@@ -30,6 +30,7 @@ import hashlib
 import html
 import json
 import math
+import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -394,7 +395,6 @@ def render_report(data: ReportData) -> str:
         "img-src data: blob:; connect-src 'none'; base-uri 'none'; form-action 'none'"
     )
     page = _asset("report.html")
-    # Substitute each placeholder exactly once, data last, so no input text is ever re-scanned.
     parts = {
         "{{CSP}}": html.escape(policy, quote=True),
         "{{TITLE}}": html.escape(data.title),
@@ -402,13 +402,13 @@ def render_report(data: ReportData) -> str:
         "{{JS}}": js,
         "{{DATA}}": _script_json(data.to_dict()),
     }
-    out = page
-    for key, value in parts.items():
-        if out.count(key) != 1:
+    # The placeholders are counted in the template alone, then all substituted in one pass over it,
+    # so no substituted text (a title such as "{{JS}}.txt", the data) is ever scanned for placeholders.
+    for key in parts:
+        if page.count(key) != 1:
             raise RuntimeError(f"render_report: template must contain {key} exactly once")
-        head, tail = out.split(key)
-        out = head + value + tail
-    return out
+    pattern = re.compile("|".join(re.escape(key) for key in parts))
+    return pattern.sub(lambda m: parts[m.group(0)], page)
 
 
 def write_report(data: ReportData, path: str | Path) -> Path:

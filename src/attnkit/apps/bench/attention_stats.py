@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 
+from attnkit.apps.checks import check_output_dir, int_at_least, main_for, positive_float
+
 NAME = "stats"
 HELP = "attention_stats (exact statistics, O(N) memory) versus the SDPA forward: time and peak memory"
 
@@ -53,21 +55,25 @@ def case(
     return {**mem, **timing, "threads": torch.get_num_threads()}
 
 
+POSITIVE = int_at_least(1)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 32768], help="sequence lengths N")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--topk", type=int, default=8)
-    parser.add_argument("--pool", type=int, default=256)
+    parser.add_argument("--sizes", type=POSITIVE, nargs="+", default=[4096, 16384, 32768], help="sequence lengths N")
+    parser.add_argument("--batch", type=POSITIVE, default=1)
+    parser.add_argument("--heads", type=POSITIVE, default=8)
+    parser.add_argument("--dim", type=POSITIVE, default=64)
+    parser.add_argument("--topk", type=POSITIVE, default=8)
+    parser.add_argument("--pool", type=POSITIVE, default=256)
     parser.add_argument("--causal", action="store_true", help="causal attention (default: full)")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per case (median reported)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per case")
+    parser.add_argument("--repeat", type=POSITIVE, default=3, help="timed runs per case (median reported)")
+    parser.add_argument("--threads", type=POSITIVE, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--timeout", type=positive_float, default=1800.0, help="seconds per case")
     parser.add_argument("--out", default="docs/results", help="directory for stats.json and stats.md")
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_dir(args.out, "--out")
     from attnkit.apps.harness import markdown_table, progress, run_case, write_results
 
     rows = []
@@ -116,6 +122,4 @@ def run(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m attnkit.apps.bench.attention_stats", description=HELP)
-    add_arguments(parser)
-    sys.exit(run(parser.parse_args()))
+    sys.exit(main_for("python -m attnkit.apps.bench.attention_stats", HELP, add_arguments, run))

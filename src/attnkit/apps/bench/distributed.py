@@ -30,6 +30,7 @@ import socket
 import sys
 from typing import Any
 
+from attnkit.apps.checks import UsageError, check_output_dir, int_at_least, main_for, positive_float
 from attnkit.apps.harness import DEFAULT_OUT, progress, run_case, write_results
 
 NAME = "distributed"
@@ -201,30 +202,49 @@ def run_config(world: int, timeout: float, **kwargs: Any) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------- command
+POSITIVE = int_at_least(1)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--length", type=int, default=16384, help="total sequence length L (default 16384)")
-    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4], help="world sizes (default 1 2 4)")
+    parser.add_argument("--length", type=POSITIVE, default=16384, help="total sequence length L (default 16384)")
+    parser.add_argument("--ranks", type=POSITIVE, nargs="+", default=[1, 2, 4], help="world sizes (default 1 2 4)")
     parser.add_argument("--methods", nargs="+", default=["ring", "ulysses"], choices=["ring", "ulysses"])
     parser.add_argument("--layout", default="zigzag", choices=["contiguous", "zigzag"])
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
-    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--batch", type=POSITIVE, default=1)
+    parser.add_argument("--heads", type=POSITIVE, default=8)
+    parser.add_argument("--kv-heads", type=POSITIVE, default=None, help="default: --heads")
+    parser.add_argument("--head-dim", type=POSITIVE, default=64)
     parser.add_argument("--no-causal", dest="causal", action="store_false", help="bidirectional (default causal)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: gloo; cuda: NCCL, a GPU/rank")
-    parser.add_argument("--dtype", default=None, help="default float32 on cpu, bfloat16 on cuda")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per rank (default cores / ranks)")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "float64", "bfloat16", "float16"],
+        help="default float32 on cpu, bfloat16 on cuda",
+    )
+    parser.add_argument(
+        "--threads",
+        type=POSITIVE,
+        default=None,
+        help="torch threads per rank (default: $OMP_NUM_THREADS, else $MKL_NUM_THREADS, else cores / ranks)",
+    )
+    parser.add_argument("--repeat", type=POSITIVE, default=3)
+    parser.add_argument("--timeout", type=positive_float, default=1800.0, help="seconds per configuration")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
 
 
 def run(args: argparse.Namespace) -> int:
     import os
 
+    kv_heads = args.kv_heads or args.heads
+    if args.heads % kv_heads:
+        raise UsageError(f"--heads {args.heads} must be a multiple of --kv-heads {kv_heads}")
+    check_output_dir(args.out, "--out")
     import torch
 
-    kv_heads = args.kv_heads or args.heads
+    from attnkit.apps.harness import thread_count
+
+    chosen, source = thread_count(args.threads)
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     itemsize = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     configs = [("single", 1)] + [(m, p) for m in args.methods for p in args.ranks]
@@ -242,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
         if why:
             rows.append({**row, "note": f"skipped: {why}"})
             continue
-        threads = args.threads or max(1, (os.cpu_count() or 1) // world)
+        threads = chosen if source != "torch's default" else max(1, (os.cpu_count() or 1) // world)
         result = run_config(
             world, args.timeout, method=method, layout=args.layout, device=args.device, dtype=dtype,
             batch=args.batch, heads=args.heads, kv_heads=kv_heads, length=args.length, head_dim=args.head_dim,
@@ -290,6 +310,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m attnkit.apps.bench.distributed", description=HELP)
-    add_arguments(parser)
-    sys.exit(run(parser.parse_args()))
+    sys.exit(main_for("python -m attnkit.apps.bench.distributed", HELP, add_arguments, run))

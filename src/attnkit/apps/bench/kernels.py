@@ -16,6 +16,7 @@ import math
 import sys
 
 from attnkit.apps import harness
+from attnkit.apps.checks import check_output_dir, int_at_least, main_for, positive_float
 
 NAME = "kernels"
 HELP = "time and peak memory of every attention backend, N = 1K..16K (CPU)"
@@ -115,18 +116,23 @@ def _skip_reason(backend: str, variant: str, N: int, B: int, H: int, limit_gib: 
     return None
 
 
+POSITIVE = int_at_least(1)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--sizes", type=POSITIVE, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--backends", nargs="+", default=BACKENDS, choices=BACKENDS)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--batch", type=POSITIVE, default=1)
+    parser.add_argument("--heads", type=POSITIVE, default=8)
+    parser.add_argument("--head-dim", type=POSITIVE, default=64)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per case (default: torch's)")
-    parser.add_argument("--memory-limit-gib", type=float, default=12.0, help="skip materialising cases above this")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per case; the median is reported")
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per case")
+    parser.add_argument("--threads", type=POSITIVE, default=None, help="torch threads per case (default: torch's)")
+    parser.add_argument(
+        "--memory-limit-gib", type=positive_float, default=12.0, help="skip materialising cases above this"
+    )
+    parser.add_argument("--repeat", type=POSITIVE, default=3, help="timed runs per case; the median is reported")
+    parser.add_argument("--timeout", type=positive_float, default=900.0, help="seconds per case")
     parser.add_argument("--out", default=str(harness.DEFAULT_OUT), help="folder for kernels.json / kernels.md")
 
 
@@ -181,6 +187,7 @@ def _targets(rows: list[dict]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_dir(args.out, "--out")
     plan = [(v, n, b) for v in args.variants for n in args.sizes for b in args.backends]
     rows: list[dict] = []
     for variant, N, backend in harness.progress(plan, desc="kernels"):
@@ -234,6 +241,4 @@ def _row_line(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m attnkit.apps.bench.kernels", description=HELP)
-    add_arguments(parser)
-    sys.exit(run(parser.parse_args()))
+    sys.exit(main_for("python -m attnkit.apps.bench.kernels", HELP, add_arguments, run))

@@ -18,6 +18,8 @@ import argparse
 import sys
 from typing import Any
 
+from attnkit.apps.checks import UsageError, check_output_dir, int_at_least, main_for, positive_float
+
 NAME = "mha"
 HELP = "attnkit.nn.MultiheadAttention vs torch.nn.MultiheadAttention: time and peak memory"
 
@@ -60,18 +62,24 @@ def case(
     return {"peak_mib": memory["peak_bytes"] / 2**20, "time_s": timing["median_s"], "runs": timing["runs"]}
 
 
+POSITIVE = int_at_least(1)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192], help="sequence lengths L")
-    parser.add_argument("--dim", type=int, default=512, help="embed_dim (default 512)")
-    parser.add_argument("--heads", type=int, default=8, help="num_heads (default 8)")
-    parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    parser.add_argument("--repeat", type=int, default=3, help="timed calls per case (median reported)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads in each case (default: torch's)")
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per case")
+    parser.add_argument("--lengths", type=POSITIVE, nargs="+", default=[512, 2048, 8192], help="sequence lengths L")
+    parser.add_argument("--dim", type=POSITIVE, default=512, help="embed_dim (default 512)")
+    parser.add_argument("--heads", type=POSITIVE, default=8, help="num_heads (default 8)")
+    parser.add_argument("--batch", type=POSITIVE, default=1, help="batch size (default 1)")
+    parser.add_argument("--repeat", type=POSITIVE, default=3, help="timed calls per case (median reported)")
+    parser.add_argument("--threads", type=POSITIVE, default=None, help="torch threads in each case (default: torch's)")
+    parser.add_argument("--timeout", type=positive_float, default=900.0, help="seconds allowed per case")
     parser.add_argument("--out", default="docs/results", help="directory for mha.json and mha.md")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.dim % args.heads:
+        raise UsageError(f"--dim {args.dim} must be divisible by --heads {args.heads}")
+    check_output_dir(args.out, "--out")
     from attnkit.apps.harness import progress, run_case, write_results
 
     shared = {"dim": args.dim, "heads": args.heads, "batch": args.batch, "repeat": args.repeat, "threads": args.threads}
@@ -140,9 +148,7 @@ def _verdicts(rows: list[dict[str, Any]], longest: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m attnkit.apps.bench.mha", description=HELP)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return main_for("python -m attnkit.apps.bench.mha", HELP, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

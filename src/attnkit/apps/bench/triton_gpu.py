@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from attnkit.apps.checks import UsageError, check_output_dir, int_at_least, main_for, positive_float
+
 NAME = "triton"
 HELP = "Triton kernels vs PyTorch SDPA (flash, cuDNN, efficient) and FlexAttention on a GPU: TFLOP/s"
 
@@ -308,30 +310,37 @@ def _feature_rows(dtype, *, N: int, D: int) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------- command
+POSITIVE = int_at_least(1)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="docs/results", help="directory for triton_gpu_<card>.json and .md")
-    parser.add_argument("--head-dims", type=int, nargs="+", default=list(HEAD_DIMS), help="head dims (default 64 128)")
-    parser.add_argument("--seqlens", type=int, nargs="+", default=list(SEQLENS), help="lengths N (B = 16K / N)")
-    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS, help="what to time")
-    parser.add_argument("--feature-length", type=int, default=8192, help="N of the feature-cost cases (D = 128)")
     parser.add_argument(
-        "--budget", type=float, default=450.0, help="seconds; cases left when it runs out are recorded as skipped"
+        "--head-dims", type=POSITIVE, nargs="+", default=list(HEAD_DIMS), help="head dims (default 64 128)"
+    )
+    parser.add_argument("--seqlens", type=POSITIVE, nargs="+", default=list(SEQLENS), help="lengths N (B = 16K / N)")
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS, help="what to time")
+    parser.add_argument("--feature-length", type=POSITIVE, default=8192, help="N of the feature-cost cases (D = 128)")
+    parser.add_argument(
+        "--budget",
+        type=positive_float,
+        default=450.0,
+        help="seconds; cases left when it runs out are recorded as skipped",
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_dir(args.out, "--out")
     import torch
 
     from attnkit.apps.harness import progress, write_results
 
     if not torch.cuda.is_available():
-        print("attnkit bench triton: needs a CUDA device (none is visible); nothing measured.", file=sys.stderr)
-        return 2
+        raise UsageError("needs a CUDA device (none is visible); nothing measured")
     try:
         import triton
     except ImportError:
-        print("attnkit bench triton: triton not installed (pip install attnkit[triton]).", file=sys.stderr)
-        return 2
+        raise UsageError("needs triton: pip install 'attnkit[triton]'") from None
     dtype = torch.bfloat16
     card = torch.cuda.get_device_name(0)
     start = time.perf_counter()
@@ -372,9 +381,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m attnkit.apps.bench.triton_gpu", description=HELP)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return main_for("python -m attnkit.apps.bench.triton_gpu", HELP, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

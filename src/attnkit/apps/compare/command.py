@@ -7,7 +7,7 @@ dependency distance, training throughput, time per step and peak memory against 
 (a fresh process per case), and the gradient reaching each position against its distance,
 then regenerates the table with the measured numbers (Markdown and JSON) and draws four plots.
 
-    attnkit compare --quick              # under a minute on 2 cores
+    attnkit compare --quick              # 32 s to 111 s measured on 2 busy cores (docs/compare.md)
     attnkit compare --out docs/results/compare
     python -m attnkit.apps.compare.command --quick
 """
@@ -16,11 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from attnkit.apps.checks import (
+    UsageError,
+    check_output_dir,
+    int_at_least,
+    main_for,
+    positive_float,
+    require_module,
+)
 
 HELP = "self-attention vs LSTM (and cross-attention) on long-range tasks: accuracy, speed, memory, gradients"
 
@@ -58,27 +66,57 @@ def _ints(text: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="a small run (under a minute on 2 cores)")
+    positive = int_at_least(1)
+    parser.add_argument("--quick", action="store_true", help="a small run (32-111 s on 2 busy cores: docs/compare.md)")
     parser.add_argument("--out", default="out/compare", help="folder for compare.json, compare.md and the PNGs")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the initialisations and the order")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the data, the initialisations, order")
+    parser.add_argument(
+        "--threads",
+        type=positive,
+        default=None,
+        help="torch threads, here and in every case's process (default: $OMP_NUM_THREADS, else $MKL_NUM_THREADS, "
+        "else torch's default, one per core)",
+    )
     parser.add_argument("--tasks", default=None, help="comma-separated subset of retrieval,copy,adding,lookup")
     parser.add_argument("--distances", type=_ints, default=None, help="accuracy distances for every task (d1,d2,..)")
     parser.add_argument("--lengths", type=_ints, default=None, help="throughput/memory distances (d1,d2,..)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per model (same for all)")
-    parser.add_argument("--batch", type=int, default=None, help="training batch size")
-    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (same for all)")
-    parser.add_argument("--width", type=int, default=64, help="self-attention width; the others are fitted to it")
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--depth", type=int, default=2, help="attention layers (the LSTM has --lstm-depth)")
-    parser.add_argument("--lstm-depth", type=int, default=1)
+    parser.add_argument("--steps", type=positive, default=None, help="training steps per model (same for all)")
+    parser.add_argument("--batch", type=positive, default=None, help="training batch size")
+    parser.add_argument("--lr", type=positive_float, default=3e-3, help="AdamW learning rate (same for all)")
+    parser.add_argument("--width", type=positive, default=64, help="self-attention width; the others are fitted to it")
+    parser.add_argument("--heads", type=positive, default=4, help="attention heads (they divide --width)")
+    parser.add_argument("--depth", type=positive, default=2, help="attention layers (the LSTM has --lstm-depth)")
+    parser.add_argument("--lstm-depth", type=positive, default=1)
     parser.add_argument(
         "--case-timeout",
-        type=float,
+        type=positive_float,
         default=180.0,
         help="seconds a throughput/memory case may take; longer lengths of that model are then skipped",
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs (no matplotlib needed)")
+
+
+def check_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything about the command line checked before any model trains; returns the plan (`_plan`).
+
+    Raises:
+        UsageError: an unknown task, a distance below a task's minimum, ``--width`` not divisible
+            by ``--heads``, an output folder that cannot be written, plots without matplotlib.
+    """
+    if args.width % args.heads:
+        raise UsageError(f"--width {args.width} must be divisible by --heads {args.heads}")
+    plan = _plan(args)
+    from attnkit.apps.compare.tasks import get_task
+
+    for option, distances_by_task in (("--distances", plan["accuracy"]), ("--lengths", plan["speed"])):
+        for name, distances in distances_by_task.items():
+            low = get_task(name).min_distance
+            if min(distances) < low:
+                raise UsageError(f"{option}: task {name!r} needs distances >= {low}, got {min(distances)}")
+    check_output_dir(args.out, "--out")
+    if not args.no_plots:
+        require_module("matplotlib", "the plots", "pip install 'attnkit[viz]', or pass --no-plots")
+    return plan
 
 
 def _plan(args: argparse.Namespace) -> dict[str, Any]:
@@ -88,7 +126,9 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
     tasks = list(preset["accuracy"]) if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
     for t in tasks:
         if t not in TASKS:
-            raise SystemExit(f"attnkit compare: --tasks must name tasks among {sorted(TASKS)}, got {t!r}")
+            raise UsageError(f"--tasks must name tasks among {sorted(TASKS)}, got {t!r}")
+    if not tasks:
+        raise UsageError(f"--tasks names no task; choose among {sorted(TASKS)}")
     accuracy = {t: args.distances or preset["accuracy"].get(t, preset["accuracy"]["retrieval"]) for t in tasks}
     speed = {t: args.lengths or lengths for t, lengths in preset["speed"].items() if t in tasks}
     return {
@@ -164,11 +204,11 @@ def _record_parameters(task, models, results) -> None:
 def _speed(plan, size, threads, seed, timeout, results, progress) -> None:
     from attnkit.apps.compare.measure import complexity
     from attnkit.apps.compare.tasks import get_task
-    from attnkit.apps.harness import run_case
+    from attnkit.apps.harness import run_case, thread_env
 
     cases = [(t, m, d) for t, ds in plan["speed"].items() for m in SPEED_MODELS[t] for d in ds]
     stopped: set[tuple[str, str]] = set()
-    env = {"OMP_NUM_THREADS": str(threads)}
+    env = thread_env(threads)
     for task, model, d in progress(cases, desc="throughput and memory", total=len(cases)):
         length = get_task(task).length(d)
         row: dict[str, Any] = {"task": task, "model": model, "distance": d, "length": length,
@@ -189,18 +229,18 @@ def _speed(plan, size, threads, seed, timeout, results, progress) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    plan = check_arguments(args)
     import torch
 
     from attnkit.apps.compare.measure import complexity
     from attnkit.apps.compare.networks import ModelSize
     from attnkit.apps.compare.report import glance_rows, markdown, plot_all
     from attnkit.apps.compare.train import TrainConfig
-    from attnkit.apps.harness import command_line, machine_info, progress
+    from attnkit.apps.harness import command_line, machine_info, progress, thread_count
 
-    start = time.perf_counter()
-    threads = args.threads or os.cpu_count() or 1
+    threads, threads_from = thread_count(args.threads)
     torch.set_num_threads(threads)
-    plan = _plan(args)
     size = ModelSize(width=args.width, heads=args.heads, depth=args.depth, lstm_depth=args.lstm_depth)
     config = TrainConfig(
         steps=plan["steps"], batch=plan["batch"], lr=args.lr, eval_examples=plan["eval_examples"], seed=args.seed
@@ -215,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
     results["size"] = {**size.__dict__, "batch_speed": plan["speed_batch"]}
     results["plan"] = plan
     results["threads"] = threads
+    results["threads_from"] = threads_from
     results["notes"] += _notes(plan, results)
     results["glance"] = glance_rows(results)
     results["meta"] = {
@@ -256,9 +297,7 @@ def _notes(plan: dict, results: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m attnkit.apps.compare.command", description=HELP)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return main_for("python -m attnkit.apps.compare.command", HELP, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

