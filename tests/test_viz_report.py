@@ -124,3 +124,23 @@ def test_4k_token_report_stays_under_10_mb(tmp_path):
     path = write_report(data, tmp_path / "long.html")
     size = path.stat().st_size
     assert size < 10 * 2**20, f"report is {size / 2**20:.1f} MiB"
+
+
+def test_sections_and_their_flow_travel_through_the_report_data():
+    L, N, H = 6, 2, 3
+    maps = np.full((N, H, L, L), 1 / L, dtype=np.float32)
+    index = np.zeros((N, H, L, 2), dtype=np.int64)
+    weight = np.full((N, H, L, 2), 0.5, dtype=np.float32)
+    sections = [
+        {"label": "1", "title": "Definitions", "start": 0, "end": 2},
+        {"label": "2", "title": "Use", "start": 2, "end": 6},
+    ]
+    flow = np.array([[0.25, 0.75], [0.5, 0.5]], dtype=np.float32) * np.ones((N, H, 1, 1), dtype=np.float32)
+    data = ReportData(["a"] * L, maps, index, weight, sections=sections, section_flow=flow)
+    back = ReportData.from_dict(data.to_dict())
+    assert back.sections == sections
+    np.testing.assert_allclose(back.section_flow, flow, atol=1e-5)
+    with pytest.raises(ValueError, match="covering"):
+        ReportData(["a"] * L, maps, index, weight, sections=sections[:1], section_flow=flow[..., :1, :1])
+    with pytest.raises(ValueError, match="section_flow must be"):
+        ReportData(["a"] * L, maps, index, weight, sections=sections, section_flow=flow[0])

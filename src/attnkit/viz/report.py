@@ -107,6 +107,12 @@ class ReportData:
         saliency: name -> ``(L,)`` token scores (rollout, gradient-weighted, received attention).
         faithfulness: rows ``{"name", "value", "note"}`` shown beside the saliency.
         notes: messages for the reader (truncation, untrained weights, pooling).
+        sections: ``S`` document sections as token spans, ``{"label", "title", "start", "end"}`` with
+            ``end`` exclusive, in order, covering ``[0, L)`` (`attnkit.inspect.sections` and
+            `attnkit.inspect.token_boundaries` make them). Empty: the report has no Sections view.
+        section_flow: ``(N, H, S, S)`` mean attention a token of section ``a`` pays to section ``b``
+            (`attnkit.AttentionStats.segment_flow`); a row sums to 1 when every token of ``a``
+            attends somewhere. Required with ``sections``.
     """
 
     tokens: list[str]
@@ -126,6 +132,8 @@ class ReportData:
     saliency: dict[str, np.ndarray] = field(default_factory=dict)
     faithfulness: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    sections: list[dict] = field(default_factory=list)
+    section_flow: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.tokens = [str(t) for t in self.tokens]
@@ -176,6 +184,32 @@ class ReportData:
         for name, values in self.saliency.items():
             if values.shape != (L,):
                 raise ValueError(f"ReportData: saliency[{name!r}] must be ({L},), got {values.shape}")
+        self._check_sections(N, H, L)
+
+    def _check_sections(self, N: int, H: int, L: int) -> None:
+        """Sections tile ``[0, L)`` in order; their flow is ``(N, H, S, S)``."""
+        self.sections = [
+            {"label": str(s.get("label", "")), "title": str(s.get("title", "")), "start": int(s["start"]),
+             "end": int(s["end"])}
+            for s in self.sections
+        ]  # fmt: skip
+        if not self.sections:
+            if self.section_flow is not None:
+                raise ValueError("ReportData: section_flow needs sections")
+            return
+        ends = [0] + [s["end"] for s in self.sections]
+        starts = [s["start"] for s in self.sections] + [L]
+        if ends != starts or any(s["end"] <= s["start"] for s in self.sections):
+            raise ValueError(
+                f"ReportData: sections must be non-empty token spans covering [0, {L}) in order, got "
+                f"{[(s['start'], s['end']) for s in self.sections][:8]}..."
+            )
+        S = len(self.sections)
+        if self.section_flow is None:
+            raise ValueError(f"ReportData: sections need section_flow ({N}, {H}, {S}, {S})")
+        self.section_flow = _np(self.section_flow)
+        if self.section_flow.shape != (N, H, S, S):
+            raise ValueError(f"ReportData: section_flow must be ({N}, {H}, {S}, {S}), got {self.section_flow.shape}")
 
     @classmethod
     def from_maps(
@@ -297,6 +331,8 @@ class ReportData:
             "role_descriptions": dict(self.role_descriptions),
             "saliency": {name: _rounded(values) for name, values in self.saliency.items()},
             "faithfulness": [_json_row(row) for row in self.faithfulness],
+            "sections": [dict(section) for section in self.sections],
+            "section_flow": _rounded(self.section_flow),
         }
 
     @classmethod
@@ -333,6 +369,8 @@ class ReportData:
             saliency={name: np.asarray(v) for name, v in data["saliency"].items()},
             faithfulness=data["faithfulness"],
             notes=data["notes"],
+            sections=data.get("sections", []),
+            section_flow=np.asarray(data["section_flow"]) if data.get("section_flow") is not None else None,
         )
 
 
