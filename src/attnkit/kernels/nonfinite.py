@@ -11,7 +11,7 @@ Fused kernels break both halves in their own ways (a NaN query row comes out 0 w
 ``lse = 0``; ``NaN + (-inf)`` at a masked key poisons every row), and even a plain
 ``p @ v`` reads masked keys (``0 * NaN = NaN``). So the rule is enforced once, here: the
 kernels run on ``k`` and ``v`` with non-finite entries replaced by 0, and the rows the
-rule names are set to NaN afterwards. Checking costs one pass over ``q, k, v``
+rule names are set to NaN afterwards. Checking costs one summation of ``q, k, v``
 (``O(L * D)``, against the kernels' ``O(L^2 * D)``) and nothing more when all is finite.
 """
 
@@ -36,6 +36,12 @@ def find(q: Tensor, k: Tensor, v: Tensor) -> BadInputs | None:
     traces (a data-dependent branch); compiled graphs rely on the kernels themselves.
     """
     if torch.compiler.is_compiling():
+        return None
+    # Fast screen: a NaN or an infinity anywhere makes the sum non-finite. (A sum of huge finite
+    # values can overflow too; that only sends the call down the exact, slower path below.)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    sums = torch.stack([x.sum(dtype=acc) for x in (q, k, v)])
+    if bool(torch.isfinite(sums).all()):
         return None
     q_bad = ~torch.isfinite(q).all(dim=-1)  # (B, Hq, Lq)
     kv_bad = ~(torch.isfinite(k).all(dim=-1) & torch.isfinite(v).all(dim=-1))  # (B, Hk, Lk)
