@@ -22,6 +22,7 @@ H100_SHARED_BYTES = 232448  # 227 KiB of dynamic shared memory per block on sm_9
 POINTERS = {
     "LSE": "*fp32", "DELTA": "*fp32", "Slopes": "*fp32", "Mask": "*u8", "CuQ": "*i32", "CuK": "*i32",
     "ENT": "*fp32", "DIST": "*fp32", "RECV": "*fp32", "TOPW": "*fp32", "TOPI": "*i32", "ROWPOOL": "*fp32",
+    "KSeg": "*i32",
 }  # fmt: skip
 TENSORS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
 
