@@ -51,7 +51,7 @@ MAP_BUDGET = 384
 POOL_TILES = 96
 # Strongest keys kept per query for the hover links (the ``topk`` of those statistics).
 TOPK = 5
-# Characters of base64 the section flow may take beyond its all-layers mean (see `_encode_section_flow`).
+# Characters of base64 the section flow may take (its mean over all layers is kept even beyond; `_encode_section_flow`).
 SECTION_FLOW_BUDGET = 8 * 2**20
 # What the embedded data may reach before the section flow stops adding per-layer detail (the page: 15 MB).
 REPORT_BUDGET = 14 * 2**20
@@ -105,14 +105,15 @@ def _spread_order(n: int) -> list[int]:
 
 
 def _encode_section_flow(flow: np.ndarray, layer_names: list[str], budget: int) -> dict:
-    """The page's section-flow block for ``flow (N, H, S, S)``, its per-layer parts within ``budget`` characters.
+    """The page's section-flow block for ``flow (N, H, S, S)``, within ``budget`` characters of base64.
 
     Every ``(S, S)`` matrix is stored like the maps: ``round(255 * sqrt(f / peak))`` (uint8, `_sqrt_codes`)
-    with its own peak, deflated and base64-encoded. Always kept: ``mean``, the flow averaged over all
-    layers and heads. Then, while the base64 text fits in ``budget``: ``layers[l]``, layer ``l``'s flow
-    averaged over its heads (computed here, from the exact flow), and after those ``heads[l]``, all
-    ``H`` heads of layer ``l``. Layers are taken in `_spread_order` (first, last, middle, ...), so a
-    partial set still spans the model; a layer left out is ``None`` and ``note`` says which were kept.
+    with its own peak, deflated and base64-encoded. Always kept, even beyond ``budget``: ``mean``, the
+    flow averaged over all layers and heads. Then, while the base64 text fits in ``budget``:
+    ``layers[l]``, layer ``l``'s flow averaged over its heads (computed here, from the exact flow), and
+    after those ``heads[l]``, all ``H`` heads of layer ``l``. Layers are taken in `_spread_order`
+    (first, last, middle, ...), so a partial set still spans the model; a layer left out is ``None``
+    and ``note`` says which were kept.
     ``causal`` is True when no section draws on a later one (the strict upper triangle is zero).
     """
     N, H, S, _ = flow.shape
@@ -122,7 +123,8 @@ def _encode_section_flow(flow: np.ndarray, layer_names: list[str], budget: int) 
         codes, peak = _sqrt_codes(values)
         return {"peak": peak.astype(np.float64).tolist(), "data": _b64(codes.tobytes())}
 
-    used = 0
+    mean = block(layer_mean.mean(axis=0))
+    used = len(mean["data"])
     layers: list[dict | None] = [None] * N
     heads: list[dict | None] = [None] * N
     for parts, make in ((layers, lambda l: block(layer_mean[l])), (heads, lambda l: block(flow[l]))):
@@ -149,7 +151,7 @@ def _encode_section_flow(flow: np.ndarray, layer_names: list[str], budget: int) 
     return {
         "size": S,
         "causal": bool(S > 1 and not np.any(np.triu(layer_mean, 1) > 1e-6)),
-        "mean": block(layer_mean.mean(axis=0)),
+        "mean": mean,
         "layers": layers,
         "heads": heads,
         "note": note,
@@ -157,7 +159,7 @@ def _encode_section_flow(flow: np.ndarray, layer_names: list[str], budget: int) 
 
 
 def _which(parts: list, names: list[str]) -> str:
-    """ "layer 0, layer 5 (2 of 24 layers)", or "all layers but layer 3" for the entries of ``parts`` not None."""
+    """Which entries of ``parts`` are not None: "layer 0, layer 5 (2 of 24 layers)" or "all layers but layer 3"."""
     kept = [name for name, entry in zip(names, parts, strict=True) if entry is not None]
     left = [name for name, entry in zip(names, parts, strict=True) if entry is None]
     if not kept:
@@ -233,8 +235,8 @@ class ReportData:
         section_flow: ``(N, H, S, S)`` mean attention a token of section ``a`` pays to section ``b``
             (`attnkit.AttentionStats.segment_flow`); a row sums to 1 when every token of ``a``
             attends somewhere. Required with ``sections``.
-        section_flow_budget: characters of base64 the report may spend on per-layer and per-head
-            section flow (`_encode_section_flow`); the all-layers mean is always kept.
+        section_flow_budget: characters of base64 the report may spend on the section flow
+            (`_encode_section_flow`); its mean over all layers and heads is kept even beyond.
     """
 
     tokens: list[str]
