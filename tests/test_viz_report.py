@@ -139,9 +139,9 @@ def test_sections_and_their_flow_travel_through_the_report_data():
     data = ReportData(["a"] * L, maps, index, weight, sections=sections, section_flow=flow)
     back = ReportData.from_dict(json.loads(json.dumps(data.to_dict())))
     assert back.sections == sections
-    # Stored like the maps, round(255 * sqrt(f / peak)) per (S, S) matrix: within half a step on that scale,
-    # so within peak / 255 in value.
-    peak = flow.max(axis=(-1, -2), keepdims=True)
+    # Stored like the maps but with a peak per row, round(255 * sqrt(f / row peak)): within half a step on
+    # that scale, so within row peak / 255 in value.
+    peak = flow.max(axis=-1, keepdims=True)
     assert np.all(np.abs(np.sqrt(back.section_flow / peak) - np.sqrt(flow / peak)) <= 0.5 / 255 + 1e-6)
     np.testing.assert_allclose(back.section_flow, flow, atol=0.75 / 255)
     with pytest.raises(ValueError, match="covering"):
@@ -167,7 +167,8 @@ def _sectioned(S: int, N: int, H: int, *, causal: bool = False, seed: int = 0, *
 
 
 def _close_on_sqrt_scale(got: np.ndarray, want: np.ndarray) -> bool:
-    peak = want.max(axis=(-1, -2), keepdims=True)
+    """Within half a step of the section flow's code, round(255 * sqrt(f / peak of its row))."""
+    peak = want.max(axis=-1, keepdims=True)
     return bool(np.all(np.abs(np.sqrt(got / peak) - np.sqrt(want / peak)) <= 0.5 / 255 + 1e-6))
 
 
@@ -184,7 +185,7 @@ def test_large_section_flow_keeps_the_report_under_15_mb(tmp_path, S, N, H):
     means = [l for l in range(N) if block["layers"][l] is not None]
     heads = [l for l in range(N) if block["heads"][l] is not None]
     # Layers are taken spread over depth, the first and the last before the rest.
-    assert {0, N - 1} <= set(means) and heads[:1] == [0] and (len(heads) < 2 or N - 1 in heads)
+    assert {0, N - 1} <= set(means) and heads[:1] in ([], [0]) and (len(heads) < 2 or N - 1 in heads)
     assert set(heads) <= set(means)
     assert len(heads) < N and "size budget" in block["note"] and not block["causal"]
     back = ReportData.from_dict(embedded)

@@ -71,23 +71,25 @@ def _unb64(text: str) -> bytes:
     return zlib.decompress(base64.b64decode(text))
 
 
-def _sqrt_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(..., A, B)`` values -> ``round(255 * sqrt(v / peak))`` as uint8, and each matrix's peak ``(...)``.
+def _sqrt_codes(values: np.ndarray, *, per_row: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``(..., A, B)`` values -> ``round(255 * sqrt(v / peak))`` as uint8, and the peaks.
 
-    The square root spends the 256 steps where attention lives (small weights): a value is read back as
+    ``peak`` is each matrix's maximum, ``(...)``, or with ``per_row`` each row's, ``(..., A)``. The square
+    root spends the 256 steps where attention lives (small weights): a value is read back as
     ``(code / 255) ** 2 * peak``, within ``peak / 255`` of the original (``0.5 / 255`` on the square-root scale).
     """
     v = np.clip(values, 0, None)
-    peak = v.reshape(*v.shape[:-2], -1).max(axis=-1)  # (...)
-    safe = np.where(peak > 0, peak, 1.0)[..., None, None]
+    peak = v.max(axis=-1) if per_row else v.reshape(*v.shape[:-2], -1).max(axis=-1)  # (..., A) or (...)
+    safe = np.where(peak > 0, peak, 1.0)
+    safe = safe[..., None] if per_row else safe[..., None, None]
     return np.round(255 * np.sqrt(v / safe)).astype(np.uint8), peak
 
 
 def _from_codes(codes: np.ndarray, peak: Any) -> np.ndarray:
-    """Inverse of `_sqrt_codes`: ``codes (..., A, B)``, ``peak (...)`` -> float32 values."""
-    return ((codes.astype(np.float32) / 255) ** 2 * np.asarray(peak, dtype=np.float32)[..., None, None]).astype(
-        np.float32
-    )
+    """Inverse of `_sqrt_codes`: ``codes (..., A, B)`` and ``peak (...)`` or ``(..., A)`` -> float32 values."""
+    peak = np.asarray(peak, dtype=np.float32)
+    peak = peak.reshape(peak.shape + (1,) * (codes.ndim - peak.ndim))  # broadcast over the rows and/or columns
+    return ((codes.astype(np.float32) / 255) ** 2 * peak).astype(np.float32)
 
 
 def _spread_order(n: int) -> list[int]:
@@ -107,24 +109,28 @@ def _spread_order(n: int) -> list[int]:
 def _encode_section_flow(flow: np.ndarray, layer_names: list[str], budget: int) -> dict:
     """The page's section-flow block for ``flow (N, H, S, S)``, within ``budget`` characters of base64.
 
-    Every ``(S, S)`` matrix is stored like the maps: ``round(255 * sqrt(f / peak))`` (uint8, `_sqrt_codes`)
-    with its own peak, deflated and base64-encoded. Always kept, even beyond ``budget``: ``mean``, the
-    flow averaged over all layers and heads. Then, while the base64 text fits in ``budget``:
-    ``layers[l]``, layer ``l``'s flow averaged over its heads (computed here, from the exact flow), and
-    after those ``heads[l]``, all ``H`` heads of layer ``l``. Layers are taken in `_spread_order`
-    (first, last, middle, ...), so a partial set still spans the model; a layer left out is ``None``
-    and ``note`` says which were kept.
+    Every ``(S, S)`` matrix is stored like the maps, ``round(255 * sqrt(f / peak))`` (uint8, `_sqrt_codes`),
+    but with a peak per row (float32): a late section's row of small, even flows keeps its precision
+    beside an early section that attends only to itself. Codes and peaks are deflated and base64-encoded.
+    Always kept, even beyond ``budget``: ``mean``, the flow averaged over all layers and heads. Then,
+    while the base64 text fits in ``budget``: ``layers[l]``, layer ``l``'s flow averaged over its heads
+    (computed here, from the exact flow), and after those ``heads[l]``, all ``H`` heads of layer ``l``.
+    Layers are taken in `_spread_order` (first, last, middle, ...), so a partial set still spans the
+    model; a layer left out is ``None`` and ``note`` says which were kept.
     ``causal`` is True when no section draws on a later one (the strict upper triangle is zero).
     """
     N, H, S, _ = flow.shape
     layer_mean = flow.mean(axis=1, dtype=np.float64)  # (N, S, S)
 
     def block(values: np.ndarray) -> dict:
-        codes, peak = _sqrt_codes(values)
-        return {"peak": peak.astype(np.float64).tolist(), "data": _b64(codes.tobytes())}
+        codes, peak = _sqrt_codes(values, per_row=True)  # (..., S, S) uint8, (..., S)
+        return {"peak": _b64(peak.astype("<f4").tobytes()), "data": _b64(codes.tobytes())}
+
+    def size(entry: dict) -> int:
+        return len(entry["peak"]) + len(entry["data"])
 
     mean = block(layer_mean.mean(axis=0))
-    used = len(mean["data"])
+    used = size(mean)
     layers: list[dict | None] = [None] * N
     heads: list[dict | None] = [None] * N
     for parts, make in ((layers, lambda l: block(layer_mean[l])), (heads, lambda l: block(flow[l]))):
@@ -132,10 +138,10 @@ def _encode_section_flow(flow: np.ndarray, layer_names: list[str], budget: int) 
             if parts is heads and layers[l] is None:
                 continue
             entry = make(l)
-            if used + len(entry["data"]) > budget:
+            if used + size(entry) > budget:
                 break
             parts[l] = entry
-            used += len(entry["data"])
+            used += size(entry)
     note = None
     if any(entry is None for entry in heads):
         some_heads = any(entry is not None for entry in heads)
@@ -175,7 +181,8 @@ def _decode_section_flow(block: dict, N: int, H: int) -> np.ndarray:
     S = block["size"]
 
     def values(entry: dict, shape: tuple[int, ...]) -> np.ndarray:
-        return _from_codes(np.frombuffer(_unb64(entry["data"]), dtype=np.uint8).reshape(shape), entry["peak"])
+        peak = np.frombuffer(_unb64(entry["peak"]), dtype="<f4").reshape(shape[:-1])
+        return _from_codes(np.frombuffer(_unb64(entry["data"]), dtype=np.uint8).reshape(shape), peak)
 
     mean = values(block["mean"], (S, S))
     flow = np.empty((N, H, S, S), dtype=np.float32)

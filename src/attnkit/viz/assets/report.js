@@ -363,18 +363,16 @@
 
   // ---- sections ----------------------------------------------------------------------------------
   // section_flow: row a, column b = mean attention a token of section a pays to section b, stored per (S, S)
-  // matrix as round(255 * sqrt(f / peak)): the mean of all layers and heads, each layer's head average and,
+  // matrix as round(255 * sqrt(f / peak of its row)): the mean of all layers and heads, each layer's head average and,
   // within the report's size budget, each layer's single heads (null where left out; `note` says so).
   async function setupSections() {
     const secs = D.sections, SF = D.section_flow, S = secs.length, SS = S * S;
     $("sections").hidden = false;
     $("nav-sections").hidden = false;
-    async function decode(entry, count) {
-      const codes = await unpack(entry.data), peaks = count > 1 ? entry.peak : [entry.peak];
-      const out = new Float32Array(count * SS);
-      for (let m = 0; m < count; m++) {
-        for (let n = m * SS; n < (m + 1) * SS; n++) out[n] = (codes[n] / 255) ** 2 * peaks[m];
-      }
+    async function decode(entry) { // (count, S, S) codes with a float32 peak per row
+      const codes = await unpack(entry.data), peaks = new Float32Array((await unpack(entry.peak)).buffer);
+      const out = new Float32Array(codes.length);
+      for (let n = 0; n < codes.length; n++) out[n] = (codes[n] / 255) ** 2 * peaks[Math.floor(n / S)];
       return out;
     }
     const cache = new Map();
@@ -382,13 +380,13 @@
       if (!cache.has(key)) cache.set(key, await make());
       return cache.get(key);
     };
-    const meanAll = await decode(SF.mean, 1);
+    const meanAll = await decode(SF.mean);
     const allHeadsKept = SF.heads.every(Boolean);
     const headKept = (layer) => (layer === "all" ? allHeadsKept : Boolean(SF.heads[layer]));
     async function flowFor(layer, head) { // (S * S) for a layer or "all", a head or "all"
       if (layer === "all" && head === "all") return meanAll;
-      if (head === "all") return cached(`l${layer}`, () => decode(SF.layers[layer], 1));
-      const perHead = (l) => cached(`h${l}`, () => decode(SF.heads[l], H));
+      if (head === "all") return cached(`l${layer}`, () => decode(SF.layers[layer]));
+      const perHead = (l) => cached(`h${l}`, () => decode(SF.heads[l]));
       if (layer !== "all") return (await perHead(layer)).subarray(head * SS, (head + 1) * SS);
       return cached(`all-h${head}`, async () => { // one head, averaged over the layers here
         const out = new Float32Array(SS);
@@ -569,7 +567,7 @@
       const others = sources.filter((x) => x.b !== a && x.v >= 0.0005);
       const own = view.flow[a * S + a];
       $("section-summary").textContent = (others.length
-        ? `${labelOf(a)} draws, beyond itself, most on ` + others.slice(0, 2).map((x) => `${nameOf(x.b)} (${x.v.toFixed(2)}, ${away(a, x.b)})`).join(" and ")
+        ? `${labelOf(a)} draws, beyond itself, most on ` + others.slice(0, 2).map((x) => `${nameOf(x.b)} (${x.v.toFixed(3)}, ${away(a, x.b)})`).join(" and ")
         : `${labelOf(a)} draws on no other section`) + `; ${Math.round(100 * own)}% of its attention stays within it.` +
         (SF.causal ? " Causal model: it cannot draw on later sections." : "");
       const shown = sources.filter((x) => x.v >= 0.0005);
