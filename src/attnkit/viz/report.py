@@ -424,7 +424,7 @@ class ReportData:
 
         Maps are stored per head as ``round(255 * sqrt(w / max))`` (uint8) with the head's max,
         links as uint16/uint32 indices and ``round(65535 * w)`` (uint16) weights, all deflate + base64.
-        The section flow is stored the same way per ``(S, S)`` matrix, within ``section_flow_budget``
+        The section flow is stored the same way with a peak per row, within ``section_flow_budget``
         (`_encode_section_flow`).
         """
         N, H, L = self.shape
