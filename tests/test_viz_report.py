@@ -137,10 +137,93 @@ def test_sections_and_their_flow_travel_through_the_report_data():
     ]
     flow = np.array([[0.25, 0.75], [0.5, 0.5]], dtype=np.float32) * np.ones((N, H, 1, 1), dtype=np.float32)
     data = ReportData(["a"] * L, maps, index, weight, sections=sections, section_flow=flow)
-    back = ReportData.from_dict(data.to_dict())
+    back = ReportData.from_dict(json.loads(json.dumps(data.to_dict())))
     assert back.sections == sections
-    np.testing.assert_allclose(back.section_flow, flow, atol=1e-5)
+    # Stored like the maps but with a peak per row, round(255 * sqrt(f / row peak)): within half a step on
+    # that scale, so within row peak / 255 in value.
+    peak = flow.max(axis=-1, keepdims=True)
+    assert np.all(np.abs(np.sqrt(back.section_flow / peak) - np.sqrt(flow / peak)) <= 0.5 / 255 + 1e-6)
+    np.testing.assert_allclose(back.section_flow, flow, atol=0.75 / 255)
     with pytest.raises(ValueError, match="covering"):
         ReportData(["a"] * L, maps, index, weight, sections=sections[:1], section_flow=flow[..., :1, :1])
     with pytest.raises(ValueError, match="section_flow must be"):
         ReportData(["a"] * L, maps, index, weight, sections=sections, section_flow=flow[0])
+
+
+def _sectioned(S: int, N: int, H: int, *, causal: bool = False, seed: int = 0, **fields) -> ReportData:
+    """A report over ``4 S`` tokens in ``S`` sections of 4 with random (incompressible) flows ``(N, H, S, S)``."""
+    rng = np.random.default_rng(seed)
+    flow = rng.random((N, H, S, S), dtype=np.float32)
+    if causal:
+        flow = np.tril(flow)
+    flow /= flow.sum(-1, keepdims=True)
+    L = 4 * S
+    sections = [{"label": f"{i + 1}", "title": f"Section {i + 1}", "start": 4 * i, "end": 4 * i + 4} for i in range(S)]
+    edges = np.round(np.linspace(0, L, 9)).astype(int)
+    maps = np.full((N, H, 8, 8), 1 / L, dtype=np.float32)
+    index = rng.integers(0, L, size=(N, H, L, 2))
+    weight = np.full((N, H, L, 2), 0.5, dtype=np.float32)
+    return ReportData(["w"] * L, maps, index, weight, edges=edges, sections=sections, section_flow=flow, **fields)
+
+
+def _close_on_sqrt_scale(got: np.ndarray, want: np.ndarray) -> bool:
+    """Within half a step of the section flow's code, round(255 * sqrt(f / peak of its row))."""
+    peak = want.max(axis=-1, keepdims=True)
+    return bool(np.all(np.abs(np.sqrt(got / peak) - np.sqrt(want / peak)) <= 0.5 / 255 + 1e-6))
+
+
+@pytest.mark.parametrize(("S", "N", "H"), [(217, 24, 32), (500, 24, 4)])
+def test_large_section_flow_keeps_the_report_under_15_mb(tmp_path, S, N, H):
+    """217 sections (the long contract) through 24 layers x 32 heads is 36M values; 500 sections of random,
+    incompressible flow is the worst case per value. The report stays under 15 MB: it keeps the mean of all
+    layers, the head average of as many layers as fit, single heads for as many as fit after those, and says so."""
+    data = _sectioned(S, N, H)
+    path = write_report(data, tmp_path / "sections.html")
+    assert path.stat().st_size < 15 * 10**6, f"report is {path.stat().st_size / 10**6:.1f} MB"
+    embedded = _embedded(path.read_text(encoding="utf-8"))
+    block = embedded["section_flow"]
+    means = [l for l in range(N) if block["layers"][l] is not None]
+    heads = [l for l in range(N) if block["heads"][l] is not None]
+    # Layers are taken spread over depth, the first and the last before the rest.
+    assert {0, N - 1} <= set(means) and heads[:1] in ([], [0]) and (len(heads) < 2 or N - 1 in heads)
+    assert set(heads) <= set(means)
+    assert len(heads) < N and "size budget" in block["note"] and not block["causal"]
+    back = ReportData.from_dict(embedded)
+    flow = data.section_flow
+    assert _close_on_sqrt_scale(back.section_flow[heads], flow[heads])
+    # A layer without its single heads repeats its exact head average (or the mean of all), quantised, for every head.
+    averaged = [l for l in means if l not in heads]
+    assert _close_on_sqrt_scale(back.section_flow[averaged, 0], flow[averaged].mean(axis=1))
+    np.testing.assert_array_equal(back.section_flow[averaged, 0], back.section_flow[averaged, -1])
+    rest = [l for l in range(N) if l not in means]
+    if rest:
+        assert _close_on_sqrt_scale(back.section_flow[rest[0], 0], flow.mean(axis=(0, 1)))
+
+
+def test_section_flow_takes_only_what_the_rest_of_the_report_leaves(monkeypatch):
+    import attnkit.viz.report as report
+
+    data = _sectioned(40, 3, 2, causal=True)
+    full = data.to_dict()["section_flow"]
+    assert full["note"] is None and full["causal"] and all(full["heads"])
+    monkeypatch.setattr(report, "REPORT_BUDGET", 1)  # nothing left: only the mean over all layers and heads
+    block = data.to_dict()["section_flow"]
+    assert block["layers"] == [None] * 3 and block["heads"] == [None] * 3 and "no layer" in block["note"]
+    back = ReportData.from_dict(json.loads(json.dumps(data.to_dict())))
+    assert _close_on_sqrt_scale(back.section_flow[1, 1], data.section_flow.mean(axis=(0, 1)))
+    assert np.all(np.triu(back.section_flow, 1) == 0)  # a causal flow stays causal through the encoding
+
+
+def test_section_titles_cannot_escape_their_script_block():
+    L = 6
+    sections = [
+        {"label": HOSTILE[1], "title": HOSTILE[0], "start": 0, "end": 3},
+        {"label": "2", "title": HOSTILE[2] + HOSTILE[3], "start": 3, "end": 6},
+    ]
+    flow = np.full((1, 1, 2, 2), 0.5, dtype=np.float32)
+    data = ReportData.from_maps(["a"] * L, _maps(1, 1, L), sections=sections, section_flow=flow)
+    page = render_report(data)
+    for raw in HOSTILE[:2]:
+        assert raw not in page
+    assert page.count("</script>") == 2
+    assert _embedded(page)["sections"] == sections

@@ -203,3 +203,109 @@ def test_long_pooled_report_stays_responsive(browser, tmp_path):
     expected = sorted(index[0, 5, 2000].tolist())
     got = sorted(report.page.eval_on_selector_all("#text .tok.to", "s => s.map(x => Number(x.dataset.i))"))
     assert got == sorted(set(expected))
+
+
+def _section_report(
+    tmp_path: Path, *, sections=24, per=10, layers=2, heads=3, causal=False, titles=(), **fields
+) -> Path:
+    """A report over ``sections x per`` tokens whose flow is computed from its own maps, with the tokens of
+    section ``sections - 4`` drawing on section 2 (a clause using an early definition)."""
+    torch.manual_seed(0)
+    L = sections * per
+    q = torch.randn(1, layers * heads, L, 8)
+    k = torch.randn(1, layers * heads, L, 8)
+    scores = q @ k.transpose(-1, -2) / 8**0.5  # (1, layers * heads, L, L)
+    late, early = sections - 4, 2
+    scores[..., late * per : (late + 1) * per, early * per : (early + 1) * per] += 3.0
+    if causal:
+        scores = scores.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+    maps = scores.softmax(-1)[0].reshape(layers, heads, L, L)  # (layers, H, L, L)
+    member = torch.arange(L) // per  # section of each token
+    onehot = torch.nn.functional.one_hot(member, sections).float()  # (L, S)
+    flow = (onehot.T @ maps @ onehot) / per  # (layers, H, S, S): mean over a section's tokens of the weight per section
+    titles = [*titles, *["Definitions", "Services", "Availability", "Fees"][len(titles) :]]
+    titles += [f"Clause about topic {i}" for i in range(sections)]
+    spans = [
+        {"label": f"{1 + i // 4}.{1 + i % 4}", "title": titles[i], "start": i * per, "end": (i + 1) * per}
+        for i in range(sections)
+    ]
+    tokens = [f"w{i}" for i in range(L)]
+    data = ReportData.from_maps(tokens, maps, sections=spans, section_flow=flow.numpy(), **fields)
+    return write_report(data, tmp_path / "sections.html")
+
+
+def test_sections_view_ranks_sources_and_shows_token_links(browser, tmp_path):
+    report = Page(browser, _section_report(tmp_path))
+    page = report.page
+    assert report.errors() == [], report.errors()
+    assert page.locator("#sections").is_visible() and page.locator("#nav-sections").is_visible()
+    assert page.locator("#section-list li").count() == 24
+    # The clause that draws on the early section has the longest reach and is picked first.
+    first = page.locator("#section-list button").first
+    assert "6.1" in first.inner_text() and first.get_attribute("aria-pressed") == "true"
+    # Pick it by keyboard from the list; its strongest source beyond itself is section 2 ("1.3 Availability").
+    page.locator("#section-list button[title^='6.1 ']").focus()
+    page.keyboard.press("Enter")
+    sources = page.locator("#section-sources button")
+    assert "1.3 “Availability”" in sources.nth(0).inner_text() or "1.3 “Availability”" in sources.nth(1).inner_text()
+    assert "17 sections back" in page.inner_text("#section-sources")
+    assert "1.3" in page.inner_text("#section-summary")
+    # Choosing the source lists the token links from 6.1 into 1.3, strongest first, with their context.
+    sources.filter(has_text="Availability").click()
+    assert "6.1 → 1.3" in page.inner_text("#section-links-title")
+    links = page.locator("#section-links button")
+    assert links.count() >= 3
+    first_link = links.first.locator("mark")
+    q, k = (int(first_link.nth(n).inner_text()[1:]) for n in range(2))
+    assert 200 <= q < 210 and 20 <= k < 30  # query in section 6.1 (tokens 200-209), key in 1.3 (20-29)
+    # A single head, then back to the averages; the map redraws.
+    before = report.canvas("#section-map")
+    page.select_option("#section-layer", "1")
+    page.select_option("#section-head", "2")
+    assert report.canvas("#section-map") != before
+    assert "in this head" in page.inner_text("#section-links-caption")
+    # Hovering the heatmap names both sections.
+    box = page.locator("#section-map").bounding_box()
+    page.mouse.move(box["x"] + 48 + 2.5 * 468 / 24, box["y"] + 48 + 20.5 * 468 / 24)
+    assert "6.1" in page.inner_text("#section-readout") and "1.3" in page.inner_text("#section-readout")
+    # A link opens its head in the head view with the query token pinned.
+    links.first.click()
+    assert page.locator("#text .tok.pinned").count() == 1
+    assert report.errors() == [] and report.requests == [report.url]
+    assert page.locator("#section-causal").is_hidden()
+    page.locator("#sections").screenshot(path=str(tmp_path / "sections.png"))
+
+
+def test_sections_view_of_a_causal_model_points_only_backwards(browser, tmp_path):
+    report = Page(browser, _section_report(tmp_path, causal=True))
+    page = report.page
+    assert report.errors() == []
+    assert "Causal model: a section draws only on earlier sections" in page.inner_text("#section-causal")
+    page.locator("#section-list button[title^='1.2 ']").click()
+    listed = page.inner_text("#section-sources")
+    assert "forward" not in listed and "(later sections: zero, causal)" in listed
+
+
+def test_without_sections_there_is_no_sections_view(report):
+    assert report.page.locator("#sections").is_hidden() and report.page.locator("#nav-sections").is_hidden()
+
+
+def test_hostile_section_titles_show_as_text_and_run_nothing(browser, tmp_path):
+    report = Page(browser, _section_report(tmp_path, sections=6, titles=[HOSTILE, HOSTILE_SCRIPT]))
+    page = report.page
+    page.locator("#section-list button", has_text=HOSTILE).click()
+    page.locator("#section-sources button").first.click()
+    page.wait_for_timeout(100)
+    assert report.dialogs == [] and page.evaluate("window.__pwned") is None and page.locator("img").count() == 0
+    assert HOSTILE in page.inner_text("#section-picked") and HOSTILE_SCRIPT[:30] in page.inner_text("#section-list")
+    assert report.errors() == [] and report.requests == [report.url]
+
+
+def test_sections_view_says_what_the_size_budget_left_out(browser, tmp_path):
+    report = Page(browser, _section_report(tmp_path, sections=12, section_flow_budget=0))
+    page = report.page
+    assert report.errors() == []
+    assert "size budget" in page.inner_text("#section-note") and page.locator("#section-note").is_visible()
+    assert page.locator("#section-layer option:disabled").count() == 2  # both layers: only the mean of all is kept
+    assert page.locator("#section-head option:disabled").count() == 3
+    assert page.locator("#section-links button").count() >= 1  # links come from the top-k, which are all kept

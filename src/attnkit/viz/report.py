@@ -51,6 +51,10 @@ MAP_BUDGET = 384
 POOL_TILES = 96
 # Strongest keys kept per query for the hover links (the ``topk`` of those statistics).
 TOPK = 5
+# Characters of base64 the section flow may take (its mean over all layers is kept even beyond; `_encode_section_flow`).
+SECTION_FLOW_BUDGET = 8 * 2**20
+# What the embedded data may reach before the section flow stops adding per-layer detail (the page: 15 MB).
+REPORT_BUDGET = 14 * 2**20
 
 
 def _np(x: Any, dtype=np.float32) -> np.ndarray:
@@ -65,6 +69,131 @@ def _b64(raw: bytes) -> str:
 
 def _unb64(text: str) -> bytes:
     return zlib.decompress(base64.b64decode(text))
+
+
+def _sqrt_codes(values: np.ndarray, *, per_row: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``(..., A, B)`` values -> ``round(255 * sqrt(v / peak))`` as uint8, and the peaks.
+
+    ``peak`` is each matrix's maximum, ``(...)``, or with ``per_row`` each row's, ``(..., A)``. The square
+    root spends the 256 steps where attention lives (small weights): a value is read back as
+    ``(code / 255) ** 2 * peak``, within ``peak / 255`` of the original (``0.5 / 255`` on the square-root scale).
+    """
+    v = np.clip(values, 0, None)
+    peak = v.max(axis=-1) if per_row else v.reshape(*v.shape[:-2], -1).max(axis=-1)  # (..., A) or (...)
+    safe = np.where(peak > 0, peak, 1.0)
+    safe = safe[..., None] if per_row else safe[..., None, None]
+    return np.round(255 * np.sqrt(v / safe)).astype(np.uint8), peak
+
+
+def _from_codes(codes: np.ndarray, peak: Any) -> np.ndarray:
+    """Inverse of `_sqrt_codes`: ``codes (..., A, B)`` and ``peak (...)`` or ``(..., A)`` -> float32 values."""
+    peak = np.asarray(peak, dtype=np.float32)
+    peak = peak.reshape(peak.shape + (1,) * (codes.ndim - peak.ndim))  # broadcast over the rows and/or columns
+    return ((codes.astype(np.float32) / 255) ** 2 * peak).astype(np.float32)
+
+
+def _spread_order(n: int) -> list[int]:
+    """``0 .. n-1`` ordered so that every prefix spreads evenly: first, last, middle, quarters, ..."""
+    order = [0, n - 1][: min(n, 2)]
+    spans = [(0, n - 1)]
+    while spans:
+        lo, hi = spans.pop(0)
+        if hi - lo < 2:
+            continue
+        mid = (lo + hi) // 2
+        order.append(mid)
+        spans += [(lo, mid), (mid, hi)]
+    return order
+
+
+def _encode_section_flow(flow: np.ndarray, layer_names: list[str], budget: int) -> dict:
+    """The page's section-flow block for ``flow (N, H, S, S)``, within ``budget`` characters of base64.
+
+    Every ``(S, S)`` matrix is stored like the maps, ``round(255 * sqrt(f / peak))`` (uint8, `_sqrt_codes`),
+    but with a peak per row (float32): a late section's row of small, even flows keeps its precision
+    beside an early section that attends only to itself. Codes and peaks are deflated and base64-encoded.
+    Always kept, even beyond ``budget``: ``mean``, the flow averaged over all layers and heads. Then,
+    while the base64 text fits in ``budget``: ``layers[l]``, layer ``l``'s flow averaged over its heads
+    (computed here, from the exact flow), and after those ``heads[l]``, all ``H`` heads of layer ``l``.
+    Layers are taken in `_spread_order` (first, last, middle, ...), so a partial set still spans the
+    model; a layer left out is ``None`` and ``note`` says which were kept.
+    ``causal`` is True when no section draws on a later one (the strict upper triangle is zero).
+    """
+    N, H, S, _ = flow.shape
+    layer_mean = flow.mean(axis=1, dtype=np.float64)  # (N, S, S)
+
+    def block(values: np.ndarray) -> dict:
+        codes, peak = _sqrt_codes(values, per_row=True)  # (..., S, S) uint8, (..., S)
+        return {"peak": _b64(peak.astype("<f4").tobytes()), "data": _b64(codes.tobytes())}
+
+    def size(entry: dict) -> int:
+        return len(entry["peak"]) + len(entry["data"])
+
+    mean = block(layer_mean.mean(axis=0))
+    used = size(mean)
+    layers: list[dict | None] = [None] * N
+    heads: list[dict | None] = [None] * N
+    for parts, make in ((layers, lambda l: block(layer_mean[l])), (heads, lambda l: block(flow[l]))):
+        for l in _spread_order(N):
+            if parts is heads and layers[l] is None:
+                continue
+            entry = make(l)
+            if used + size(entry) > budget:
+                break
+            parts[l] = entry
+            used += size(entry)
+    note = None
+    if any(entry is None for entry in heads):
+        some_heads = any(entry is not None for entry in heads)
+        note = f"The section flow ({N} layers x {H} heads x {S}x{S} sections) is over the report's size budget: " + (
+            f"single heads are kept for {_which(heads, layer_names)}; " if some_heads else "no single heads; "
+        )
+        if all(entry is not None for entry in layers):
+            note += (
+                "the other layers show their heads averaged." if some_heads else "every layer shows its heads averaged."
+            )
+        else:
+            note += f"heads averaged for {_which(layers, layer_names)}; the rest only as the mean of all layers."
+    return {
+        "size": S,
+        "causal": bool(S > 1 and not np.any(np.triu(layer_mean, 1) > 1e-6)),
+        "mean": mean,
+        "layers": layers,
+        "heads": heads,
+        "note": note,
+    }
+
+
+def _which(parts: list, names: list[str]) -> str:
+    """Which entries of ``parts`` are not None: "layer 0, layer 5 (2 of 24 layers)" or "all layers but layer 3"."""
+    kept = [name for name, entry in zip(names, parts, strict=True) if entry is not None]
+    left = [name for name, entry in zip(names, parts, strict=True) if entry is None]
+    if not kept:
+        return "no layer"
+    if len(left) < len(kept):
+        return f"all layers but {', '.join(left)}"
+    return f"{', '.join(kept)} ({len(kept)} of {len(names)} layers)"
+
+
+def _decode_section_flow(block: dict, N: int, H: int) -> np.ndarray:
+    """Inverse of `_encode_section_flow`, ``(N, H, S, S)``: a layer without its heads repeats its head average
+    (or, without that, the all-layers mean) for every head."""
+    S = block["size"]
+
+    def values(entry: dict, shape: tuple[int, ...]) -> np.ndarray:
+        peak = np.frombuffer(_unb64(entry["peak"]), dtype="<f4").reshape(shape[:-1])
+        return _from_codes(np.frombuffer(_unb64(entry["data"]), dtype=np.uint8).reshape(shape), peak)
+
+    mean = values(block["mean"], (S, S))
+    flow = np.empty((N, H, S, S), dtype=np.float32)
+    for l in range(N):
+        if block["heads"][l] is not None:
+            flow[l] = values(block["heads"][l], (H, S, S))
+        elif block["layers"][l] is not None:
+            flow[l] = values(block["layers"][l], (S, S))
+        else:
+            flow[l] = mean
+    return flow
 
 
 def topk_links(maps: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -113,6 +242,8 @@ class ReportData:
         section_flow: ``(N, H, S, S)`` mean attention a token of section ``a`` pays to section ``b``
             (`attnkit.AttentionStats.segment_flow`); a row sums to 1 when every token of ``a``
             attends somewhere. Required with ``sections``.
+        section_flow_budget: characters of base64 the report may spend on the section flow
+            (`_encode_section_flow`); its mean over all layers and heads is kept even beyond.
     """
 
     tokens: list[str]
@@ -134,6 +265,7 @@ class ReportData:
     notes: list[str] = field(default_factory=list)
     sections: list[dict] = field(default_factory=list)
     section_flow: np.ndarray | None = None
+    section_flow_budget: int = SECTION_FLOW_BUDGET
 
     def __post_init__(self) -> None:
         self.tokens = [str(t) for t in self.tokens]
@@ -292,16 +424,17 @@ class ReportData:
 
         Maps are stored per head as ``round(255 * sqrt(w / max))`` (uint8) with the head's max,
         links as uint16/uint32 indices and ``round(65535 * w)`` (uint16) weights, all deflate + base64.
+        The section flow is stored the same way with a peak per row, within ``section_flow_budget``
+        (`_encode_section_flow`).
         """
         N, H, L = self.shape
+        layer_names = self.layer_names or [f"layer {i}" for i in range(N)]
         P = self.maps.shape[-1]
-        peak = np.clip(self.maps, 0, None).reshape(N, H, -1).max(axis=-1)  # (N, H)
-        safe = np.where(peak > 0, peak, 1.0)[..., None, None]
-        quantised = np.round(255 * np.sqrt(np.clip(self.maps, 0, None) / safe)).astype(np.uint8)  # (N, H, P, P)
+        quantised, peak = _sqrt_codes(self.maps)  # (N, H, P, P) uint8, (N, H)
         index_dtype = np.uint16 if L <= 65535 else np.uint32
         k = self.topk_index.shape[-1]
         weights = np.round(np.clip(self.topk_weight, 0, 1) * 65535).astype("<u2")
-        return {
+        data = {
             "version": FORMAT_VERSION,
             "title": self.title,
             "model": self.model,
@@ -312,7 +445,7 @@ class ReportData:
             "layers": N,
             "heads": H,
             "length": L,
-            "layer_names": self.layer_names or [f"layer {i}" for i in range(N)],
+            "layer_names": layer_names,
             "map": {
                 "size": P,
                 "edges": self.edges.tolist() if self.edges is not None else None,
@@ -332,21 +465,28 @@ class ReportData:
             "saliency": {name: _rounded(values) for name, values in self.saliency.items()},
             "faithfulness": [_json_row(row) for row in self.faithfulness],
             "sections": [dict(section) for section in self.sections],
-            "section_flow": _rounded(self.section_flow),
+            "section_flow": None,
         }
+        if self.section_flow is not None:
+            # The section flow takes what the rest of the report leaves of REPORT_BUDGET, at most its own budget.
+            rest = len(json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8"))
+            budget = max(0, min(self.section_flow_budget, REPORT_BUDGET - rest))
+            data["section_flow"] = _encode_section_flow(self.section_flow, layer_names, budget)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> ReportData:
-        """Read back `to_dict`'s output (maps and link weights come back quantised)."""
+        """Read back `to_dict`'s output (maps, link weights and section flow come back quantised; a layer whose
+        single heads were left out of the section flow repeats its head average for every head)."""
         if data.get("version") != FORMAT_VERSION:
             raise ValueError(
                 f"ReportData.from_dict: expected format version {FORMAT_VERSION}, got {data.get('version')}"
             )
         N, H, L, P = data["layers"], data["heads"], data["length"], data["map"]["size"]
         k = data["links"]["k"]
-        q = np.frombuffer(_unb64(data["map"]["data"]), dtype=np.uint8).reshape(N, H, P, P)
-        peak = np.asarray(data["map"]["peak"], dtype=np.float32)[..., None, None]
-        maps = (q.astype(np.float32) / 255) ** 2 * peak
+        maps = _from_codes(
+            np.frombuffer(_unb64(data["map"]["data"]), dtype=np.uint8).reshape(N, H, P, P), data["map"]["peak"]
+        )
         index_dtype = np.dtype("<u2" if data["links"]["index_bytes"] == 2 else "<u4")
         index = np.frombuffer(_unb64(data["links"]["index"]), dtype=index_dtype).reshape(N, H, L, k)
         weight = np.frombuffer(_unb64(data["links"]["weight"]), dtype="<u2").reshape(N, H, L, k) / 65535
@@ -370,7 +510,7 @@ class ReportData:
             faithfulness=data["faithfulness"],
             notes=data["notes"],
             sections=data.get("sections", []),
-            section_flow=np.asarray(data["section_flow"]) if data.get("section_flow") is not None else None,
+            section_flow=_decode_section_flow(data["section_flow"], N, H) if data.get("section_flow") else None,
         )
 
 

@@ -361,6 +361,315 @@
   }
   if (!D.faithfulness.length) $("faithfulness").hidden = true;
 
+  // ---- sections ----------------------------------------------------------------------------------
+  // section_flow: row a, column b = mean attention a token of section a pays to section b, stored per (S, S)
+  // matrix as round(255 * sqrt(f / peak of its row)): the mean of all layers and heads, each layer's head average and,
+  // within the report's size budget, each layer's single heads (null where left out; `note` says so).
+  async function setupSections() {
+    const secs = D.sections, SF = D.section_flow, S = secs.length, SS = S * S;
+    $("sections").hidden = false;
+    $("nav-sections").hidden = false;
+    async function decode(entry) { // (count, S, S) codes with a float32 peak per row
+      const codes = await unpack(entry.data), peaks = new Float32Array((await unpack(entry.peak)).buffer);
+      const out = new Float32Array(codes.length);
+      for (let n = 0; n < codes.length; n++) out[n] = (codes[n] / 255) ** 2 * peaks[Math.floor(n / S)];
+      return out;
+    }
+    const cache = new Map();
+    const cached = async (key, make) => {
+      if (!cache.has(key)) cache.set(key, await make());
+      return cache.get(key);
+    };
+    const meanAll = await decode(SF.mean);
+    const allHeadsKept = SF.heads.every(Boolean);
+    const headKept = (layer) => (layer === "all" ? allHeadsKept : Boolean(SF.heads[layer]));
+    async function flowFor(layer, head) { // (S * S) for a layer or "all", a head or "all"
+      if (layer === "all" && head === "all") return meanAll;
+      if (head === "all") return cached(`l${layer}`, () => decode(SF.layers[layer]));
+      const perHead = (l) => cached(`h${l}`, () => decode(SF.heads[l]));
+      if (layer !== "all") return (await perHead(layer)).subarray(head * SS, (head + 1) * SS);
+      return cached(`all-h${head}`, async () => { // one head, averaged over the layers here
+        const out = new Float32Array(SS);
+        for (let l = 0; l < N; l++) {
+          const f = await perHead(l);
+          for (let n = 0; n < SS; n++) out[n] += f[head * SS + n] / N;
+        }
+        return out;
+      });
+    }
+
+    // names, distances, ranking
+    const short = (t, n = 38) => (t.length > n ? t.slice(0, n - 1) + "…" : t);
+    const labelOf = (a) => secs[a].label || `#${a + 1}`;
+    const nameOf = (a) => (secs[a].title ? `${labelOf(a)} “${short(secs[a].title)}”` : labelOf(a));
+    const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+    const away = (a, b) => (a === b ? "own section" : b < a ? `${plural(a - b, "section")} back` : `${plural(b - a, "section")} forward`);
+    const reachOf = (f) => secs.map((_, a) => { // flow-weighted section distance beyond the neighbours
+      let reach = 0, far = 0;
+      for (let b = 0; b < S; b++) {
+        if (Math.abs(a - b) < 2) continue;
+        reach += f[a * S + b] * Math.abs(a - b);
+        far += f[a * S + b];
+      }
+      return { a, reach, far };
+    });
+    const view = { layer: "all", head: "all", flow: meanAll, reach: reachOf(meanAll), picked: 0, source: 0 };
+    const sourcesOf = (a) => {
+      const list = [];
+      for (let b = 0; b < S; b++) list.push({ b, v: view.flow[a * S + b] });
+      return list.sort((x, y) => y.v - x.v || x.b - y.b);
+    };
+    const strongestOther = (a) => sourcesOf(a).find((x) => x.b !== a && x.v > 0)?.b ?? a;
+
+    // controls
+    const layerSel = $("section-layer"), headSel = $("section-head"), pastBox = $("section-past-diagonal");
+    layerSel.appendChild(Object.assign(el("option", "", "all layers averaged"), { value: "all" }));
+    D.layer_names.forEach((name, l) => layerSel.appendChild(Object.assign(
+      el("option", "", SF.layers[l] ? name : `${name} (not kept)`), { value: l, disabled: !SF.layers[l] })));
+    headSel.appendChild(Object.assign(el("option", "", "all heads averaged"), { value: "all" }));
+    for (let h = 0; h < H; h++) headSel.appendChild(Object.assign(el("option", "", `head ${h}`), { value: h }));
+    const syncHeads = () => {
+      const kept = headKept(view.layer);
+      for (const option of headSel.options) if (option.value !== "all") option.disabled = !kept;
+      headSel.title = kept ? "" : "single heads of this layer were left out to keep the report small; see the note above";
+    };
+    if (SF.causal) $("section-causal").hidden = false;
+    if (SF.note) Object.assign($("section-note"), { hidden: false, textContent: SF.note });
+    $("section-order-caption").textContent =
+      "Reach: Σ flow(a→b) × |a − b| over sections b at least two away, i.e. how many sections a token's " +
+      "attention travels on average, counting its own and the neighbouring sections as zero. " +
+      "Beside it, the share of attention beyond the neighbours.";
+
+    // heatmap
+    const canvas = $("section-map"), ctx = canvas.getContext("2d"), tooltip = $("tooltip");
+    const SIZE = 520, M = 48, AREA = SIZE - M - 4, cell = AREA / S, dpr = window.devicePixelRatio || 1;
+    canvas.width = SIZE * dpr;
+    canvas.height = SIZE * dpr;
+    const image = document.createElement("canvas");
+    image.width = S;
+    image.height = S;
+    function paintImage() {
+      const f = view.flow;
+      let top = 0, topAll = 0;
+      for (let a = 0; a < S; a++) {
+        for (let b = 0; b < S; b++) {
+          topAll = Math.max(topAll, f[a * S + b]);
+          if (a !== b) top = Math.max(top, f[a * S + b]);
+        }
+      }
+      const scale = pastBox.checked && top > 0 ? top : topAll || 1;
+      const pixels = image.getContext("2d").createImageData(S, S);
+      for (let a = 0; a < S; a++) {
+        for (let b = 0; b < S; b++) {
+          const p = 4 * (a * S + b);
+          if (SF.causal && b > a) {
+            pixels.data.set([236, 238, 241, 255], p);
+          } else {
+            const v = Math.round(255 * Math.sqrt(Math.min(1, f[a * S + b] / scale)));
+            pixels.data.set([lut[3 * v], lut[3 * v + 1], lut[3 * v + 2], 255], p);
+          }
+        }
+      }
+      image.getContext("2d").putImageData(pixels, 0, 0);
+      $("section-map-caption").textContent =
+        "Rows draw on columns: row a, column b is the mean attention a token of section a pays to section b " +
+        `(a row sums to 1). Colour ∝ √(flow / ${pastBox.checked ? "largest flow between two different sections; own-section cells on the diagonal are clipped" : "largest flow"}).` +
+        (SF.causal ? " Grey: later sections, which a causal model cannot see." : "");
+    }
+    function drawMap() {
+      ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+      ctx.fillStyle = "#fff";
+      ctx.fillRect(0, 0, SIZE, SIZE);
+      ctx.imageSmoothingEnabled = false;
+      ctx.drawImage(image, M, M, AREA, AREA);
+      ctx.fillStyle = "#5c6370";
+      ctx.font = "10px system-ui, sans-serif";
+      const step = Math.max(1, Math.ceil(12 / cell));
+      for (let a = 0; a < S; a += step) {
+        const text = short(labelOf(a), 7), mid = M + (a + 0.5) * cell;
+        ctx.textAlign = "right";
+        ctx.textBaseline = "middle";
+        ctx.fillText(text, M - 4, mid);
+        ctx.save();
+        ctx.translate(mid, M - 4);
+        ctx.rotate(-Math.PI / 2);
+        ctx.textAlign = "left";
+        ctx.fillText(text, 0, 0);
+        ctx.restore();
+      }
+      const edge = Math.max(cell, 3);
+      ctx.lineWidth = 1.5;
+      ctx.strokeStyle = "rgba(214, 39, 40, 0.95)";
+      ctx.strokeRect(M, M + view.picked * cell + cell / 2 - edge / 2, AREA, edge);
+      ctx.strokeStyle = "#fff";
+      ctx.strokeRect(M + view.source * cell + cell / 2 - edge / 2 - 1.5, M + view.picked * cell + cell / 2 - edge / 2 - 1.5, edge + 3, edge + 3);
+    }
+    const cellAt = (event) => {
+      const rect = canvas.getBoundingClientRect();
+      const b = Math.floor(((event.clientX - rect.left) * (SIZE / rect.width) - M) / cell);
+      const a = Math.floor(((event.clientY - rect.top) * (SIZE / rect.height) - M) / cell);
+      return a >= 0 && a < S && b >= 0 && b < S ? [a, b] : null;
+    };
+    canvas.addEventListener("mousemove", (event) => {
+      const at = cellAt(event);
+      if (!at) {
+        tooltip.hidden = true;
+        return;
+      }
+      const [a, b] = at;
+      const text = `${nameOf(a)}\ndraws on ${nameOf(b)}\nflow ${view.flow[a * S + b].toFixed(3)} · ${away(a, b)}`;
+      $("section-readout").textContent = text.replace(/\n/g, " · ");
+      tooltip.textContent = text;
+      tooltip.hidden = false;
+      tooltip.style.left = `${event.clientX + 14}px`;
+      tooltip.style.top = `${event.clientY + 14}px`;
+    });
+    canvas.addEventListener("mouseleave", () => { tooltip.hidden = true; });
+    canvas.addEventListener("click", (event) => {
+      const at = cellAt(event);
+      if (at) pick(at[0], at[1]);
+    });
+    canvas.addEventListener("keydown", (event) => {
+      const moves = { ArrowUp: [-1, 0], ArrowDown: [1, 0], ArrowLeft: [0, -1], ArrowRight: [0, 1] };
+      const move = moves[event.key];
+      if (!move) return;
+      event.preventDefault();
+      const a = Math.min(S - 1, Math.max(0, view.picked + move[0]));
+      pick(a, move[1] ? Math.min(S - 1, Math.max(0, view.source + move[1])) : undefined);
+    });
+
+    // lists
+    const pickButton = (text, value, current, onClick, title) => {
+      const button = el("button", "pick" + (current ? " current" : ""));
+      button.append(el("span", "pick-name", text), el("span", "pick-value", value));
+      button.setAttribute("aria-pressed", current ? "true" : "false");
+      if (title) button.title = title;
+      button.addEventListener("click", onClick);
+      const item = el("li");
+      item.appendChild(button);
+      return item;
+    };
+    function drawList() {
+      const rows = view.reach.slice();
+      if ($("section-order").value === "reach") rows.sort((x, y) => y.reach - x.reach || x.a - y.a);
+      $("section-list").replaceChildren(...rows.map(({ a, reach, far }) => pickButton(
+        nameOf(a), `reach ${reach.toFixed(2)} · ${Math.round(100 * far)}% beyond neighbours`, a === view.picked,
+        () => pick(a), `${secs[a].label} ${secs[a].title} (tokens ${secs[a].start}–${secs[a].end - 1})`)));
+      const list = $("section-list"), current = list.querySelector(".current")?.parentElement; // keep it in view
+      if (current && (current.offsetTop < list.scrollTop || current.offsetTop + current.offsetHeight > list.scrollTop + list.clientHeight)) {
+        list.scrollTop = current.offsetTop - list.clientHeight / 3;
+      }
+    }
+    function drawDetail() {
+      const a = view.picked, s = secs[a];
+      $("section-picked").textContent = `${nameOf(a)} · tokens ${s.start}–${s.end - 1} (${s.end - s.start})`;
+      const sources = sourcesOf(a);
+      const others = sources.filter((x) => x.b !== a && x.v >= 0.0005);
+      const own = view.flow[a * S + a];
+      $("section-summary").textContent = (others.length
+        ? `${labelOf(a)} draws, beyond itself, most on ` + others.slice(0, 2).map((x) => `${nameOf(x.b)} (${x.v.toFixed(3)}, ${away(a, x.b)})`).join(" and ")
+        : `${labelOf(a)} draws on no other section`) + `; ${Math.round(100 * own)}% of its attention stays within it.` +
+        (SF.causal ? " Causal model: it cannot draw on later sections." : "");
+      const shown = sources.filter((x) => x.v >= 0.0005);
+      const top = Math.max(shown[0]?.v ?? 0, 1e-9);
+      $("section-sources").replaceChildren(...shown.map(({ b, v }) => {
+        const item = pickButton(nameOf(b), `${v.toFixed(3)} · ${away(a, b)}`, b === view.source, () => pick(a, b));
+        const bar = el("span", "bar");
+        bar.style.width = `${(100 * v / top).toFixed(1)}%`;
+        item.firstChild.prepend(bar);
+        return item;
+      }));
+      if (shown.length < S) $("section-sources").appendChild(el("li", "caption", `${S - shown.length} more below 0.0005${SF.causal ? " (later sections: zero, causal)" : ""}`));
+      drawLinks();
+    }
+    const gapBefore = (t) => (D.spacing ? (D.spacing[t] ? " " : "") : " ");
+    function context(i, width = 5) {
+      const box = el("span", "context"), lo = Math.max(0, i - width), hi = Math.min(L, i + width + 1);
+      let before = lo > 0 ? "…" : "";
+      for (let t = lo; t < i; t++) before += (t > lo ? gapBefore(t) : "") + tokens[t];
+      let after = "";
+      for (let t = i + 1; t < hi; t++) after += gapBefore(t) + tokens[t];
+      box.append(document.createTextNode(before + (i > lo ? gapBefore(i) : "")), el("mark", "", tokens[i]),
+        document.createTextNode(after + (hi < L ? "…" : "")));
+      return box;
+    }
+    function drawLinks() {
+      const a = view.picked, b = view.source;
+      const layers = view.layer === "all" ? [...Array(N).keys()] : [view.layer];
+      const heads = view.head === "all" ? [...Array(H).keys()] : [view.head];
+      const count = layers.length * heads.length, found = new Map();
+      for (const l of layers) {
+        for (const h of heads) {
+          for (let i = secs[a].start; i < secs[a].end; i++) {
+            const base = linkOffset(l, h, i);
+            for (let r = 0; r < K; r++) {
+              const j = linkIndex[base + r];
+              if (j < secs[b].start || j >= secs[b].end) continue;
+              const w = linkWeight[base + r] / 65535, key = i * L + j;
+              let entry = found.get(key);
+              if (!entry) found.set(key, (entry = { i, j, sum: 0, n: 0, best: -1, l: 0, h: 0 }));
+              entry.sum += w;
+              entry.n++;
+              if (w > entry.best) Object.assign(entry, { best: w, l, h });
+            }
+          }
+        }
+      }
+      const links = [...found.values()].sort((x, y) => y.sum - x.sum || x.i - y.i).slice(0, 20);
+      $("section-links-title").textContent = `Strongest token links: ${labelOf(a)} → ${labelOf(b)}`;
+      $("section-links-caption").textContent = (count > 1
+        ? `Pairs among each query token's ${K} strongest keys, mean weight over the ${count} heads averaged ` +
+          "(a head where the pair is not among the query's strongest counts as 0); click one to open its strongest head."
+        : `Pairs among each query token's ${K} strongest keys in this head; click one to open it in the head view.`);
+      if (!links.length) {
+        $("section-links").replaceChildren(el("li", "caption", `No token of ${labelOf(a)} has a key in ${labelOf(b)} among its ${K} strongest.`));
+        return;
+      }
+      $("section-links").replaceChildren(...links.map((x) => {
+        const button = el("button", "link");
+        button.append(context(x.i), el("span", "arrow", " → "), context(x.j),
+          el("span", "pick-value", count > 1
+            ? `${(x.sum / count).toFixed(3)} · in ${x.n} of ${count} heads, strongest ${D.layer_names[x.l]} H${x.h} (${x.best.toFixed(2)})`
+            : x.best.toFixed(3)));
+        button.title = `token ${x.i} → token ${x.j}`;
+        button.addEventListener("click", () => {
+          state.pinned = x.i;
+          selectHead(x.l, x.h);
+          $("head-view").scrollIntoView({ behavior: "smooth" });
+        });
+        const item = el("li");
+        item.appendChild(button);
+        return item;
+      }));
+    }
+    function pick(a, b) {
+      view.picked = a;
+      view.source = b ?? strongestOther(a);
+      drawMap();
+      drawList();
+      drawDetail();
+    }
+    async function update() {
+      view.layer = layerSel.value === "all" ? "all" : Number(layerSel.value);
+      syncHeads();
+      if (!headKept(view.layer)) headSel.value = "all";
+      view.head = headSel.value === "all" ? "all" : Number(headSel.value);
+      view.flow = await flowFor(view.layer, view.head);
+      view.reach = reachOf(view.flow);
+      paintImage();
+      pick(view.picked, view.source);
+    }
+    layerSel.addEventListener("change", update);
+    headSel.addEventListener("change", update);
+    pastBox.addEventListener("change", () => { paintImage(); drawMap(); });
+    $("section-order").addEventListener("change", drawList);
+    syncHeads();
+    paintImage();
+    const first = view.reach.slice().sort((x, y) => y.reach - x.reach || x.a - y.a)[0].a;
+    pick(first);
+  }
+  if (D.sections.length && D.section_flow) await setupSections();
+
   selectHead(0, 0);
   document.body.dataset.ready = "1";
 })().catch((err) => {
