@@ -336,3 +336,17 @@ def test_one_pass_never_holds_more_than_a_strip():
     with Largest():
         stats_kernel.strip_forward(q, k, v, spec, topk=4, pool=pool_segments(64, 640, 640, q.device), block_q=32)
     assert biggest <= max(32 * 640, 4 * 640 * 8)  # one strip, or the inputs/outputs; far below 4 * 640 * 640
+
+
+@pytest.mark.parametrize("W", [31, 2048, 4099, 10000])
+def test_row_topk_screens_by_chunks_and_equals_topk(W):
+    """The chunk-maxima screen of the one-pass kernel keeps the exact top-k (values; indices point at them)."""
+    torch.manual_seed(W)
+    p = torch.rand(2, 5, W) ** 8  # peaked rows
+    p[0, 0] = 0.0  # an empty row: all ties at 0
+    p[1, 1, 100:] = 0.0
+    want_w, _ = torch.topk(p, 8, dim=-1)
+    got_w, got_i = stats_kernel.row_topk(p, 8)
+    torch.testing.assert_close(got_w, want_w, rtol=0, atol=0)
+    torch.testing.assert_close(torch.gather(p, -1, got_i), got_w, rtol=0, atol=0)
+    assert bool((got_i >= 0).all() & (got_i < W).all())

