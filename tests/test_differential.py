@@ -270,3 +270,28 @@ def test_varlen_in_every_layout_matches_per_sequence_reference(seed):
             want = attnkit.attention(qs, ks, vs, backend="reference", **opts)[0].transpose(0, 1)
             got = out[cu_q[b] : cu_q[b + 1]].double()
             torch.testing.assert_close(got, want, rtol=0, atol=ATOL[dtype], msg=f"seed={seed} {opts} sequence {b}")
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_large_logits_stay_exact(seed, dtype):
+    """Scores of magnitude 1e2-1e3: every backend subtracts the row maximum (a missing one gives inf/NaN)."""
+    cfg = draw(500 + seed)
+    cfg["options"].pop("scale", None)
+    cfg["options"].pop("softcap", None)  # a softcap would bound the scores
+    q64, k64, v64, mask = make(cfg, seed)
+    q64 = q64 * (30.0 + 10 * seed)  # |s| = |q.k| / sqrt(D) up to ~1e3
+    q, k, v = (t.to(dtype) for t in (q64, k64, v64))
+    want, want_lse = reference(q, k, v, mask, cfg["options"], return_lse=True)
+    assert want_lse[torch.isfinite(want_lse)].abs().max() > 50  # the scores really are large
+    for backend in BACKENDS:
+        if refused(q, k, v, mask, cfg["options"], backend):
+            continue
+        out = attnkit.attention(q, k, v, mask=mask, backend=backend, **cfg["options"])
+        ctx = f"seed={seed} {cfg} {dtype} backend={backend}"
+        assert torch.isfinite(out).all(), ctx
+        torch.testing.assert_close(out.double(), want, rtol=0, atol=ATOL[dtype] * 4, msg=ctx)
+    st = attnkit.attention_stats(q, k, v, mask=mask, topk=2, pool=4, **cfg["options"])
+    p = attnkit.attention_weights(q.double(), k.double(), mask=mask if mask is None or not mask.is_floating_point()
+                                  else mask.double(), **cfg["options"])  # fmt: skip
+    torch.testing.assert_close(st.received.double(), p.sum(-2), rtol=1e-3, atol=1e-3, msg=f"seed={seed} stats")
