@@ -281,3 +281,10 @@ def _report_json(html: str) -> dict:
     match = re.search(r'<script type="application/json" id="attnkit-data">(.*?)</script>', html, re.S)
     assert match, "no data block in the report"
     return json.loads(match.group(1))
+
+
+def test_bench_show_is_registered_and_checks_its_sizes(tmp_path):
+    from attnkit.apps import cli
+
+    assert cli.bench_modules()["show"] == "attnkit.apps.bench.show"
+    assert cli.main(["bench", "show", "--sizes", "262144", "--out", str(tmp_path)]) == 2  # past the positions
