@@ -260,3 +260,29 @@ def test_record_sees_only_the_model_it_was_given_unless_none():
         attnkit.attention(q, q, q)  # a bare call is not recorded (record's own statistics make some)
     assert [layer.module for layer in rec] == [a, b, a]
     assert rec.layer_names() == ["SelfAttention", "SelfAttention#2", "SelfAttention#3"]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # grouped-query (4 heads over 2) and plain heads
+def test_relevance_is_gradient_weighted_attention_summed_over_queries(family):
+    """``relevance (B, Hk, Lk) = v . dy/dv`` equals ``sum_{h in group} sum_i p_ij dy/dp_ij`` from the full map."""
+    model = tiny_causal(family).eval()
+    ids = torch.randint(0, 97, (2, 13))
+    with record(model, maps=True, grads=True) as rec:
+        model(input_ids=ids).last_hidden_state.pow(2).sum().backward()
+    for layer in rec:
+        B, H, L, _ = layer.shape
+        Hk = layer.relevance.shape[1]
+        per_head = (layer.grad * layer.maps).sum(2)  # (B, H, L): summed over the queries
+        want = per_head.view(B, Hk, H // Hk, L).sum(2)  # (B, Hk, L): the heads sharing a key/value head
+        torch.testing.assert_close(layer.relevance, want, rtol=1e-4, atol=1e-5)
+
+
+def test_long_inputs_keep_relevance_without_any_map():
+    model = tiny_causal("llama").eval()
+    ids = torch.randint(0, 97, (1, 17))
+    with record(model, grads=True, max_map_bytes=0) as rec:
+        model(input_ids=ids).last_hidden_state.sum().backward()
+    assert not rec.has_maps() and all(layer.grad is None and layer.maps is None for layer in rec)
+    assert all(layer.relevance.shape == (1, 2, 17) for layer in rec)
+    with pytest.raises(ValueError, match="for long inputs use the statistics"):
+        rec.maps()

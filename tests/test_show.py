@@ -131,14 +131,28 @@ def test_show_tokens_read_as_the_text(contract48):
 
 
 def test_show_gathers_roles_saliency_and_faithfulness(contract48):
+    """Over the map budget (48 tokens, budget 32): no L x L map, so the O(L) saliencies only."""
     data = contract48.data
     assert len(data.roles) == 72 and {r["role"] for r in data.roles} <= set(data.role_descriptions)
     assert {(r["layer"], r["head"]) for r in data.roles} == {(l, h) for l in range(6) for h in range(12)}
+    assert set(data.saliency) == {"gradient x attention", "raw attention (last layer)"}
+    np.testing.assert_allclose(data.saliency["raw attention (last layer)"].sum(), 1.0, rtol=1e-4)  # rows sum to one
+    names = [row["name"] for row in data.faithfulness]
+    assert any(n.startswith("gradient x attention") for n in names) and any("random" in n for n in names)
+    assert all(np.isfinite(row["value"]) for row in data.faithfulness)
+    assert data.sections and data.section_flow.shape == (6, 12, len(data.sections), len(data.sections))
+
+
+def test_show_within_the_map_budget_keeps_maps_and_rollouts():
+    result = pretrained.analyse(command.example_text("contract"), max_tokens=40)
+    data = result.data
+    assert data.edges is None and data.maps.shape == (6, 12, 40, 40)
     assert set(data.saliency) == {"rollout", "gradient-weighted", "raw attention (last layer)"}
     np.testing.assert_allclose(data.saliency["rollout"].sum(), 1.0, rtol=1e-4)  # rolled rows sum to one
     names = [row["name"] for row in data.faithfulness]
-    assert any(n.startswith("gradient-weighted") for n in names) and any("random" in n for n in names)
-    assert all(np.isfinite(row["value"]) for row in data.faithfulness)
+    assert any(n.startswith("gradient-weighted") for n in names)
+    flow = data.section_flow.mean((0, 1))  # (S, S); an encoder's rows sum to one
+    np.testing.assert_allclose(flow.sum(-1), 1.0, rtol=1e-4)
 
 
 def test_news_example_is_longer_than_minilm_reads():

@@ -3,7 +3,8 @@
 * `record`: capture per-layer `attnkit.AttentionStats` (and small full maps) from attnkit
   modules, Hugging Face ``transformers`` models and ``torch.nn.MultiheadAttention``.
 * `head_roles`: score every head (entropy, distance, locality, previous-token, sink,
-  duplicate-token, induction, rare-token) and label it (`ROLE_DESCRIPTIONS`, `THRESHOLDS`).
+  duplicate-token, induction, rare-token) and label it (`ROLE_DESCRIPTIONS`, `THRESHOLDS`);
+  `section_roles`: whether each head stays within its section or reaches across sections.
 * `explain` / `rollout` / `gradient_weighted`: token saliency beyond raw weights, and
   `faithfulness`: how much removing each explanation's top tokens moves the output, versus random.
 * `sections`: split a document into clauses, messages, articles, domains or paragraphs
@@ -12,11 +13,21 @@
 
 from attnkit.inspect.explain import Faithfulness, explain, faithfulness, gradient_weighted, raw_attention, rollout
 from attnkit.inspect.record import LayerRecord, Recording, UnsupportedModelError, record
-from attnkit.inspect.roles import ROLE_DESCRIPTIONS, THRESHOLDS, HeadRoles, head_roles, rare_by_counts, rare_by_rank
+from attnkit.inspect.roles import (
+    ROLE_DESCRIPTIONS,
+    SECTION_ROLE_DESCRIPTIONS,
+    THRESHOLDS,
+    HeadRoles,
+    head_roles,
+    rare_by_counts,
+    rare_by_rank,
+    section_roles,
+)
 from attnkit.inspect.sections import Section, detect_kind, parse_sections_arg, sections, token_boundaries
 
 __all__ = [
     "ROLE_DESCRIPTIONS",
+    "SECTION_ROLE_DESCRIPTIONS",
     "THRESHOLDS",
     "Faithfulness",
     "HeadRoles",
@@ -35,6 +46,7 @@ __all__ = [
     "raw_attention",
     "record",
     "rollout",
+    "section_roles",
     "sections",
     "token_boundaries",
 ]

@@ -28,7 +28,16 @@ Statistics are computed with `attnkit.attention_stats` (exact, O(L) memory); ful
 with `attnkit.attention_weights` when ``maps`` is true and one layer's map fits in
 ``max_map_bytes``. With ``grads=True`` each record also gets ``grad`` ``(B, H, Lq, Lk)``,
 the gradient of whatever is back-propagated with respect to the attention weights,
-``dL/dp_ij = dO_i . v_j`` (O: the attention output of that head), once ``backward()`` ran.
+``dL/dp_ij = dO_i . v_j`` (O: the attention output of that head), once ``backward()`` ran,
+when its map fits ``max_map_bytes``; and, at any length, ``relevance`` ``(B, Hk, Lk)``, the
+gradient-weighted attention each key receives summed over the queries (and over the query
+heads that share its key/value head), ``sum_h sum_i p_ij dL/dp_ij = v_j . dL/dv_j``: read from
+the gradient of ``v`` alone, so it needs no ``Lq x Lk`` map (O(L) memory, exact).
+
+Long inputs: with ``maps=False`` (or a map above ``max_map_bytes``) a layer keeps its
+statistics only; `Recording.has_maps` says whether full maps exist, and everything a
+report needs at any length comes from `attnkit.AttentionStats` (``received``, ``topk_*``,
+``pooled`` over tiles or over a document's sections) and ``relevance``.
 """
 
 from __future__ import annotations
@@ -72,7 +81,10 @@ class LayerRecord:
         maps: ``(B, H, Lq, Lk)`` weights (fp32), or None (not asked, or above ``max_map_bytes``).
         tokens: the tokens given to `record`, or None.
         kind: ``"attnkit"``, ``"huggingface"`` or ``"torch.nn.MultiheadAttention"``.
-        grad: ``(B, H, Lq, Lk)`` ``dL/dp`` after ``backward()`` when ``grads=True``, else None.
+        grad: ``(B, H, Lq, Lk)`` ``dL/dp`` after ``backward()`` when ``grads=True`` and the map fits
+            ``max_map_bytes``, else None.
+        relevance: ``(B, Hk, Lk)`` ``v_j . dL/dv_j`` after ``backward()`` when ``grads=True`` (any length):
+            ``sum_{h in group} sum_i p_ij dL/dp_ij``, the gradient-weighted attention key ``j`` receives.
         shape: ``(B, H, Lq, Lk)``.
     """
 
@@ -83,6 +95,7 @@ class LayerRecord:
     kind: str
     shape: tuple[int, int, int, int]
     grad: Tensor | None = None
+    relevance: Tensor | None = None
     module: nn.Module | None = field(default=None, repr=False)
     _v: Tensor | None = field(default=None, repr=False)  # (B, H, Lk, Dv), kept only for grads
 
@@ -111,11 +124,19 @@ class Recording:
     def layer_names(self) -> list[str]:
         return [layer.name for layer in self.layers]
 
+    def has_maps(self) -> bool:
+        """Whether every layer kept its full map (``maps=True`` and each map within ``max_map_bytes``)."""
+        return bool(self.layers) and all(layer.maps is not None for layer in self.layers)
+
     def maps(self) -> Tensor:
         """``(layers, B, H, Lq, Lk)``: every layer's full map (all must have been recorded, same shape)."""
         missing = [layer.name for layer in self.layers if layer.maps is None]
         if missing or not self.layers:
-            raise ValueError(f"Recording.maps: no full map for {missing or 'any layer'}; record with maps=True")
+            raise ValueError(
+                f"Recording.maps: no full map for {missing or 'any layer'}: record with maps=True, and with a "
+                "max_map_bytes the maps fit in; for long inputs use the statistics instead (layer.stats.received, "
+                ".topk_*, .pooled, .segment_flow(); layer.relevance with grads=True), which need no Lq x Lk map"
+            )
         return torch.stack([layer.maps for layer in self.layers])
 
     def grads(self) -> Tensor:
@@ -161,7 +182,8 @@ class _Recorder:
                 with torch.no_grad():
                     weights = attention_weights(q, k, **kwargs).float()  # (B, H, Lq, Lk)
             else:
-                log.warning(
+                log.log(
+                    logging.WARNING if self.maps else logging.DEBUG,
                     "record: the %s map of %s (%.0f MiB) exceeds max_map_bytes (%.0f MiB); kept statistics only",
                     (B, H, Lq, Lk), self.names.get(id(module), type(module).__name__), size / 2**20,
                     self.max_map_bytes / 2**20,
@@ -176,6 +198,18 @@ class _Recorder:
         self.rec.layers.append(layer)
         return layer
 
+    def watch_values(self, layer: LayerRecord, v: Tensor) -> None:
+        """Fill ``layer.relevance (B, Hk, Lk) = v . dL/dv`` when backward reaches this call's ``v``."""
+        if not (self.grads and v.requires_grad):
+            return
+        values = v.detach()
+
+        def store(grad: Tensor) -> None:
+            r = (grad.float() * values.float()).sum(-1)  # (B, Hk, Lk)
+            layer.relevance = r if layer.relevance is None else layer.relevance + r
+
+        v.register_hook(store)
+
     def hook(self, call: hooks.AttentionCall, proceed: hooks.Proceed) -> Any:
         """The `attnkit.hooks` hook: record the call (inputs and options), compute it, hook its output.
 
@@ -187,6 +221,7 @@ class _Recorder:
             return proceed(call)  # a bare call, or another model's
         is_hf = type(caller).__module__.startswith("transformers.")
         layer = self.capture(caller, call.q, call.k, call.v, call.options, "huggingface" if is_hf else "attnkit")
+        self.watch_values(layer, call.v)
         result = proceed(call)
         if layer._v is not None:
             _store_grad(layer, result[0] if call.return_lse else result)
@@ -348,7 +383,9 @@ def record(
         maps: also keep each layer's full ``(B, H, Lq, Lk)`` map when it fits ``max_map_bytes``.
         stats: keep `AttentionStats` per layer (``topk``, ``pool`` as in `attnkit.attention_stats`).
         tokens: token strings to attach to the records (for pictures and head roles).
-        grads: keep what is needed for ``dL/dp``; call ``backward()`` and read ``layer.grad``.
+        grads: keep what is needed for ``dL/dp``; call ``backward()`` and read ``layer.grad`` (when the
+            map fits ``max_map_bytes``) and ``layer.relevance`` (any length; attnkit and Hugging Face
+            calls, not ``torch.nn.MultiheadAttention``).
 
     Yields:
         a `Recording`, filled as the model runs.

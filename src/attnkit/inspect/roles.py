@@ -44,12 +44,15 @@ from attnkit.stats import AttentionStats
 
 __all__ = [
     "ROLE_DESCRIPTIONS",
+    "SECTION_ROLE_DESCRIPTIONS",
+    "SECTION_THRESHOLDS",
     "THRESHOLDS",
     "HeadRoles",
     "classify",
     "head_roles",
     "rare_by_counts",
     "rare_by_rank",
+    "section_roles",
 ]
 
 ROLE_DESCRIPTIONS: dict[str, str] = {
@@ -373,3 +376,59 @@ def head_roles(
         for h, sc in enumerate(scored):
             rows.append({"layer": name, "head": h, "role": classify(sc, merged), "source": src, **sc})
     return HeadRoles(rows, local_window, merged)
+
+
+# ------------------------------------------------------------------------- section roles
+SECTION_ROLE_DESCRIPTIONS: dict[str, str] = {
+    "within-section": "keeps its attention inside the reader's own section (clause, message, article, domain)",
+    "cross-section": "reaches across the document: much of its attention goes two or more sections away",
+    "neighbour-section": "reads its own section and the ones beside it, little further",
+}
+
+# A head's section role: the first rule that holds, in this order.
+SECTION_THRESHOLDS: dict[str, float] = {
+    "cross_section": 0.4,  # far >= 0.4: share of attention two or more sections away
+    "within_section": 0.7,  # within >= 0.7: share of attention inside the query's own section
+}
+
+
+def section_roles(content: Tensor, sizes: Tensor | None = None, thresholds: dict[str, float] | None = None) -> list:
+    """The section-level view of every head: does it stay within its section or reach across sections?
+
+    Args:
+        content: ``(N, H, S, S)`` section flow: ``content[n, h, a, b]`` is the mean attention a token of
+            section ``a`` pays to section ``b`` (`attnkit.AttentionStats.segment_flow` over the sections;
+            `attnkit show` leaves special tokens out, so a sink head is not mistaken for a reader of
+            section 0).
+        sizes: ``(S,)`` tokens (queries) per section, to weight each section's row (default: equal).
+        thresholds: overrides of `SECTION_THRESHOLDS`.
+
+    Returns:
+        one dict per head, layer-major: ``layer`` (int), ``head``, ``section_role``, ``within`` (share
+        of its attention inside the query's own section, the flow's diagonal), ``neighbour`` (one
+        section away), ``far`` (two or more away), each a share of the head's attention that lands on
+        the sections, the rows weighted by ``sizes``. Rules: ``cross-section`` if ``far >=
+        cross_section``, else ``within-section`` if ``within >= within_section``, else ``neighbour-section``.
+    """
+    t = {**SECTION_THRESHOLDS, **(thresholds or {})}
+    flow = content.double()
+    N, H, S, _ = flow.shape
+    w = torch.ones(S, dtype=torch.float64) if sizes is None else sizes.double().reshape(S)
+    gap = (torch.arange(S)[:, None] - torch.arange(S)[None, :]).abs()  # (S, S)
+    rows = []
+    for n in range(N):
+        for h in range(H):
+            f = flow[n, h]  # (S, S)
+            mass = (f.sum(-1) * w).sum().clamp(min=1e-12)  # attention landing on any section, rows weighted
+            within = float((f.diagonal() * w).sum() / mass)
+            neighbour = float(((f * (gap == 1)).sum(-1) * w).sum() / mass)
+            far = float(((f * (gap >= 2)).sum(-1) * w).sum() / mass)
+            if S > 2 and far >= t["cross_section"]:
+                role = "cross-section"
+            elif within >= t["within_section"]:
+                role = "within-section"
+            else:
+                role = "neighbour-section"
+            rows.append({"layer": n, "head": h, "section_role": role, "within": within, "neighbour": neighbour,
+                         "far": far})  # fmt: skip
+    return rows

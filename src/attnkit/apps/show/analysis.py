@@ -54,6 +54,8 @@ class Analysis:
     links: list[Link]
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    sections: Any = None  # attnkit.apps.show.flow.SectionView, or None
+    causal: bool = False  # a decoder: every flow points backwards
 
 
 # ----------------------------------------------------------------------------- summary helpers
@@ -124,7 +126,8 @@ def long_range_links(
 class StageBar:
     """A stage-by-stage progress bar on stderr (tqdm), or nothing when ``enabled`` is False.
 
-    ``stage(name)`` closes the previous stage and starts ``name``; ``close()`` fills the bar;
+    ``stage(name)`` closes the previous stage and starts ``name``; ``detail(text)`` says what the stage
+    is doing (per-layer progress on long inputs); ``close()`` fills the bar;
     ``discard()`` erases it (before an error message, which is then the one line left).
     """
 
@@ -140,6 +143,11 @@ class StageBar:
             if self.bar.desc:
                 self.bar.update(1)
             self.bar.set_description_str(name)
+
+    def detail(self, text: str) -> None:
+        """Say what the current stage is doing (``attention: layer 3/24``) without moving the bar."""
+        if self.bar is not None:
+            self.bar.set_description_str(text)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -177,6 +185,8 @@ def report_data(
     spacing: list[str] | None = None,
     skip: set[int] | None = None,
     map_budget: int | None = None,
+    fine: Any = None,
+    view: Any = None,
     **fields: Any,
 ):
     """`ReportData` from a `attnkit.inspect.Recording` of one self-attention pass over ``tokens`` (batch 0).
@@ -184,8 +194,15 @@ def report_data(
     Full maps when every layer kept one and ``L <= map_budget``; otherwise the recorded pooled
     maps. Links are each query's top-k keys from the statistics; per-head entropy and mean
     distance are averaged over the queries not in ``skip`` (special tokens).
+
+    ``fine``: the ``(F + 1,)`` edges the recording pooled over (`attnkit.apps.show.flow.fine_edges`:
+    sections and ``POOL_TILES`` tiles together); the tiled map is summed from it. ``view``: the
+    `attnkit.apps.show.flow.SectionView` whose sections, flow and section roles go into the report.
     """
-    from attnkit.inspect import ROLE_DESCRIPTIONS
+    from dataclasses import replace
+
+    from attnkit.apps.show.flow import coarsen, tile_edges
+    from attnkit.inspect import ROLE_DESCRIPTIONS, SECTION_ROLE_DESCRIPTIONS
     from attnkit.viz.report import MAP_BUDGET, ReportData
 
     L = len(tokens)
@@ -193,16 +210,28 @@ def report_data(
     for layer in layers:
         if layer.stats is None or tuple(layer.shape[2:]) != (L, L):
             raise ValueError(f"report_data: layer {layer.name} is not a recorded self-attention over {L} tokens")
-    maps = [layer.maps[0] for layer in layers] if all(layer.maps is not None for layer in layers) else None
+    maps = [layer.maps[0] for layer in layers] if rec.has_maps() else None
+    stats = [layer.stats.select(0) for layer in layers]  # (1, H, ...) each
+    if fine is not None:  # the tiled map: fine blocks summed into POOL_TILES x POOL_TILES tiles (exact)
+        tiles = tile_edges(L, POOL_TILES)
+        stats = [replace(s, pooled=coarsen(s.pooled, fine, tiles), query_edges=tiles, key_edges=tiles) for s in stats]
+    roles = role_rows(rec, tokens)
+    descriptions = dict(ROLE_DESCRIPTIONS)
+    if view is not None:
+        for row, section in zip(roles, view.roles):
+            row["section_role"] = section["section_role"]
+            row["scores"].update({"within section": section["within"], "far sections": section["far"]})
+        descriptions.update(SECTION_ROLE_DESCRIPTIONS)
+        fields.update(sections=view.report_sections, section_flow=view.report_flow)
     return ReportData.from_stats(
         tokens,
-        [layer.stats.select(0) for layer in layers],  # (1, H, ...) each
+        stats,
         maps=maps,  # (H, L, L) each
         skip=skip,
         map_budget=MAP_BUDGET if map_budget is None else map_budget,
         spacing=spacing,
         layer_names=[f"layer {i}" for i in range(len(layers))],
-        roles=role_rows(rec, tokens),
-        role_descriptions=dict(ROLE_DESCRIPTIONS),
+        roles=roles,
+        role_descriptions=descriptions,
         **fields,
     )

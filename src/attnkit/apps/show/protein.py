@@ -27,7 +27,7 @@ from attnkit.nn.transformer import TransformerEncoder
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ALPHABET", "ProteinModel", "analyse", "load_or_train", "parse_fasta", "train"]
+__all__ = ["ALPHABET", "ProteinModel", "analyse", "load_or_train", "parse_fasta", "residue_offsets", "train"]
 
 # The 20 standard amino acids, then X (unknown), then the mask and padding symbols.
 ALPHABET = "ACDEFGHIKLMNPQRSTVWY" + "X"
@@ -177,29 +177,70 @@ def load_or_train(sequence: str, *, cache: bool = True):
     return model, info, False
 
 
-def analyse(text: str, *, progress: bool = False, cache: bool = True, map_budget: int | None = None):
+def residue_offsets(text: str) -> list[tuple[int, int]]:
+    """``(start, end)`` character span of each residue of the first record in ``text``, as `parse_fasta` reads it."""
+    spans, seen_header, pos = [], False, 0
+    for line in text.splitlines(keepends=True):
+        body = line.strip()
+        if body.startswith(">"):
+            if seen_header or spans:
+                break
+            seen_header = True
+        elif body:
+            for i, ch in enumerate(line):
+                if not ch.isspace():
+                    spans.append((pos + i, pos + i + 1))
+        pos += len(line)
+    return spans
+
+
+def analyse(
+    text: str,
+    *,
+    progress: bool = False,
+    cache: bool = True,
+    map_budget: int | None = None,
+    sections: str | list = "auto",
+):
     """Run the protein example through the character-level model: an `attnkit.apps.show.analysis.Analysis`.
 
-    ``map_budget``: full maps up to this many residues, pooled beyond (default `attnkit.viz.report.MAP_BUDGET`).
+    ``map_budget``: full maps up to this many residues (default `attnkit.viz.report.MAP_BUDGET`); beyond
+    it no ``L x L`` map is built (statistics pooled over the sections and tiles, O(L) saliency).
+    ``sections``: how to cut the record (`attnkit.inspect.sections`; ``"auto"``: its declared domains).
     """
-    from attnkit.inspect import record
+    from attnkit.apps.show.flow import fine_edges, section_view, tile_edges
+    from attnkit.inspect import raw_attention, record, rollout, token_boundaries
+    from attnkit.inspect import sections as cut_sections
+    from attnkit.viz.report import MAP_BUDGET
 
     name, sequence = parse_fasta(text)
+    document = cut_sections(text, sections)
+    offsets = residue_offsets(text)
+    L = len(sequence)
+    edges, kept = token_boundaries(document, offsets, L)
+    fine = fine_edges(L, edges, tile_edges(L, POOL_TILES))
+    long = (MAP_BUDGET if map_budget is None else map_budget) < L
     bar = StageBar(["model", "attention", "report"], progress)
     bar.stage("training the protein model")
     model, info, cached = load_or_train(sequence, cache=cache)
     bar.stage("running attention")
     tokens = list(sequence)
-    with (
-        _one_thread(),
-        torch.no_grad(),
-        record(model, maps=True, stats=True, topk=TOPK, pool=POOL_TILES, tokens=tokens) as rec,
-    ):
+    options = dict(maps=not long, stats=True, topk=TOPK, pool=fine, tokens=tokens, max_map_bytes=0 if long else 2**30)
+    with _one_thread(), torch.no_grad(), record(model, **options) as rec:
         model(_ids(sequence)[None])
     bar.stage("building report")
-    from attnkit.inspect import raw_attention, rollout
-
-    saliency = {"rollout": rollout(rec)[0], "raw attention (last layer)": raw_attention(rec)[0]}  # (L,) each
+    notes = []
+    if long:
+        last = rec[len(rec) - 1].stats.received[0].float().mean(0) / L  # (L,): head-averaged, over all queries
+        saliency = {"raw attention (last layer)": last}
+        notes.append(
+            f"Long sequence ({L} residues, over the map budget of {MAP_BUDGET if map_budget is None else map_budget}):"
+            " no L x L map was built; statistics come from one exact pass of attnkit.attention_stats pooled over "
+            "the domains and the report's tiles. Saliency is the attention each residue receives in the last layer "
+            "(AttentionStats.received); rollout is left out (it multiplies L x L matrices through the layers)."
+        )
+    else:
+        saliency = {"rollout": rollout(rec)[0], "raw attention (last layer)": raw_attention(rec)[0]}  # (L,) each
     how = "loaded from the cache, where it was " if cached else ""
     note = (
         f"Character-level attnkit model (attnkit.nn.TransformerEncoder: {DEPTH} layers x {HEADS} heads, width {DIM}, "
@@ -208,16 +249,21 @@ def analyse(text: str, *, progress: bool = False, cache: bool = True, map_budget
         f"{100 * info['accuracy']:.0f}% of masked residues recovered). It has learnt this sequence, not proteins: "
         "its attention shows what helps fill a gap here (neighbours, the same position in another repeat)."
     )
+    view = section_view([layer.stats.pooled[0] for layer in rec], fine, kept, edges, set())
     data = report_data(
         rec,
         tokens,
         spacing=[""] * len(tokens),
         map_budget=map_budget,
+        fine=fine,
+        view=view,
         title=f"The protein example: {name.split('|')[0].strip() or 'sequence'}",
         model="character-level attnkit encoder trained on this sequence (not a pretrained protein model)",
-        notes=[note],
+        notes=[note, *notes],
         saliency=saliency,
     )
     links = long_range_links(data)
     bar.close()
-    return Analysis(data=data, links=links, notes=data.notes, seconds={"train": 0.0 if cached else info["seconds"]})
+    return Analysis(
+        data=data, links=links, notes=data.notes, seconds={"train": 0.0 if cached else info["seconds"]}, sections=view
+    )
