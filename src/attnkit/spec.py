@@ -228,10 +228,30 @@ class AttentionSpec:
                 dcap = 1 - t * t
             s = t * self.softcap if tracked else t.mul_(self.softcap)
         s = self.add_bias(s, i0, j0, inplace=not tracked)
+        if not tracked and not self.mask_is_bool:
+            self._mask_structure_edges_(s, i0, j0)
+            return s, dcap
         allowed = self.allowed_tile(i0, i1, j0, j1, q.device)
         if allowed is not None:
             s = s.masked_fill(~allowed, float("-inf")) if tracked else s.masked_fill_(~allowed, float("-inf"))
         return s, dcap
+
+    def _mask_structure_edges_(self, s: Tensor, i0: int, j0: int) -> None:
+        """``-inf`` where causal/window disallow, in place, building the mask only where it varies.
+
+        The keys every query of the tile may see (``[a, z)``) need no mask; only the columns left
+        of them (the window's left edge) and right of them (the causal diagonal) get one. Same
+        result as masking with `allowed_tile` (no bool mask), far less work on long strips.
+        """
+        i1, j1 = i0 + s.shape[-2], j0 + s.shape[-1]
+        left, right = self.bounds
+        a = j0 if left is None else min(j1, max(j0, i1 - 1 + self.offset - left))
+        z = j1 if right is None else max(a, min(j1, i0 + self.offset + right + 1))
+        for c0, c1 in ((j0, a), (z, j1)):
+            if c1 > c0:
+                allowed = self.structure_tile(i0, i1, c0, c1, s.device)
+                if allowed is not None:
+                    s[..., c0 - j0 : c1 - j0].masked_fill_(~allowed, float("-inf"))
 
     def dropout_tile(self, i0: int, i1: int, j0: int, j1: int, device: torch.device) -> Tensor:
         """``(B, Hq, bq, bk)`` bool keep-mask of the tile (see `attnkit.dropout`)."""

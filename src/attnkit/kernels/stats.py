@@ -225,7 +225,7 @@ def stats_forward(
 
 
 # ------------------------------------------------------------------ one pass: output and statistics
-STRIP_BYTES = 4 * 2**20  # a strip of scores (query rows x visible keys, one GQA group) stays in cache
+STRIP_BYTES = 8 * 2**20  # a strip of scores (query rows x visible keys, one GQA group) stays in L3 (32 MiB here)
 
 
 TOPK_CHUNK = 64  # keys per chunk when screening a long row for its top-k
@@ -301,7 +301,7 @@ def strip_forward(
     query_segment, key_segment = segment_of(q_edges), segment_of(k_edges)  # (Lq,), (Lk,)
     if block_q is None:
         itemsize = torch.empty((), dtype=acc).element_size()
-        block_q = max(16, min(512, STRIP_BYTES // max(1, G * Lk * itemsize)))
+        block_q = max(32, min(512, STRIP_BYTES // max(1, G * Lk * itemsize)))
 
     output = torch.zeros(B, Hq, Lq, Dv, dtype=acc, device=dev)
     lse = torch.full((B, Hq, Lq), float("-inf"), dtype=acc, device=dev)
