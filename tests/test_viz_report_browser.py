@@ -309,3 +309,39 @@ def test_sections_view_says_what_the_size_budget_left_out(browser, tmp_path):
     assert page.locator("#section-layer option:disabled").count() == 2  # both layers: only the mean of all is kept
     assert page.locator("#section-head option:disabled").count() == 3
     assert page.locator("#section-links button").count() >= 1  # links come from the top-k, which are all kept
+
+
+@pytest.mark.slow
+def test_a_long_show_report_from_a_real_pipeline_opens_without_errors(browser, tmp_path):
+    """`attnkit show` on 3000 tokens of the long contract (a tiny decoder): the report opens, pooled, with sections."""
+    from attnkit.apps.bench.show import long_text, tiny_llama
+    from attnkit.apps.cli import build_parser
+    from attnkit.apps.show import command
+
+    ckpt = tiny_llama(tmp_path / "llama", positions=4096)
+    text = tmp_path / "contract.txt"
+    text.write_text(long_text(3000), encoding="utf-8")
+    out = tmp_path / "report.html"
+    argv = [
+        "show",
+        "--model",
+        str(ckpt),
+        "--file",
+        str(text),
+        "--max-tokens",
+        "3000",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert command.run(build_parser().parse_args(argv)) == 0
+    assert out.stat().st_size < 15 * 2**20
+    report = Page(browser, out)
+    page = report.page
+    assert report.errors() == [], report.errors()
+    assert page.locator("#sections").is_visible()
+    assert page.locator("#section-list li").count() > 20
+    assert page.locator("#section-causal").is_visible()  # a decoder: flows point backwards only
+    page.locator("#section-list button").nth(3).click()
+    assert page.inner_text("#section-summary").strip()
+    assert report.errors() == [] and report.requests == [report.url]
