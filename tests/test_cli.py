@@ -67,3 +67,15 @@ def test_minilm_head_weights_equal_the_models_own_attention():
         expected = model(**batch, output_attentions=True).attentions[2][0, 3]
     assert inputs.tokens[0] == "[CLS]" and len(inputs.tokens) == expected.shape[0]
     torch.testing.assert_close(weights, expected, atol=1e-5, rtol=0)
+
+
+def test_version_is_the_packages_one():
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    import attnkit
+
+    done = subprocess.run([sys.executable, "-m", "attnkit", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"attnkit {attnkit.__version__}" == f"attnkit {importlib.metadata.version('attnkit')}"

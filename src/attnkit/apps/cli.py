@@ -57,8 +57,16 @@ def bench_modules() -> dict[str, str]:
     return found
 
 
+def attnkit_version() -> str:
+    """The installed package's version (`attnkit.__version__`, the one source)."""
+    from attnkit import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="attnkit", description="Exact, fast self-attention and tools to see it.")
+    parser.add_argument("--version", action="version", version=f"attnkit {attnkit_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         if not _present(module):
