@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -9,6 +11,25 @@ import attnkit
 from attnkit.kernels import stats as stats_kernel
 from attnkit.stats import AttentionStats, attention_stats, pool_segments
 from tests.conftest import make_qkv
+
+
+@contextlib.contextmanager
+def largest_tensor():
+    """Track the largest tensor (in elements) any operation creates inside the block: yields ``[largest]``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    biggest = [0]
+
+    class Largest(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else [out]:
+                if isinstance(t, torch.Tensor):
+                    biggest[0] = max(biggest[0], t.numel())
+            return out
+
+    with Largest():
+        yield biggest
 
 
 def reference_stats(q, k, opts, *, topk, pool):
@@ -178,20 +199,7 @@ def test_memory_is_blockwise():
     q, k, v = (torch.randn(1, 1, L, 8) for _ in range(3))
     spec = attnkit.functional.build_spec(q, k, v, causal=True)
     _, lse = attnkit.attention(q, k, v, causal=True, return_lse=True)
-    biggest = 0
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Largest(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            nonlocal biggest
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, tuple | list) else [out]:
-                if isinstance(t, torch.Tensor):
-                    biggest = max(biggest, t.numel())
-            return out
-
-    with Largest():
+    with largest_tensor() as biggest:
         stats_kernel.stats_forward(
             q,
             k,
@@ -203,7 +211,7 @@ def test_memory_is_blockwise():
             block_q=64,
             block_k=128,
         )
-    assert biggest <= 64 * 128 * 2  # one tile (plus a concatenation), far below L * L = 410K
+    assert biggest[0] <= 64 * 128 * 2  # one tile (plus a concatenation), far below L * L = 410K
 
 
 def _segment_sums(p, q_edges, k_edges):
@@ -318,24 +326,11 @@ def test_one_pass_output_has_the_attention_gradient():
 
 def test_one_pass_never_holds_more_than_a_strip():
     """Memory: the largest tensor of the one-pass kernel is one strip (rows x visible keys) per GQA group."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     q, k, v = make_qkv(1, 4, 4, 640, 640, 8, dtype=torch.float32)
     spec = attnkit.functional.build_spec(q, k, v)
-    biggest = 0
-
-    class Largest(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            nonlocal biggest
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, tuple | list) else [out]:
-                if isinstance(t, torch.Tensor):
-                    biggest = max(biggest, t.numel())
-            return out
-
-    with Largest():
+    with largest_tensor() as biggest:
         stats_kernel.strip_forward(q, k, v, spec, topk=4, pool=pool_segments(64, 640, 640, q.device), block_q=32)
-    assert biggest <= max(32 * 640, 4 * 640 * 8)  # one strip, or the inputs/outputs; far below 4 * 640 * 640
+    assert biggest[0] <= max(32 * 640, 4 * 640 * 8)  # one strip, or the inputs/outputs; far below 4 * 640 * 640
 
 
 @pytest.mark.parametrize("W", [31, 2048, 4099, 10000])

@@ -4,12 +4,14 @@ Every attention call of attnkit (`attnkit.attention`, hence every module in `att
 and the Hugging Face integration) passes through `run_hooks` when a hook is installed.
 A hook is a callable ``hook(call, proceed)`` that returns what the call returns:
 
-    def log_shapes(call: AttentionCall, proceed):
-        result = proceed(call)            # compute (or skip this to swap the computation)
-        print(call.caller, call.q.shape)  # inputs, options, output are all at hand
+    seen = []
+
+    def watch(call: AttentionCall, proceed):
+        result = proceed(call)                   # compute (or skip this to swap the computation)
+        seen.append((call.caller, call.q.shape))  # inputs, options, output are all at hand
         return result
 
-    with attnkit.hooks.attention_hook(log_shapes):
+    with attnkit.hooks.attention_hook(watch):
         model(x)
 
 ``proceed(call)`` runs the next hook and finally the computation itself; a hook may pass

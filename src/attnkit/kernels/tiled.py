@@ -330,19 +330,22 @@ class TiledAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, mask, out, lse = ctx.saved_tensors
-        spec = dataclasses.replace(ctx.spec, mask=mask)
-        mask_grad = mask is not None and mask.dtype != torch.bool and ctx.needs_input_grad[3]
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv, dmask = backward(
-            dout, q, k, v, out, lse, spec,
-            dlse=dlse if dlse is not None and bool(dlse.any()) else None,
-            mask_grad=mask_grad, block_q=ctx.blocks[0], block_k=ctx.blocks[1], engine=ctx.engine,
-        )  # fmt: skip
-        if dmask is not None:
-            dmask = dmask.to(mask.dtype)
-        return dq, dk, dv, dmask, None, None, None, None
+        grads = _backward_from_saved(ctx, dout, dlse, block_q=ctx.blocks[0], block_k=ctx.blocks[1], engine=ctx.engine)
+        return (*grads, None, None, None, None)
+
+
+def _backward_from_saved(ctx, dout: Tensor | None, dlse: Tensor | None, **blocks) -> tuple:
+    """``dq, dk, dv, dmask`` from what the autograd functions save: ``q, k, v, mask, out, lse`` and the spec."""
+    q, k, v, mask, out, lse = ctx.saved_tensors
+    spec = dataclasses.replace(ctx.spec, mask=mask)
+    mask_grad = mask is not None and mask.dtype != torch.bool and ctx.needs_input_grad[3]
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv, dmask = backward(
+        dout, q, k, v, out, lse, spec,
+        dlse=dlse if dlse is not None and bool(dlse.any()) else None, mask_grad=mask_grad, **blocks,
+    )  # fmt: skip
+    return dq, dk, dv, None if dmask is None else dmask.to(mask.dtype)
 
 
 def refusal(q: Tensor, spec: AttentionSpec, return_lse: bool) -> str | None:
@@ -422,15 +425,4 @@ class StripAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse, *_):
-        q, k, v, mask, out, lse = ctx.saved_tensors
-        spec = dataclasses.replace(ctx.spec, mask=mask)
-        mask_grad = mask is not None and mask.dtype != torch.bool and ctx.needs_input_grad[3]
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv, dmask = backward(
-            dout, q, k, v, out, lse, spec,
-            dlse=dlse if dlse is not None and bool(dlse.any()) else None, mask_grad=mask_grad,
-        )  # fmt: skip
-        if dmask is not None:
-            dmask = dmask.to(mask.dtype)
-        return dq, dk, dv, dmask, None, None, None
+        return (*_backward_from_saved(ctx, dout, dlse), None, None, None)
