@@ -263,7 +263,10 @@ def test_sections_view_ranks_sources_and_shows_token_links(browser, tmp_path):
     page.select_option("#section-layer", "1")
     page.select_option("#section-head", "2")
     assert report.canvas("#section-map") != before
-    assert "in this head" in page.inner_text("#section-links-caption")
+    # The caption follows the head choice; wait for it rather than read it once (the page redraws asynchronously).
+    page.wait_for_function(
+        "() => document.querySelector('#section-links-caption').textContent.includes('in this head')", timeout=5000
+    )
     # Hovering the heatmap names both sections.
     box = page.locator("#section-map").bounding_box()
     page.mouse.move(box["x"] + 48 + 2.5 * 468 / 24, box["y"] + 48 + 20.5 * 468 / 24)

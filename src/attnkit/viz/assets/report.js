@@ -649,12 +649,19 @@
       drawList();
       drawDetail();
     }
+    let updates = 0; // the latest choice wins: a slower decode of an older choice is dropped
     async function update() {
-      view.layer = layerSel.value === "all" ? "all" : Number(layerSel.value);
+      const ticket = ++updates;
+      const layer = layerSel.value === "all" ? "all" : Number(layerSel.value);
+      view.layer = layer;
       syncHeads();
-      if (!headKept(view.layer)) headSel.value = "all";
-      view.head = headSel.value === "all" ? "all" : Number(headSel.value);
-      view.flow = await flowFor(view.layer, view.head);
+      if (!headKept(layer)) headSel.value = "all";
+      const head = headSel.value === "all" ? "all" : Number(headSel.value);
+      const flow = await flowFor(layer, head);
+      if (ticket !== updates) return;
+      view.layer = layer;
+      view.head = head;
+      view.flow = flow;
       view.reach = reachOf(view.flow);
       paintImage();
       pick(view.picked, view.source);
