@@ -30,8 +30,6 @@ Memory: ``O(B * H * ((Lq + Lk) * (D + K) + P_q * P_k))`` plus one tile of
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import Tensor
 
@@ -254,17 +252,6 @@ def row_topk(p: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return w, torch.gather(chunks, -1, j // C) * C + j % C
 
 
-def _group_spec(spec: AttentionSpec, b: int, hk: int) -> AttentionSpec:
-    """The spec of batch element ``b`` and key/value head ``hk``: one batch, its ``G`` query heads."""
-    h0, h1 = hk * spec.group, (hk + 1) * spec.group
-    mask = spec.mask
-    if mask is not None:
-        mask = mask[b : b + 1] if mask.shape[0] != 1 else mask
-        mask = mask[:, h0:h1] if mask.shape[1] != 1 else mask
-    slopes = None if spec.alibi_slopes is None else spec.alibi_slopes[h0:h1]
-    return dataclasses.replace(spec, batch=1, q_heads=spec.group, kv_heads=1, mask=mask, alibi_slopes=slopes)
-
-
 def strip_forward(
     q: Tensor,
     k: Tensor,
@@ -311,7 +298,7 @@ def strip_forward(
     pooled = torch.zeros(B, Hq, Pq, Pk, dtype=acc, device=dev)
     top_w = torch.zeros(B, Hq, Lq, K, dtype=acc, device=dev)
     top_i = torch.zeros(B, Hq, Lq, K, dtype=torch.int64, device=dev)
-    groups = [(b, hk, _group_spec(spec, b, hk)) for b in range(B) for hk in range(Hk)]
+    groups = [(b, hk, spec.part(b, hk, hk + 1)) for b in range(B) for hk in range(Hk)]
 
     for i0 in range(0, Lq, block_q):
         i1 = min(i0 + block_q, Lq)

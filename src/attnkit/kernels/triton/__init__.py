@@ -10,7 +10,6 @@ live in `forward`, `backward` and `stats`, the autograd tier in `autograd`; the 
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 
 import torch
@@ -144,14 +143,7 @@ def statistics(
         for h0 in range(0, spec.q_heads, heads):
             h1 = min(h0 + heads, spec.q_heads)
             kh0, kh1 = h0 // spec.group, h1 // spec.group
-            mask = spec.mask
-            if mask is not None:
-                mask = mask[b : b + 1] if mask.shape[0] != 1 else mask
-                mask = mask[:, h0:h1] if mask.shape[1] != 1 else mask
-            slopes = None if spec.alibi_slopes is None else spec.alibi_slopes[h0:h1]
-            part = dataclasses.replace(
-                spec, batch=1, q_heads=h1 - h0, kv_heads=kh1 - kh0, mask=mask, alibi_slopes=slopes
-            )
+            part = spec.part(b, kh0, kh1)
             row.append(
                 stats.stats_forward(
                     addressable(q[b : b + 1, h0:h1]), addressable(k[b : b + 1, kh0:kh1]), None, part,
