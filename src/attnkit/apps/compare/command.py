@@ -7,7 +7,7 @@ dependency distance, training throughput, time per step and peak memory against 
 (a fresh process per case), and the gradient reaching each position against its distance,
 then regenerates the table with the measured numbers (Markdown and JSON) and draws four plots.
 
-    attnkit compare --quick              # 32 s to 111 s measured on 2 busy cores (docs/compare.md)
+    attnkit compare --quick              # 26 s on 2 quiet cores, 32-111 s busy (docs/compare.md)
     attnkit compare --out docs/results/compare
     python -m attnkit.apps.compare.command --quick
 """
@@ -67,7 +67,7 @@ def _ints(text: str) -> list[int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     positive = int_at_least(1)
-    parser.add_argument("--quick", action="store_true", help="a small run (32-111 s on 2 busy cores: docs/compare.md)")
+    parser.add_argument("--quick", action="store_true", help="a small run (26 s on 2 quiet cores: docs/compare.md)")
     parser.add_argument("--out", default="out/compare", help="folder for compare.json, compare.md and the PNGs")
     parser.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the data, the initialisations, order")
     parser.add_argument(
