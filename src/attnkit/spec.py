@@ -109,6 +109,17 @@ class AttentionSpec:
             return False
         return True
 
+    def open_columns(self, i0: int, i1: int, j0: int, j1: int) -> tuple[int, int]:
+        """``[a, z)`` within keys ``[j0, j1)``: the columns causal/window allow to every query of ``[i0, i1)``.
+
+        Outside them (``[j0, a)``, the window's left edge, and ``[z, j1)``, the causal diagonal)
+        some pairs are masked; the user mask is not considered.
+        """
+        left, right = self.bounds
+        a = j0 if left is None else min(j1, max(j0, i1 - 1 + self.offset - left))
+        z = j1 if right is None else max(a, min(j1, i0 + self.offset + right + 1))
+        return a, z
+
     def rows_without_keys(self, i0: int, i1: int, device: torch.device) -> Tensor:
         """``(i1 - i0,)`` bool: rows whose causal/window range holds no key at all."""
         i = torch.arange(i0, i1, device=device) + self.offset
@@ -203,17 +214,18 @@ class AttentionSpec:
         return out.view((1,) * (4 - out.dim()) + tuple(out.shape))
 
     def raw_scores(self, q: Tensor, k: Tensor) -> Tensor:
-        """``(B, Hq, bq, bk)`` scaled scores ``q k^T * scale`` in the accumulation dtype.
+        """``(B, Hq, bq, bk)`` scaled scores ``(q * scale) k^T`` in the accumulation dtype.
 
         ``q (B, Hq, bq, D)``, ``k (B, Hk, bk, D)``; GQA is a broadcast over the group axis,
         so key heads are never copied.
         """
         B, Hq, bq, D = q.shape
         bk = k.shape[-2]
-        q5 = q.to(self.acc_dtype).reshape(B, self.kv_heads, self.group, bq, D)  # (B, Hk, G, bq, D)
+        # The scale goes on q (bq x D numbers), not on the (bq x bk) scores: one pass less over the tile.
+        q5 = (q.to(self.acc_dtype) * self.scale).reshape(B, self.kv_heads, self.group, bq, D)  # (B, Hk, G, bq, D)
         k5 = k.to(self.acc_dtype).unsqueeze(2)  # (B, Hk, 1, bk, D)
         s = torch.matmul(q5, k5.transpose(-1, -2))  # (B, Hk, G, bq, bk)
-        return s.reshape(B, Hq, bq, bk).mul_(self.scale)
+        return s.reshape(B, Hq, bq, bk)
 
     def scores(
         self, q: Tensor, k: Tensor, i0: int, j0: int, *, need_softcap_grad: bool = False
@@ -259,9 +271,7 @@ class AttentionSpec:
         result as masking with `allowed_tile` (no bool mask), far less work on long strips.
         """
         i1, j1 = i0 + s.shape[-2], j0 + s.shape[-1]
-        left, right = self.bounds
-        a = j0 if left is None else min(j1, max(j0, i1 - 1 + self.offset - left))
-        z = j1 if right is None else max(a, min(j1, i0 + self.offset + right + 1))
+        a, z = self.open_columns(i0, i1, j0, j1)
         for c0, c1 in ((j0, a), (z, j1)):
             if c1 > c0:
                 allowed = self.structure_tile(i0, i1, c0, c1, s.device)
