@@ -53,26 +53,26 @@ def site(tmp_path_factory) -> Path:
 def test_every_public_name_is_documented(site: Path) -> None:
     for module_name, page in API_PAGES.items():
         module = importlib.import_module(module_name)
-        html = (site / page / "index.html").read_text(encoding="utf-8")
+        html = (site / f"{page}.html").read_text(encoding="utf-8")
         ids = set(re.findall(r'id="([\w.]+)"', html))
         names = [n for n in module.__all__ if not isinstance(getattr(module, n), types.ModuleType)]
         # A function named like its own module (attnkit.inspect.record) is documented at its definition.
         missing = [n for n in names if f"{module_name}.{n}" not in ids and f"{module_name}.{n}.{n}" not in ids]
         assert not missing, f"{page}: no entry for {module_name}.{missing}"
     # Docstrings are rendered, not just headings: attention's argument table is there.
-    attention = (site / "api/attnkit/index.html").read_text(encoding="utf-8")
+    attention = (site / "api/attnkit.html").read_text(encoding="utf-8")
     assert "bottom-right aligned" in attention and "dropout_p" in attention
 
 
 def test_readme_sections_become_pages(site: Path) -> None:
-    function = (site / "guide/function/index.html").read_text(encoding="utf-8")
+    function = (site / "guide/function.html").read_text(encoding="utf-8")
     assert '<h1 id="the-function">' in function and '<h2 id="backends">' in function  # headings raised one level
     assert "key_padding_mask" in function  # the section's code blocks came along
     assert "github.com/attnkit/attnkit/blob/main/docs/triton.md" not in function  # made a link between pages
-    assert 'href="../../triton/"' in function
+    assert 'href="../triton.html"' in function
     home = (site / "index.html").read_text(encoding="utf-8")
     assert "Exact, fast and memory-lean self-attention" in home
-    changelog = (site / "changelog/index.html").read_text(encoding="utf-8")
+    changelog = (site / "changelog.html").read_text(encoding="utf-8")
     assert "Keep a Changelog" in changelog
 
 
