@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench clean browser
+.PHONY: demo test lint format bench clean browser docs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,11 @@ demo: $(STAMP)
 	$(VENV)/bin/attnkit show --out out/report.html --png out/png
 
 bench: $(STAMP)
-	$(VENV)/bin/attnkit bench kernels
+	$(VENV)/bin/attnkit bench kernels --out docs/results
+
+# The documentation site, into site/ (make test builds it with --strict: tests/test_docs_site.py).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --site-dir site
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build dist
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build dist site

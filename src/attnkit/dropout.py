@@ -62,6 +62,7 @@ def new_seed() -> int:
 # (mod 2**32) and head index ``h``, on every backend (the Triton kernels compute the same).
 # An odd constant below 2**31, so Triton keeps the product in uint32.
 VARLEN_SEED_STEP = 0x7F4A7C15
+"""Sequence ``b`` of a packed batch draws its dropout with seed ``seed + b * VARLEN_SEED_STEP`` (mod 2**32)."""
 
 
 def varlen_seed(seed: int, sequence: int) -> int:

@@ -390,7 +390,9 @@ def explain_backend(
         task: ``"attention"`` (`attention`'s arguments), ``"statistics"`` (which kernel
             `attnkit.attention_stats` runs its statistics pass on) or ``"varlen"``
             (`attnkit.attention_varlen`'s: packed ``q, k, v`` and ``cu_seqlens_q``/``cu_seqlens_k``).
-        return_lse, backend, **options: as in `attention` (or `attnkit.attention_varlen`).
+        return_lse: as in `attention`.
+        backend: as in `attention`.
+        **options: the options of `attention` (or `attnkit.attention_varlen`).
     """
     if task == "varlen":
         if cu_seqlens_q is None or cu_seqlens_k is None:

@@ -63,6 +63,7 @@ class AttentionCall:
 
 Proceed = Callable[[AttentionCall], Any]
 Hook = Callable[[AttentionCall, Proceed], Any]
+"""A hook: ``hook(call, proceed)`` returns the call's result, usually ``proceed(call)``."""
 
 # A tuple, replaced (never mutated) on install/removal, so a reader never sees it change mid-call.
 _HOOKS: tuple[Hook, ...] = ()

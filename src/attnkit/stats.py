@@ -33,6 +33,7 @@ __all__ = ["AttentionStats", "Pool", "attention_stats", "pool_segments"]
 
 # ``pool``: near-equal tiles (int), segment edges for queries and keys alike, or a pair of them.
 Pool = int | Tensor | tuple[Tensor, Tensor]
+"""`attention_stats`'s ``pool``: near-equal tiles (int), segment edges ``[0, e_1, ..., L]``, or a pair of them."""
 
 
 @dataclass
@@ -148,9 +149,11 @@ def attention_stats(
     """Exact attention statistics (and optionally the output) without the ``Lq x Lk`` weights.
 
     Args:
-        q, k, v: ``(B, Hq, Lq, D)``, ``(B, Hk, Lk, D)``, ``(B, Hk, Lk, Dv)`` as in `attnkit.attention`.
-        causal, mask, window, alibi, softcap, scale, dropout_p, backend: exactly as in
-            `attnkit.attention`; dropout only affects ``output``, never the statistics.
+        q: ``(B, Hq, Lq, D)`` as in `attnkit.attention`.
+        k: ``(B, Hk, Lk, D)``.
+        v: ``(B, Hk, Lk, Dv)``.
+        causal: as in `attnkit.attention`, and so are ``mask``, ``window``, ``alibi``, ``softcap``,
+            ``scale``, ``dropout_p`` and ``backend``; dropout only affects ``output``, never the statistics.
         topk: how many of the largest weights to keep per query (``min(topk, Lk)``), >= 0.
         pool: how to pool the map: an int ``P >= 1`` for ``min(P, L)`` near-equal tiles; a 1-D int64
             tensor of segment edges ``[0, e_1, ..., e_S = L]`` (strictly increasing; for queries and

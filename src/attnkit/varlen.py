@@ -58,11 +58,12 @@ def attention_varlen(
         k: ``(total_k, Hk, D)``; v: ``(total_k, Hk, Dv)``.
         cu_seqlens_q: ``(S + 1,)`` int32/int64, ``[0, Lq_0, Lq_0 + Lq_1, ..., total_q]``.
         cu_seqlens_k: ``(S + 1,)`` likewise for keys; sequence ``b`` attends only within itself.
-        max_seqlen_q / max_seqlen_k: the longest sequence (computed when None).
-        causal, window, alibi, softcap, scale, dropout_p: as in `attnkit.attention`, per sequence
-            (alignment is bottom-right within each sequence). Masks are not supported: per-sequence
-            structure is what ``cu_seqlens`` expresses (``mask`` must be None; pad and use
-            `attnkit.attention` for arbitrary masks).
+        max_seqlen_q: the longest query sequence (computed when None).
+        max_seqlen_k: the longest key sequence (computed when None).
+        causal: as in `attnkit.attention`, per sequence, and so are ``window``, ``alibi``, ``softcap``,
+            ``scale`` and ``dropout_p`` (alignment is bottom-right within each sequence).
+        mask: not supported, must be None: per-sequence structure is what ``cu_seqlens`` expresses
+            (pad and use `attnkit.attention` for arbitrary masks).
         return_lse: also return the log-sum-exp ``(Hq, total_q)`` (FlashAttention's layout).
         backend: ``"auto"`` (Triton's packed kernel on CUDA, else ``tiled`` per sequence), ``"triton"``,
             or any registered dense backend, run sequence by sequence.

@@ -9,6 +9,8 @@ A user error is one line on stderr and exit status 2, before any work is done:
   start of the command's ``run``, which raises `UsageError`;
 * `Parser` prints every argparse error as one line, ``attnkit show: error: ...``, and exits
   with status 2; `run_command` prints a `UsageError` the same way and returns 2.
+
+`DefaultsHelpFormatter` makes ``--help`` show each option's default (the benchmarks use it).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import NoReturn
 
 __all__ = [
+    "DefaultsHelpFormatter",
     "Parser",
     "UsageError",
     "check_output_dir",
@@ -54,6 +57,23 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, error_line(self.prog, message))
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` that ends each option's text with its default, as typed: ``(default: 1024 2048)``.
+
+    An option whose help already says ``default`` in words (a default of None, computed at run
+    time, or a flag's meaning) is left as written; flags (``store_true``/``store_false``) get no
+    ``(default: False)``. Set it with ``parser.formatter_class = DefaultsHelpFormatter``.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
+            return text
+        default = action.default
+        shown = " ".join(map(str, default)) if isinstance(default, list | tuple) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
 
 
 def run_command(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int | None], args) -> int:

@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         importlib.import_module(module).add_arguments(p)
         p.set_defaults(_run=importlib.import_module(module).run, _parser=p)
-    bench = sub.add_parser("bench", help="benchmarks (each case in a fresh subprocess; results under docs/results/)")
+    bench = sub.add_parser(
+        "bench", help="benchmarks (each case in a fresh subprocess; results in --out, default the current directory)"
+    )
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     for name, module_name in sorted(bench_modules().items()):
         module = importlib.import_module(module_name)

@@ -5,7 +5,7 @@ arguments and returning a JSON-able dict; `run_case` runs it in a fresh Python p
 so peak memory of one case never leaks into the next, and returns its dict (or the
 reason it failed: out of memory, timeout, exception). Inside a case, `peak_memory` and
 `time_fn` do the measuring. `write_results` writes JSON plus a Markdown table with the
-machine, the versions and the command under ``docs/results/`` (or ``--out``).
+machine, the versions and the command in the folder ``--out`` names (the current directory by default).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-DEFAULT_OUT = Path("docs/results")
+DEFAULT_OUT = Path(".")  # the committed results are written with --out docs/results
 
 
 # ----------------------------------------------------------------- in the case

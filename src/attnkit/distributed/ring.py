@@ -525,8 +525,8 @@ def ring_attention(
         q: this rank's queries ``(B, Hq, L / P, D)``.
         k: this rank's keys ``(B, Hk, L / P, D)``, ``Hk`` divides ``Hq`` (GQA/MQA).
         v: this rank's values ``(B, Hk, L / P, Dv)``.
-        causal, window, alibi, softcap, scale: as in `attnkit.attention`, at *global* positions
-            (self-attention: the full query and key sequences are the same length).
+        causal: as in `attnkit.attention`, and so are ``window``, ``alibi``, ``softcap`` and ``scale``,
+            at *global* positions (self-attention: the full query and key sequences are the same length).
         group: the process group (None: the default group). Every rank passes the same shapes.
         layout: ``"contiguous"`` or ``"zigzag"`` (balanced causal work); must match the sharding.
         seq_len: the true global length when the sequence was padded to split evenly
@@ -582,7 +582,8 @@ def overlap_block_length(
     Args:
         bandwidth_bytes_per_s: one direction of the link between ring neighbours.
         flops_per_s: the attention throughput one device achieves (not its peak).
-        heads, kv_heads: query and key/value heads (only the ratio matters without latency).
+        heads: query heads (only the ratio ``kv_heads / heads`` matters without latency).
+        kv_heads: key/value heads.
         itemsize: bytes per element of K and V (2 for bf16).
 
     Returns:

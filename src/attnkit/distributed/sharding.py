@@ -28,7 +28,9 @@ import torch
 from torch import Tensor
 
 Layout = Literal["contiguous", "zigzag"]
+"""How a sequence is split over ``P`` ranks: ``"contiguous"`` chunks, or ``"zigzag"`` (chunks ``r`` and ``2P-1-r``)."""
 LAYOUTS: tuple[str, ...] = ("contiguous", "zigzag")
+"""The names `Layout` allows."""
 
 __all__ = [
     "LAYOUTS",

@@ -108,7 +108,8 @@ def ulysses_attention(
         k: ``(B, Hk, L / P, D)``; if ``P`` does not divide ``Hk``, keys and values are
             replicated to ``Hq`` heads before the exchange.
         v: ``(B, Hk, L / P, Dv)``.
-        causal, window, alibi, softcap, scale, group, layout, seq_len: as in `ring_attention`.
+        causal: as in `ring_attention`, and so are ``window``, ``alibi``, ``softcap``, ``scale``,
+            ``group``, ``layout`` and ``seq_len``.
 
     Returns:
         ``out (B, Hq, L / P, Dv)`` in ``q.dtype``.

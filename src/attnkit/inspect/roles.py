@@ -64,6 +64,7 @@ ROLE_DESCRIPTIONS: dict[str, str] = {
     "broad": "spreads its attention widely and evenly over the context",
     "mixed": "none of the above dominates",
 }
+"""Each head role in one sentence, as the report and `HeadRoles.to_markdown` show it."""
 
 # Documented thresholds; a head gets the first role whose rule holds, in this order.
 THRESHOLDS: dict[str, float] = {
@@ -75,6 +76,7 @@ THRESHOLDS: dict[str, float] = {
     "local": 0.7,  # locality >= 0.7
     "broad": 0.75,  # entropy_norm >= 0.75
 }
+"""The classifier's thresholds (editable); a head gets the first role whose rule holds, in this order."""
 
 RULES = """A head gets the first role whose rule holds:
   induction       induction >= {induction}
@@ -384,6 +386,7 @@ SECTION_ROLE_DESCRIPTIONS: dict[str, str] = {
     "cross-section": "reaches across the document: much of its attention goes two or more sections away",
     "neighbour-section": "reads its own section and the ones beside it, little further",
 }
+"""Each section role (`section_roles`) in one sentence."""
 
 # A head's section role: the first rule that holds, in this order.
 SECTION_THRESHOLDS: dict[str, float] = {

@@ -236,7 +236,8 @@ class CrossAttention(_Attention):
 
     Args:
         dim: query (and output) width.
-        heads, kv_heads, head_dim, qk_norm, dropout, bias: as in `SelfAttention`.
+        heads: as in `SelfAttention`, and so are ``kv_heads``, ``head_dim``, ``qk_norm``, ``dropout``
+            and ``bias``.
         context_dim: the context's width; None = ``dim``.
     """
 

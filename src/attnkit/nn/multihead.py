@@ -148,7 +148,8 @@ class MultiheadAttention(nn.Module):
         bias: biases on the input and output projections.
         add_bias_kv: learn one extra key and value appended to the sequence (``bias_k``, ``bias_v``).
         add_zero_attn: append a key and value of zeros (after the heads are split).
-        kdim, vdim: widths of ``key`` and ``value`` (default ``embed_dim``).
+        kdim: width of ``key`` (default ``embed_dim``).
+        vdim: width of ``value`` (default ``embed_dim``).
         batch_first: inputs and outputs are ``(N, L, E)`` rather than ``(L, N, E)``.
 
     Parameters have torch's names: ``in_proj_weight (3E, E)`` and ``in_proj_bias (3E,)``, or

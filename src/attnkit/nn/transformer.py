@@ -86,7 +86,8 @@ class TransformerEncoderLayer(nn.Module):
     """Self-attention and feed-forward, each in a residual block.
 
     Args:
-        dim, heads: model width and query heads.
+        dim: model width.
+        heads: query heads.
         ff_dim: feed-forward width (default ``4 * dim``).
         norm: ``"pre"`` or ``"post"`` layer norm.
         activation: feed-forward activation.
@@ -317,7 +318,10 @@ class LanguageModel(nn.Module):
     """A decoder-only language model: token embedding, causal pre-norm layers, tied output head.
 
     Args:
-        vocab_size, dim, heads, depth: the model's size.
+        vocab_size: tokens in the vocabulary.
+        dim: model width.
+        heads: query heads.
+        depth: layers.
         positions: ``"rope"`` and ``"alibi"`` inside attention; ``"learned"`` or ``"sinusoidal"``
             added to the embeddings (``"learned"`` needs ``max_len``).
         max_len: longest sequence for learned positions.

@@ -13,7 +13,7 @@ time at most 3x the SDPA forward.
 
 Full run (the lead runs it on a quiet machine)::
 
-    attnkit bench stats                       # N = 4096, 16384, 32768
+    attnkit bench stats --out docs/results    # N = 4096, 16384, 32768
     python -m attnkit.apps.bench.attention_stats --sizes 256 512 --repeat 1 --out /tmp/stats-smoke
 """
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 
-from attnkit.apps.checks import check_output_dir, int_at_least, main_for, positive_float
+from attnkit.apps.checks import DefaultsHelpFormatter, check_output_dir, int_at_least, main_for, positive_float
 
 NAME = "stats"
 HELP = "attention_stats (exact statistics, O(N) memory) versus the SDPA forward: time and peak memory"
@@ -59,17 +59,20 @@ POSITIVE = int_at_least(1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = DefaultsHelpFormatter
     parser.add_argument("--sizes", type=POSITIVE, nargs="+", default=[4096, 16384, 32768], help="sequence lengths N")
-    parser.add_argument("--batch", type=POSITIVE, default=1)
-    parser.add_argument("--heads", type=POSITIVE, default=8)
-    parser.add_argument("--dim", type=POSITIVE, default=64)
-    parser.add_argument("--topk", type=POSITIVE, default=8)
-    parser.add_argument("--pool", type=POSITIVE, default=256)
+    parser.add_argument("--batch", type=POSITIVE, default=1, help="batch size B")
+    parser.add_argument("--heads", type=POSITIVE, default=8, help="heads H")
+    parser.add_argument("--dim", type=POSITIVE, default=64, help="head dim D")
+    parser.add_argument("--topk", type=POSITIVE, default=8, help="top-k keys per query")
+    parser.add_argument("--pool", type=POSITIVE, default=256, help="pooled map size P (P x P)")
     parser.add_argument("--causal", action="store_true", help="causal attention (default: full)")
     parser.add_argument("--repeat", type=POSITIVE, default=3, help="timed runs per case (median reported)")
     parser.add_argument("--threads", type=POSITIVE, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--timeout", type=positive_float, default=1800.0, help="seconds per case")
-    parser.add_argument("--out", default="docs/results", help="directory for stats.json and stats.md")
+    parser.add_argument(
+        "--out", default=".", help="directory for stats.json and stats.md (default: the current directory)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -30,7 +30,14 @@ import socket
 import sys
 from typing import Any
 
-from attnkit.apps.checks import UsageError, check_output_dir, int_at_least, main_for, positive_float
+from attnkit.apps.checks import (
+    DefaultsHelpFormatter,
+    UsageError,
+    check_output_dir,
+    int_at_least,
+    main_for,
+    positive_float,
+)
 from attnkit.apps.harness import DEFAULT_OUT, progress, run_case, write_results
 
 NAME = "distributed"
@@ -206,21 +213,24 @@ POSITIVE = int_at_least(1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--length", type=POSITIVE, default=16384, help="total sequence length L (default 16384)")
-    parser.add_argument("--ranks", type=POSITIVE, nargs="+", default=[1, 2, 4], help="world sizes (default 1 2 4)")
-    parser.add_argument("--methods", nargs="+", default=["ring", "ulysses"], choices=["ring", "ulysses"])
-    parser.add_argument("--layout", default="zigzag", choices=["contiguous", "zigzag"])
-    parser.add_argument("--batch", type=POSITIVE, default=1)
-    parser.add_argument("--heads", type=POSITIVE, default=8)
-    parser.add_argument("--kv-heads", type=POSITIVE, default=None, help="default: --heads")
-    parser.add_argument("--head-dim", type=POSITIVE, default=64)
+    parser.formatter_class = DefaultsHelpFormatter
+    parser.add_argument("--length", type=POSITIVE, default=16384, help="total sequence length L")
+    parser.add_argument("--ranks", type=POSITIVE, nargs="+", default=[1, 2, 4], help="world sizes (processes)")
+    parser.add_argument(
+        "--methods", nargs="+", default=["ring", "ulysses"], choices=["ring", "ulysses"], help="methods to run"
+    )
+    parser.add_argument("--layout", default="zigzag", choices=["contiguous", "zigzag"], help="sequence sharding")
+    parser.add_argument("--batch", type=POSITIVE, default=1, help="batch size B")
+    parser.add_argument("--heads", type=POSITIVE, default=8, help="query heads H")
+    parser.add_argument("--kv-heads", type=POSITIVE, default=None, help="key/value heads (default: --heads)")
+    parser.add_argument("--head-dim", type=POSITIVE, default=64, help="head dim D")
     parser.add_argument("--no-causal", dest="causal", action="store_false", help="bidirectional (default causal)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: gloo; cuda: NCCL, a GPU/rank")
     parser.add_argument(
         "--dtype",
         default=None,
         choices=["float32", "float64", "bfloat16", "float16"],
-        help="default float32 on cpu, bfloat16 on cuda",
+        help="element type (default: float32 on cpu, bfloat16 on cuda)",
     )
     parser.add_argument(
         "--threads",
@@ -228,9 +238,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="torch threads per rank (default: $OMP_NUM_THREADS, else $MKL_NUM_THREADS, else cores / ranks)",
     )
-    parser.add_argument("--repeat", type=POSITIVE, default=3)
+    parser.add_argument("--repeat", type=POSITIVE, default=3, help="timed steps per configuration (median)")
     parser.add_argument("--timeout", type=positive_float, default=1800.0, help="seconds per configuration")
-    parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument(
+        "--out",
+        default=str(DEFAULT_OUT),
+        help="directory for distributed.json and .md (default: the current directory)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

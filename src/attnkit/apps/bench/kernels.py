@@ -16,7 +16,7 @@ import math
 import sys
 
 from attnkit.apps import harness
-from attnkit.apps.checks import check_output_dir, int_at_least, main_for, positive_float
+from attnkit.apps.checks import DefaultsHelpFormatter, check_output_dir, int_at_least, main_for, positive_float
 
 NAME = "kernels"
 HELP = "time and peak memory of every attention backend, N = 1K..16K (CPU)"
@@ -120,20 +120,31 @@ POSITIVE = int_at_least(1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sizes", type=POSITIVE, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--backends", nargs="+", default=BACKENDS, choices=BACKENDS)
-    parser.add_argument("--batch", type=POSITIVE, default=1)
-    parser.add_argument("--heads", type=POSITIVE, default=8)
-    parser.add_argument("--head-dim", type=POSITIVE, default=64)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
+    parser.formatter_class = DefaultsHelpFormatter
+    parser.add_argument(
+        "--sizes", type=POSITIVE, nargs="+", default=[1024, 2048, 4096, 8192, 16384], help="sequence lengths N"
+    )
+    parser.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="masks and biases"
+    )
+    parser.add_argument(
+        "--backends", nargs="+", default=BACKENDS, choices=BACKENDS, help="what to time (naive: plain PyTorch ops)"
+    )
+    parser.add_argument("--batch", type=POSITIVE, default=1, help="batch size B")
+    parser.add_argument("--heads", type=POSITIVE, default=8, help="heads H")
+    parser.add_argument("--head-dim", type=POSITIVE, default=64, help="head dim D")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"], help="element type")
     parser.add_argument("--threads", type=POSITIVE, default=None, help="torch threads per case (default: torch's)")
     parser.add_argument(
-        "--memory-limit-gib", type=positive_float, default=12.0, help="skip materialising cases above this"
+        "--memory-limit-gib", type=positive_float, default=12.0, help="skip materialising cases above this many GiB"
     )
     parser.add_argument("--repeat", type=POSITIVE, default=3, help="timed runs per case; the median is reported")
     parser.add_argument("--timeout", type=positive_float, default=900.0, help="seconds per case")
-    parser.add_argument("--out", default=str(harness.DEFAULT_OUT), help="folder for kernels.json / kernels.md")
+    parser.add_argument(
+        "--out",
+        default=str(harness.DEFAULT_OUT),
+        help="directory for kernels.json and kernels.md (default: the current directory)",
+    )
 
 
 def _targets(rows: list[dict]) -> list[str]:

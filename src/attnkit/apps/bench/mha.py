@@ -18,7 +18,14 @@ import argparse
 import sys
 from typing import Any
 
-from attnkit.apps.checks import UsageError, check_output_dir, int_at_least, main_for, positive_float
+from attnkit.apps.checks import (
+    DefaultsHelpFormatter,
+    UsageError,
+    check_output_dir,
+    int_at_least,
+    main_for,
+    positive_float,
+)
 
 NAME = "mha"
 HELP = "attnkit.nn.MultiheadAttention vs torch.nn.MultiheadAttention: time and peak memory"
@@ -66,14 +73,15 @@ POSITIVE = int_at_least(1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = DefaultsHelpFormatter
     parser.add_argument("--lengths", type=POSITIVE, nargs="+", default=[512, 2048, 8192], help="sequence lengths L")
-    parser.add_argument("--dim", type=POSITIVE, default=512, help="embed_dim (default 512)")
-    parser.add_argument("--heads", type=POSITIVE, default=8, help="num_heads (default 8)")
-    parser.add_argument("--batch", type=POSITIVE, default=1, help="batch size (default 1)")
+    parser.add_argument("--dim", type=POSITIVE, default=512, help="embed_dim")
+    parser.add_argument("--heads", type=POSITIVE, default=8, help="num_heads")
+    parser.add_argument("--batch", type=POSITIVE, default=1, help="batch size")
     parser.add_argument("--repeat", type=POSITIVE, default=3, help="timed calls per case (median reported)")
     parser.add_argument("--threads", type=POSITIVE, default=None, help="torch threads in each case (default: torch's)")
     parser.add_argument("--timeout", type=positive_float, default=900.0, help="seconds allowed per case")
-    parser.add_argument("--out", default="docs/results", help="directory for mha.json and mha.md")
+    parser.add_argument("--out", default=".", help="directory for mha.json and mha.md (default: the current directory)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ the report under 15 MB at any length.
 
 Usage::
 
-    attnkit bench show                       # 8K, 32K and 128K tokens, results in docs/results/show.*
+    attnkit bench show --out docs/results    # 8K, 32K and 128K tokens, results in docs/results/show.*
     attnkit bench show --sizes 2048 --out /tmp/show-smoke
 """
 
@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from attnkit.apps.checks import check_output_dir, int_at_least, main_for, positive_float
+from attnkit.apps.checks import DefaultsHelpFormatter, check_output_dir, int_at_least, main_for, positive_float
 
 NAME = "show"
 HELP = "attnkit show on 8K-128K tokens of the long contract with a small Llama checkpoint: time, memory, report size"
@@ -110,10 +110,13 @@ POSITIVE = int_at_least(1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = DefaultsHelpFormatter
     parser.add_argument("--sizes", type=int_at_least(16), nargs="+", default=[8192, 32768, 131072], help="tokens")
     parser.add_argument("--threads", type=POSITIVE, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--timeout", type=positive_float, default=3600.0, help="seconds per case")
-    parser.add_argument("--out", default="docs/results", help="directory for show.json and show.md")
+    parser.add_argument(
+        "--out", default=".", help="directory for show.json and show.md (default: the current directory)"
+    )
 
 
 def _case_in_fresh_process(model: str, tokens: int, work: str, threads: int | None, timeout: float) -> dict:

@@ -30,7 +30,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from attnkit.apps.checks import UsageError, check_output_dir, int_at_least, main_for, positive_float
+from attnkit.apps.checks import (
+    DefaultsHelpFormatter,
+    UsageError,
+    check_output_dir,
+    int_at_least,
+    main_for,
+    positive_float,
+)
 
 NAME = "triton"
 HELP = "Triton kernels vs PyTorch SDPA (flash, cuDNN, efficient) and FlexAttention on a GPU: TFLOP/s"
@@ -314,10 +321,11 @@ POSITIVE = int_at_least(1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="docs/results", help="directory for triton_gpu_<card>.json and .md")
+    parser.formatter_class = DefaultsHelpFormatter
     parser.add_argument(
-        "--head-dims", type=POSITIVE, nargs="+", default=list(HEAD_DIMS), help="head dims (default 64 128)"
+        "--out", default=".", help="directory for triton_gpu_<card>.json and .md (default: the current directory)"
     )
+    parser.add_argument("--head-dims", type=POSITIVE, nargs="+", default=list(HEAD_DIMS), help="head dims")
     parser.add_argument("--seqlens", type=POSITIVE, nargs="+", default=list(SEQLENS), help="lengths N (B = 16K / N)")
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS, help="what to time")
     parser.add_argument("--feature-length", type=POSITIVE, default=8192, help="N of the feature-cost cases (D = 128)")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from attnkit.apps.checks import (
+    DefaultsHelpFormatter,
     UsageError,
     check_output_dir,
     int_at_least,
@@ -66,6 +67,7 @@ def _ints(text: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = DefaultsHelpFormatter
     positive = int_at_least(1)
     parser.add_argument("--quick", action="store_true", help="a small run (26 s on 2 quiet cores: docs/compare.md)")
     parser.add_argument("--out", default="out/compare", help="folder for compare.json, compare.md and the PNGs")
@@ -77,16 +79,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch threads, here and in every case's process (default: $OMP_NUM_THREADS, else $MKL_NUM_THREADS, "
         "else torch's default, one per core)",
     )
-    parser.add_argument("--tasks", default=None, help="comma-separated subset of retrieval,copy,adding,lookup")
-    parser.add_argument("--distances", type=_ints, default=None, help="accuracy distances for every task (d1,d2,..)")
-    parser.add_argument("--lengths", type=_ints, default=None, help="throughput/memory distances (d1,d2,..)")
-    parser.add_argument("--steps", type=positive, default=None, help="training steps per model (same for all)")
-    parser.add_argument("--batch", type=positive, default=None, help="training batch size")
+    parser.add_argument(
+        "--tasks", default=None, help="comma-separated subset of retrieval,copy,adding,lookup (default: all four)"
+    )
+    parser.add_argument(
+        "--distances",
+        type=_ints,
+        default=None,
+        help="accuracy distances for every task (d1,d2,..; default: per task, from the preset: docs/compare.md)",
+    )
+    parser.add_argument(
+        "--lengths",
+        type=_ints,
+        default=None,
+        help="throughput/memory distances (d1,d2,..; default: from the preset: docs/compare.md)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=positive,
+        default=None,
+        help=f"training steps per model, the same for all (default: {PRESETS['quick']['steps']} with --quick, "
+        f"else {PRESETS['full']['steps']})",
+    )
+    parser.add_argument(
+        "--batch", type=positive, default=None, help=f"training batch size (default: {PRESETS['full']['batch']})"
+    )
     parser.add_argument("--lr", type=positive_float, default=3e-3, help="AdamW learning rate (same for all)")
     parser.add_argument("--width", type=positive, default=64, help="self-attention width; the others are fitted to it")
     parser.add_argument("--heads", type=positive, default=4, help="attention heads (they divide --width)")
     parser.add_argument("--depth", type=positive, default=2, help="attention layers (the LSTM has --lstm-depth)")
-    parser.add_argument("--lstm-depth", type=positive, default=1)
+    parser.add_argument("--lstm-depth", type=positive, default=1, help="LSTM layers")
     parser.add_argument(
         "--case-timeout",
         type=positive_float,
