@@ -266,7 +266,7 @@ def row_topk(p: Tensor, k: int) -> tuple[Tensor, Tensor]:
         lanes = torch.arange(C, device=p.device).expand(R, C)  # (R, C): every lane kept
     L = lanes.shape[-1]
     cand = cand.reshape(R, k * L)
-    if W > n * C:
+    if n * C < W:
         cand = torch.cat([cand, rows[:, n * C :]], dim=-1)  # (R, k * L + tail)
     w, j = torch.topk(cand, k, dim=-1)  # (R, k), j indexes the candidates
     in_bulk = j < k * L
