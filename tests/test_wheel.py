@@ -68,13 +68,14 @@ def test_wheel_contents(wheel: Path) -> None:
         for p in SRC.rglob("*")
         if p.is_file()
         and "__pycache__" not in p.parts
-        and p.suffix in (".py", ".txt", ".css", ".html", ".js", ".typed")
+        and p.suffix in (".py", ".txt", ".css", ".html", ".js", ".typed", ".c")
     }
     assert {n for n in expected if n.startswith("attnkit/examples/")}, "no examples/*.txt in the source tree"
     assert {n for n in expected if n.startswith("attnkit/viz/assets/")}, "no viz/assets in the source tree"
     missing = expected - names
     assert not missing, f"in the source tree but not in the wheel: {sorted(missing)}"
     assert "attnkit/py.typed" in names
+    assert "attnkit/kernels/native/strip_rows.c" in names  # the native statistics helper is built from it
     assert f"{dist_info}/licenses/LICENSE" in names
 
     # Nothing but the package and its metadata.

@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from attnkit.kernels import native
 from attnkit.masks import aligned_distance
 from attnkit.spec import AttentionSpec
 
@@ -341,6 +342,7 @@ def strip_forward(
     topk: int,
     pool: tuple[Tensor, Tensor],
     block_q: int | None = None,
+    native_rows: bool = True,
 ) -> dict[str, Tensor]:
     """The attention output, its log-sum-exp and every statistic in one pass over the scores.
 
@@ -358,6 +360,8 @@ def strip_forward(
         q: ``(B, Hq, Lq, D)``; k: ``(B, Hk, Lk, D)``; v: ``(B, Hk, Lk, Dv)``.
         spec, topk, pool: as in `stats_forward`.
         block_q: query rows per strip; default from ``STRIP_BYTES``.
+        native_rows: normalise and reduce the rows with the native helper (`attnkit.kernels.native`,
+            fp32 on CPU, when it is built); False keeps every step in PyTorch operations.
 
     Returns:
         `stats_forward`'s dict plus ``output (B, Hq, Lq, Dv)`` (accumulation dtype) and
@@ -384,6 +388,8 @@ def strip_forward(
     top_i = torch.zeros(B, Hq, Lq, K, dtype=torch.int64, device=dev)
     groups = [(b, hk, spec.part(b, hk, hk + 1)) for b in range(B) for hk in range(Hk)]
     v_acc = v.to(acc)  # (B, Hk, Lk, Dv), no copy when already in the accumulation dtype
+    fused_rows = native_rows and acc == torch.float32 and dev.type == "cpu" and K <= native.MAX_TOPK
+    fused_rows = fused_rows and native.available()
 
     for i0 in range(0, Lq, block_q):
         i1 = min(i0 + block_q, Lq)
@@ -404,19 +410,26 @@ def strip_forward(
             q_s = q[b : b + 1, h0:h1, i0:i1]  # (1, G, bq, D)
             s, _ = gspec.scores(q_s, k[b : b + 1, hk : hk + 1, lo:hi], i0, lo)  # (1, G, bq, W), -inf where masked
             s = s[0]  # (G, bq, W)
-            p, lse_s, w, idx = _strip_weights(s, min(K, hi - lo))
-            lse[b, h0:h1, i0:i1] = lse_s
-            output[b, h0:h1, i0:i1] = torch.matmul(p, v_acc[b, hk, lo:hi])  # (G, bq, Dv)
-            # entropy = lse - sum_j p s: the -inf of masked scores (p = 0 there) become 0 first
-            if spec.mask is not None:
-                s.clamp_(min=_CLAMP)
+            kk = min(K, hi - lo)
+            if fused_rows:  # the native helper: weights in place of s, every row statistic in one call
+                lse_s, ent_s, dist_s, w, idx = native.strip_rows(s, i0 + spec.offset - lo, kk)
+                p = s
             else:
-                for c0, c1 in ((lo, a), (z, hi)):
-                    if c1 > c0:
-                        s[..., c0 - lo : c1 - lo].clamp_(min=_CLAMP)
-            plogits = torch.einsum("gqk,gqk->gq", p, s)  # (G, bq)
-            entropy[b, h0:h1, i0:i1] = torch.where(torch.isneginf(lse_s), 0.0, lse_s - plogits).clamp_(min=0)
-            distance[b, h0:h1, i0:i1] = dist.mean_distance(p)
+                p, lse_s, w, idx = _strip_weights(s, kk)
+                # entropy = lse - sum_j p s: the -inf of masked scores (p = 0 there) become 0 first
+                if spec.mask is not None:
+                    s.clamp_(min=_CLAMP)
+                else:
+                    for c0, c1 in ((lo, a), (z, hi)):
+                        if c1 > c0:
+                            s[..., c0 - lo : c1 - lo].clamp_(min=_CLAMP)
+                plogits = torch.einsum("gqk,gqk->gq", p, s)  # (G, bq)
+                ent_s = torch.where(torch.isneginf(lse_s), 0.0, lse_s - plogits).clamp_(min=0)
+                dist_s = dist.mean_distance(p)
+            lse[b, h0:h1, i0:i1] = lse_s
+            entropy[b, h0:h1, i0:i1] = ent_s
+            distance[b, h0:h1, i0:i1] = dist_s
+            output[b, h0:h1, i0:i1] = torch.matmul(p, v_acc[b, hk, lo:hi])  # (G, bq, Dv)
             band = torch.zeros(G, nr, hi - lo, dtype=acc, device=dev)
             band.index_add_(1, row_segments, p)  # (G, nr, W): rows summed into their segments
             received[b, h0:h1, lo:hi] += band.sum(dim=-2)
@@ -424,7 +437,6 @@ def strip_forward(
             cell.index_add_(-1, segments - c_first, band)  # (G, nr, nc): keys into their segments
             pooled[b, h0:h1, r_first : r_first + cell.shape[1], c_first:c_last] += cell
             if K > 0:
-                kk = w.shape[-1]
                 top_w[b, h0:h1, i0:i1, :kk] = w
                 top_i[b, h0:h1, i0:i1, :kk] = idx + lo
                 if kk < K:  # fewer visible keys than K: weight-0 keys outside the range fill the rest

@@ -1,0 +1,159 @@
+"""The native row helper of the one-pass statistics (`attnkit.kernels.native`) against PyTorch and fp64."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import attnkit
+from attnkit.kernels import native
+from attnkit.kernels import stats as stats_kernel
+from attnkit.stats import pool_segments
+
+needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler: the native helper is not built")
+STATS = ("output", "lse", "entropy", "mean_distance", "received", "pooled", "topk_weight")
+
+
+def one_pass(q, k, v, opts, *, topk=4, pool=5, block_q=None, native_rows=True):
+    spec = attnkit.functional.build_spec(q, k, v, **opts)
+    edges = pool_segments(pool, spec.q_len, spec.kv_len, q.device)
+    return stats_kernel.strip_forward(q, k, v, spec, topk=topk, pool=edges, block_q=block_q, native_rows=native_rows)
+
+
+def assert_topk_consistent(got, q, k, opts):
+    """Top-k weights equal fp64's, and every index points at a key whose fp64 weight is the one reported."""
+    p = attnkit.attention_weights(q.double(), k.double(), **opts)
+    want = p.topk(got["topk_weight"].shape[-1], dim=-1).values
+    torch.testing.assert_close(got["topk_weight"].double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.gather(p, -1, got["topk_index"]), want, rtol=1e-5, atol=1e-6)
+
+
+OPTS = [
+    {},
+    {"causal": True},
+    {"window": (7, 3), "alibi": True},
+    {"softcap": 5.0, "mask": "float"},
+    {"mask": "bool", "causal": True},
+]
+
+
+@needs_native
+@pytest.mark.parametrize("opts", OPTS, ids=["plain", "causal", "window_alibi", "softcap_float_mask", "bool_causal"])
+@pytest.mark.parametrize("shape", [(2, 4, 2, 70, 70), (1, 2, 1, 30, 700), (1, 2, 2, 90, 30)], ids=str)
+def test_native_rows_equal_fp64_and_the_pytorch_path(opts, shape):
+    B, Hq, Hk, Lq, Lk = shape
+    torch.manual_seed(Lq * Lk)
+    q, k, v = torch.randn(B, Hq, Lq, 8), torch.randn(B, Hk, Lk, 8), torch.randn(B, Hk, Lk, 8)
+    opts = dict(opts)
+    if opts.get("mask") == "float":
+        opts["mask"] = torch.randn(B, 1, Lq, Lk).masked_fill(torch.rand(B, 1, Lq, Lk) < 0.1, -torch.inf)
+    elif opts.get("mask") == "bool":
+        opts["mask"] = torch.rand(B, Hq, Lq, Lk) < 0.7
+        opts["mask"][:, :, 3] = False  # a row that sees nothing
+    got = one_pass(q, k, v, opts, block_q=16)
+    eager = one_pass(q, k, v, opts, block_q=16, native_rows=False)
+    ref = one_pass(q.double(), k.double(), v.double(), opts, block_q=16)
+    for name in STATS:
+        torch.testing.assert_close(got[name].double(), ref[name], rtol=2e-5, atol=2e-5, msg=name)
+        torch.testing.assert_close(got[name], eager[name], rtol=2e-5, atol=2e-5, msg=name)
+    assert_topk_consistent(got, q, k, opts)
+
+
+@needs_native
+def test_rows_without_keys_are_zero_with_lse_minus_inf():
+    q, k, v = torch.randn(1, 2, 50, 8), torch.randn(1, 1, 20, 8), torch.randn(1, 1, 20, 8)
+    got = one_pass(q, k, v, {"causal": True}, topk=3)  # Lq > Lk: the first 30 rows see no key
+    assert torch.isneginf(got["lse"][:, :, :30]).all()
+    for name in ("entropy", "mean_distance", "topk_weight", "output"):
+        assert (got[name][:, :, :30] == 0).all(), name
+    assert torch.isfinite(got["lse"][:, :, 30:]).all()
+
+
+@needs_native
+@pytest.mark.parametrize("scale", [30.0, 100.0])
+def test_large_logits_stay_exact(scale):
+    """Scores of several hundred: the exponent is taken after the row maximum is subtracted."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 64, 16) * scale, torch.randn(1, 2, 300, 16), torch.randn(1, 2, 300, 16)
+    got = one_pass(q, k, v, {"causal": True}, topk=4)
+    ref = one_pass(q.double(), k.double(), v.double(), {"causal": True}, topk=4)
+    assert all(torch.isfinite(got[n]).all() for n in STATS)
+    for name in ("entropy", "topk_weight", "received", "pooled"):
+        torch.testing.assert_close(got[name].double(), ref[name], rtol=1e-4, atol=1e-4, msg=name)
+    # lse and the output scale with the logits: relative to them
+    torch.testing.assert_close(got["lse"].double(), ref["lse"], rtol=1e-5, atol=1e-3)
+
+
+@needs_native
+@pytest.mark.parametrize("W", [63, 64 * 8, 64 * 33 + 17, 9000])
+@pytest.mark.parametrize("k", [1, 8, 64])
+def test_native_top_k_screen_is_exact(W, k):
+    """Long rows take the chunk screen; ties keep the smaller index, as a scan in key order does."""
+    if k > W:
+        pytest.skip(f"k={k} > W={W}")
+    torch.manual_seed(W + k)
+    s = torch.randn(3, 5, W) * 4
+    s[0, 0] = 0.0  # a uniform row: every weight tied
+    s[1, 1, W // 2 :] = -torch.inf
+    scores = s.clone()
+    p_want = torch.softmax(scores, dim=-1)
+    lse, ent, dist, w, i = native.strip_rows(s, 0, k)  # s now holds the weights
+    torch.testing.assert_close(s, p_want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(w, p_want.topk(k, dim=-1).values, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(torch.gather(p_want, -1, i), w, rtol=1e-6, atol=1e-7)
+    assert torch.equal(i[0, 0], torch.arange(k))
+    torch.testing.assert_close(lse, torch.logsumexp(scores, dim=-1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ent, -torch.special.xlogy(p_want, p_want).sum(-1), rtol=1e-5, atol=1e-5)
+    pos = (torch.arange(5, dtype=torch.float32)[:, None] - torch.arange(W, dtype=torch.float32)).abs()
+    torch.testing.assert_close(dist, (p_want * pos).sum(-1), rtol=1e-5, atol=1e-3)
+
+
+@needs_native
+def test_top_k_above_the_native_limit_uses_pytorch():
+    q, k, v = torch.randn(1, 1, 20, 8), torch.randn(1, 1, 200, 8), torch.randn(1, 1, 200, 8)
+    got = one_pass(q, k, v, {}, topk=native.MAX_TOPK + 6)
+    assert got["topk_weight"].shape[-1] == native.MAX_TOPK + 6
+    assert_topk_consistent(got, q, k, {})
+
+
+def test_without_a_compiler_the_pytorch_path_runs(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CC", "/bin/false")
+    monkeypatch.setenv("ATTNKIT_CACHE", str(tmp_path))
+    native._library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="attnkit.kernels.native"):
+            assert not native.available()
+        assert "native statistics helper unavailable" in caplog.text
+        q, k, v = torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
+        st = attnkit.attention_stats(q, k, v, causal=True, topk=3, return_output=True)
+        torch.testing.assert_close(st.output, attnkit.attention(q, k, v, causal=True), rtol=1e-5, atol=1e-6)
+        assert not list(tmp_path.glob("*.so"))
+    finally:
+        native._library.cache_clear()
+
+
+def test_attnkit_native_0_turns_the_helper_off(monkeypatch):
+    monkeypatch.setenv("ATTNKIT_NATIVE", "0")
+    native._library.cache_clear()
+    try:
+        assert not native.available()
+        assert not native.usable(torch.zeros(2, 3, 4), 2)
+    finally:
+        native._library.cache_clear()
+
+
+@needs_native
+def test_built_once_per_source_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATTNKIT_CACHE", str(tmp_path))
+    native._library.cache_clear()
+    try:
+        assert native.available()
+        built = list(tmp_path.glob("strip_rows-*.so"))
+        assert len(built) == 1
+        native._library.cache_clear()
+        stamp = built[0].stat().st_mtime_ns
+        assert native.available() and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    finally:
+        native._library.cache_clear()
