@@ -17,6 +17,7 @@ from attnkit.apps.show import Analysis, show
 from attnkit.apps.show.analysis import long_range_links
 from attnkit.inspect import head_roles
 from attnkit.viz import FlowView, HeadView, ReportData, ReportView, RolesView, render_report
+from tests.test_viz_report_browser import browser  # noqa: F401 (the Chromium fixture; skips without it)
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 HOSTILE_SCRIPT = "</script><script>window.__pwned=1</script>"
@@ -114,6 +115,34 @@ def test_report_view_saves_the_standalone_page_and_checks_its_arguments(tmp_path
         ReportView(data, height=20)
     with pytest.raises(TypeError, match=r"data must be an attnkit\.viz\.ReportData, got dict"):
         ReportView({"tokens": []})
+
+
+@pytest.mark.browser
+def test_report_view_runs_in_a_page_as_a_notebook_shows_it(browser):  # noqa: F811
+    """In Chromium: the framed report decodes its data and draws, fetches nothing and cannot reach the host page."""
+    tokens = [f"w{i}" for i in range(14)]
+    tokens[3] = HOSTILE_SCRIPT
+    frame_html = ReportView(_data(tokens), height=400)._repr_html_()
+    host = f"<!DOCTYPE html><title>notebook</title><h1>a notebook</h1>{frame_html}"
+    page = browser.new_page(viewport={"width": 1000, "height": 700})
+    errors, requests = [], []
+    page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("request", lambda r: requests.append(r.url))
+    try:
+        page.set_content(host)
+        frame = page.frame_locator("iframe")
+        frame.locator("body[data-ready='1']").wait_for(timeout=20000)
+        assert frame.locator("#text .tok").count() == 14
+        assert frame.locator("#grid canvas").count() == 6
+        report = next(f for f in page.frames if f != page.main_frame)
+        reach = "() => { try { return window.parent.document.title } catch (e) { return 'blocked' } }"
+        assert report.evaluate(reach) == "blocked"  # sandboxed: an opaque origin
+        assert report.evaluate("() => window.__pwned") is None and page.evaluate("() => window.__pwned") is None
+        assert errors == []
+        assert not [url for url in requests if not url.startswith(("about:", "data:", "blob:"))], requests
+    finally:
+        page.close()
 
 
 # ----------------------------------------------------------------------------- HeadView

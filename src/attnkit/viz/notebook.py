@@ -76,6 +76,9 @@ class ReportView:
     runs in a sandbox (``allow-scripts`` only: it cannot reach the notebook's page or cookies) and
     fetches nothing, so it works offline and in a notebook saved with its outputs.
 
+    The notebook stores the page with its outputs: a few hundred kB for a short text, up to the
+    report's 15 MB budget for a long document (then `save` the page and open it in a browser instead).
+
     Args:
         data: what the report shows (`attnkit.viz.ReportData`; ``N`` layers, ``H`` heads, ``L`` tokens).
         height: the frame's height in CSS pixels (the width follows the notebook's output area).
