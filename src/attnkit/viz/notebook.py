@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from attnkit.viz.report import ReportData, render_report, write_report
+from attnkit.viz.report import ReportData, render_report
 
 __all__ = ["FlowView", "HeadView", "ReportView", "RolesView"]
 
@@ -74,7 +74,8 @@ class ReportView:
     ``_repr_html_`` is an ``<iframe>`` whose ``srcdoc`` is the complete page, escaped for a
     double-quoted attribute: the page keeps its own scripts, styles and Content-Security-Policy,
     runs in a sandbox (``allow-scripts`` only: it cannot reach the notebook's page or cookies) and
-    fetches nothing, so it works offline and in a notebook saved with its outputs.
+    fetches nothing, so it works offline. (Jupyter may sanitise the stored HTML outputs of a notebook
+    opened from disk until it is trusted; running the cell again shows the report.)
 
     The notebook stores the page with its outputs: a few hundred kB for a short text, up to the
     report's 15 MB budget for a long document (then `save` the page and open it in a browser instead).
@@ -102,7 +103,10 @@ class ReportView:
 
     def save(self, path: str | Path) -> Path:
         """Write the standalone report to ``path`` (UTF-8), as ``attnkit show --out`` does; returns the path."""
-        return write_report(self.data, path)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.page, encoding="utf-8")
+        return path
 
     def _repr_html_(self) -> str:
         N, H, L = self.data.shape

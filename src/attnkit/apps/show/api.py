@@ -100,7 +100,8 @@ def show(
             None of the three: the contract example.
         model: ``"all-MiniLM-L6-v2"`` (bundled, offline) or a local Hugging Face checkpoint directory
             with safetensors weights; nothing is downloaded.
-        title: the report's title (default: the example's or file's name, else the model's).
+        title: the report's title (default: the example's or file's name, else the model's; the protein
+            examples keep their own).
         sections: how to cut the text into sections (`attnkit.inspect.sections`: ``"auto"``,
             ``"paragraphs"``, ``"lines"``, ``"regex:PATTERN"``, or a list of character spans).
         map_budget: full ``L x L`` maps up to this many tokens (default 384), pooled tiles beyond.
