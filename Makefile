@@ -27,8 +27,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests examples
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format src tests
-	$(VENV)/bin/ruff check --fix src tests
+	$(VENV)/bin/ruff format src tests examples
+	$(VENV)/bin/ruff check --fix src tests examples
 
 test: $(STAMP) browser lint
 	$(PY) -m pytest -q

@@ -48,7 +48,11 @@ class Link:
 
 @dataclass
 class Analysis:
-    """What `analyse` found: the report's data, the strongest long-range links, and what was done to the input."""
+    """What `analyse` found: the report's data, the strongest long-range links, and what was done to the input.
+
+    In a notebook it displays as the whole offline report (`report`); `head`, `flow` and `roles` are the
+    smaller inline views (`attnkit.viz.notebook`). ``data.shape`` is ``(N layers, H heads, L tokens)``.
+    """
 
     data: Any  # attnkit.viz.report.ReportData
     links: list[Link]
@@ -56,6 +60,45 @@ class Analysis:
     seconds: dict[str, float] = field(default_factory=dict)
     sections: Any = None  # attnkit.apps.show.flow.SectionView, or None
     causal: bool = False  # a decoder: every flow points backwards
+
+    def report(self, *, height: int = 760):
+        """The whole report inline (`attnkit.viz.ReportView`; ``.save(path)`` writes the standalone page)."""
+        from attnkit.viz.notebook import ReportView
+
+        return ReportView(self.data, height=height)
+
+    def head(self, layer: int | None = None, head: int | None = None, **kwargs: Any):
+        """One head's ``(L, L)`` map (pooled tiles on long inputs) as an `attnkit.viz.HeadView`.
+
+        Default: the head of the strongest long-range link (`links`), else layer 0, head 0.
+        """
+        from attnkit.viz.notebook import HeadView
+
+        if (layer is None) != (head is None):
+            raise ValueError(f"Analysis.head: give both layer and head, or neither; got layer={layer}, head={head}")
+        if layer is None:
+            layer, head = (self.links[0].layer, self.links[0].head) if self.links else (0, 0)
+        return HeadView.from_report(self.data, layer, head, **kwargs)
+
+    def flow(self, layer: int | None = None, head: int | None = None, **kwargs: Any):
+        """The section flow ``(S, S)`` as an `attnkit.viz.FlowView`: every head averaged, one layer, or one head."""
+        from attnkit.viz.notebook import FlowView
+
+        return FlowView.from_report(self.data, layer=layer, head=head, **kwargs)
+
+    def roles(self, **kwargs: Any):
+        """Every head's role (`attnkit.inspect.head_roles`) as an `attnkit.viz.RolesView` table."""
+        from attnkit.viz.notebook import RolesView
+
+        kwargs.setdefault("title", f"Head roles: {self.data.title}")
+        return RolesView.from_report(self.data, **kwargs)
+
+    def _repr_html_(self) -> str:
+        return self.report()._repr_html_()
+
+    def __repr__(self) -> str:
+        N, H, L = self.data.shape
+        return f"Analysis({self.data.title!r}: {L} tokens, {N} layers x {H} heads, {len(self.links)} long-range links)"
 
 
 # ----------------------------------------------------------------------------- summary helpers

@@ -10,6 +10,7 @@ Usage::
     attnkit show --model ./my-llama --file contract.txt --sections auto   # a long-context checkpoint
 
 This module parses the arguments, runs the analysis and writes the results: the analysis itself
+(`attnkit.apps.show.api.analyse_text`; `attnkit.apps.show.api.show` is the same from Python)
 is `attnkit.apps.show.pretrained.analyse` (a Hugging Face checkpoint) or
 `attnkit.apps.show.protein.analyse` (the protein example), both returning an
 `attnkit.apps.show.analysis.Analysis` without printing anything.
@@ -20,14 +21,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from attnkit.apps.checks import UsageError, check_output_dir, check_output_file, int_at_least, require_module
 from attnkit.apps.show.analysis import Analysis, is_word
-from attnkit.apps.show.pretrained import DEFAULT_MODEL, analyse
+from attnkit.apps.show.api import DEFAULT_EXAMPLE, EXAMPLES, PROTEIN, analyse_text, example_text
+from attnkit.apps.show.pretrained import DEFAULT_MODEL
 from attnkit.inspect.sections import parse_sections_arg
 
 __all__ = [
@@ -42,17 +43,6 @@ __all__ = [
     "section_lines",
     "write_pngs",
 ]
-
-EXAMPLES = ("contract", "support", "news", "protein", "contract-long", "support-long", "news-long", "protein-long")
-PROTEIN = ("protein", "protein-long")  # through the character-level protein model (attnkit.apps.show.protein)
-DEFAULT_EXAMPLE = "contract"
-
-
-def example_text(name: str) -> str:
-    """The text of a shipped sample document (one of `EXAMPLES`; ``-long``: the long versions, 2K-12K tokens)."""
-    if name not in EXAMPLES:
-        raise ValueError(f"example must be one of {', '.join(EXAMPLES)}, got {name!r}")
-    return resources.files("attnkit").joinpath("examples", f"{name}.txt").read_text(encoding="utf-8")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -150,23 +140,15 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    kind = getattr(args, "sections_kind", args.sections)
-    if example in PROTEIN:
-        from attnkit.apps.show import protein
-
-        try:
-            result = protein.analyse(text, progress=_progress(args), map_budget=args.map_budget, sections=kind)
-        except ValueError as err:
-            raise UsageError(str(err)) from None
-        return _finish(args, result, start)
-    result = analyse(
+    result = analyse_text(
         text,
-        model=args.model,
+        example=example,
         title=title,
+        model=args.model,
+        sections=getattr(args, "sections_kind", args.sections),
         map_budget=args.map_budget,
         max_tokens=args.max_tokens,
         progress=_progress(args),
-        sections=kind,
         whole=args.text is None,
     )
     return _finish(args, result, start)
