@@ -273,11 +273,7 @@ def _tokenize(transformers, text: str, path: Path, model_name: str, max_tokens: 
         UsageError: the config or tokenizer cannot be read, ``max_tokens`` is beyond the model's
             positions, or the text has no token but the special ones (``"\u200b"``, control characters).
     """
-    try:
-        config = transformers.AutoConfig.from_pretrained(path)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise UsageError(f"--model {path}: cannot read its config or tokenizer: {err}") from None
+    config, tokenizer = _config_and_tokenizer(transformers, path)
     limit, hard, source = _max_positions(config, tokenizer, path)
     trained = limit
     if whole and max_tokens is None and hard > limit:
@@ -318,6 +314,14 @@ def _tokenize(transformers, text: str, path: Path, model_name: str, max_tokens: 
             f"position artefacts there (--max-tokens {trained} keeps to its training)."
         )
     return tokenizer, enc, notes
+
+
+def _config_and_tokenizer(transformers, path: Path):
+    """``(config, tokenizer)`` of the checkpoint in ``path``; a `UsageError` naming ``--model`` if unreadable."""
+    try:
+        return transformers.AutoConfig.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--model {path}: cannot read its config or tokenizer: {err}") from None
 
 
 def _load_model(transformers, path: Path):
@@ -525,10 +529,6 @@ def load_checkpoint(model: str = DEFAULT_MODEL) -> Checkpoint:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    try:
-        config = transformers.AutoConfig.from_pretrained(path)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise UsageError(f"--model {path}: cannot read its config or tokenizer: {err}") from None
+    config, tokenizer = _config_and_tokenizer(transformers, path)
     length, hard, _ = _max_positions(config, tokenizer, path)
     return Checkpoint(name, path, tokenizer, _load_model(transformers, path), length, hard)
