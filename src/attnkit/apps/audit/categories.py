@@ -87,7 +87,8 @@ _MONTH = (
     r"|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)\.?"
 )
 _DAY = r"\d{1,2}(?:st|nd|rd|th)?"
-_TIME = r"\d{1,2}:\d{2}(?::\d{2})?(?:\s?[ap]\.?m\.?)?"
+_AM_PM = r"(?:[ap]m\b|[ap]\.m\.)"
+_TIME = rf"\d{{1,2}}:\d{{2}}(?::\d{{2}})?(?:\s?{_AM_PM})?"
 _DATE = re.compile(
     "|".join(
         [
@@ -101,7 +102,7 @@ _DATE = re.compile(
             r"\b(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday)s?\b",
             r"(?<![\d.,£$€¥₹#])(?:19|20)\d{2}(?![\d%]|[.,]\d)",  # a year alone
             rf"(?<![\d.:]){_TIME}(?![\d:])",  # 9:00, 17:30
-            r"(?<![\d.:])\d{1,2}\s?[ap]\.?m\b\.?",  # 7am, 9 p.m.
+            rf"(?<![\d.:])\d{{1,2}}\s?{_AM_PM}",  # 7am, 9 p.m.
         ]
     )
 )

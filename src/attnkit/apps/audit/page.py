@@ -64,6 +64,12 @@ def _ratio(x: float | None) -> str:
     return "" if x is None else f"{x:.2f}x"
 
 
+def _interval(row: dict, key: str) -> str:
+    """``"+1.23 [+0.50, +2.01]"``: ``row[key]`` and its interval ``row[key_low]``, ``row[key_high]``, in points."""
+    value = row[key if key in row else f"{key}_diff"]
+    return f"{100 * value:+.2f} [{100 * row[f'{key}_low']:+.2f}, {100 * row[f'{key}_high']:+.2f}]"
+
+
 def _bars(rows: list[dict], categories: list[str], title: str) -> str:
     """A horizontal grouped bar chart (SVG): token share and attention share per category."""
     by = {r["category"]: r for r in rows}
@@ -194,14 +200,9 @@ def render(s: Summary) -> str:
         f"share.</div>{_table(['category', 'first', 'second', 'third'], rows, set())}</section>"
     )
     if s.sections:
+        shares = ("token_share", "attention_share")
         rows = [
-            [
-                r["section_kind"],
-                str(r["documents"]),
-                _pct(r["token_share"]),
-                _pct(r["attention_share"]),
-                _ratio(r["ratio"]),
-            ]
+            [r["section_kind"], str(r["documents"]), *(_pct(r[k]) for k in shares), _ratio(r["ratio"])]
             for r in s.sections
         ]
         out.append(
@@ -218,17 +219,10 @@ def render(s: Summary) -> str:
         f"{_table(['document', 'distance', 'most over-attended', 'most under-attended'], rows, {1})}</section>"
     )
     if s.ab:
-        rows = [
-            [
-                r["category"],
-                str(r["documents"]),
-                _pct(r["attention_share_a"]),
-                _pct(r["attention_share_b"]),
-                f"{100 * r['diff']:+.2f} [{100 * r['diff_low']:+.2f}, {100 * r['diff_high']:+.2f}]",
-                f"{100 * r['excess_diff']:+.2f} [{100 * r['excess_low']:+.2f}, {100 * r['excess_high']:+.2f}]",
-            ]
-            for r in s.ab
-        ]
+        rows = []
+        for r in s.ab:
+            shares = [_pct(r["attention_share_a"]), _pct(r["attention_share_b"])]
+            rows.append([r["category"], str(r["documents"]), *shares, _interval(r, "diff"), _interval(r, "excess")])
         out.append(
             f"<section><h2>A/B: {esc(s.ab_title)}</h2><div class='caption'>B - A in percentage points, "
             "mean over the documents both runs read, with the bootstrap 95% CI; excess = attention share "
