@@ -33,6 +33,16 @@ def checkpoint():
 
 
 @pytest.fixture()
+def one_thread():
+    """One intra-op thread, as the commands below run with --threads 1: small forward passes on a shared
+    machine wait on a descheduled second thread far more than they gain from it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture()
 def corpus(tmp_path) -> Path:
     """Four short documents of the demo corpus (about 150-280 tokens each)."""
     folder = tmp_path / "corpus"
@@ -57,7 +67,7 @@ def test_demo_corpus_ships_thirty_documents():
     assert {n.split("-")[0] for n in names} == {"contract", "ticket", "news"}
 
 
-def test_received_is_the_column_sums_of_the_exact_maps(checkpoint):
+def test_received_is_the_column_sums_of_the_exact_maps(checkpoint, one_thread):
     """The statistics pass against the exact float64 weights of every layer's attention call."""
     text = "The Supplier shall pay £4,800 on 1 April 2026 to Anna Kowalski."
     tagger = Tagger(profile=CorpusProfile.of([text]))
@@ -80,7 +90,7 @@ def test_received_is_the_column_sums_of_the_exact_maps(checkpoint):
     np.testing.assert_allclose(received.sum(-1), len(ids), rtol=1e-5)  # every query row sums to 1
 
 
-def test_shares_add_up_per_document_layer_and_head_across_windows(checkpoint):
+def test_shares_add_up_per_document_layer_and_head_across_windows(checkpoint, one_thread):
     text = (demo_corpus() / "contract-02.txt").read_text(encoding="utf-8")
     tagger = Tagger(profile=CorpusProfile.of([text]))
     measurer = Measurer(checkpoint, tagger, window=48)  # several windows of 48 tokens, [CLS] and [SEP] in each
@@ -153,6 +163,46 @@ def test_ab_format_that_strips_dates_has_a_known_effect(corpus, tmp_path, capsys
     assert float(date["diff_high"]) < 0 and float(date["diff"]) == pytest.approx(-float(date["attention_share_a"]))
     assert "A/B" in capsys.readouterr().out
     assert "A/B: B:" in (out / "summary.html").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory, checkpoint) -> Path:
+    """A random 2-layer, 4-head BERT with MiniLM's tokenizer and 64 positions, saved as safetensors."""
+    import transformers
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    config = transformers.BertConfig(
+        vocab_size=checkpoint.tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(folder, safe_serialization=True)
+    checkpoint.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_ab_against_another_model(corpus, tmp_path, tiny_bert, capsys):
+    for name in DOCS[2:]:
+        (corpus / name).unlink()
+    out = tmp_path / "ab"
+    assert audit(str(corpus), "--out", str(out), "--against", str(tiny_bert), "--window", "64") == 0
+    header = json.loads((out / "results-b.jsonl").read_text(encoding="utf-8").splitlines()[0])["header"]
+    assert header["model"] == tiny_bert.name and header["window"] == 64
+    heads = read_csv(out / "heads.csv")
+    assert {(r["layer"], r["head"]) for r in heads if r["variant"] == "b"} == {
+        (str(n), str(h)) for n in range(2) for h in range(4)
+    }
+    assert len({(r["layer"], r["head"]) for r in heads if r["variant"] == "a"}) == 6 * 12
+    rows = read_csv(out / "ab.csv")
+    assert {r["category"] for r in rows} >= {"date", "amount", "boilerplate"} and all(
+        r["documents"] == "2" for r in rows
+    )
+    for r in rows:  # the same text, tokenizer and windows: the token shares agree, the attention differs
+        assert float(r["token_share_a"]) == pytest.approx(float(r["token_share_b"]), abs=1e-6)
+    assert abs(sum(float(r["diff"]) for r in rows)) < 1e-4  # shares sum to 1 in both runs
+    assert max(abs(float(r["diff"])) for r in rows) > 0.01
+    assert audit(str(corpus), "--out", str(tmp_path / "b"), "--against", str(tiny_bert), "--window", "65") == 2
+    assert "--window must be at most 64" in capsys.readouterr().err
 
 
 def test_resume_after_an_interruption_measures_only_the_rest(corpus, tmp_path):

@@ -168,6 +168,11 @@ class Corpus:
     def __len__(self) -> int:
         return len(self.docs)
 
+    def combined(self, names: tuple[str, ...]) -> tuple[float, float]:
+        """``(token share, attention share)`` of several categories together (means over documents, all layers)."""
+        index = [self.categories.index(n) for n in names]
+        return float(self.tokens[:, index].sum(1).mean()), float(self.overall()[:, index].sum(1).mean())
+
     def per_layer(self) -> np.ndarray:
         """``(D, N, C)``: attention shares per layer (mean over heads)."""
         return self.attention.mean(2)

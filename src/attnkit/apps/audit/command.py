@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +39,16 @@ from attnkit.apps.audit.tables import has_parquet, write_table
 from attnkit.apps.checks import UsageError, check_output_dir, int_at_least
 from attnkit.apps.show.pretrained import DEFAULT_MODEL
 
-__all__ = ["LABELS", "Variant", "add_arguments", "check_arguments", "headline", "run", "run_variant"]
+__all__ = [
+    "LABELS",
+    "Variant",
+    "add_arguments",
+    "check_arguments",
+    "headline",
+    "load_checkpoints",
+    "run",
+    "run_variant",
+]
 
 FORMAT_VERSION = 1
 # How the headline names each built-in category.
@@ -52,6 +62,10 @@ LABELS = {
     "boilerplate": "boilerplate",
     "other": "other",
 }
+
+
+# The columns of the tables that may be empty (a run with no skipped document still writes the header).
+COLUMNS = {"skipped": ["variant", "document", "reason"]}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -216,20 +230,37 @@ def _header(args, variant: Variant, checkpoint, tagger: Tagger, window: int) -> 
     }
 
 
-def run_variant(args, variant: Variant, *, measure_hook: Callable | None = None) -> None:
+def load_checkpoints(args, variants: list[Variant]) -> dict[str, Any]:
+    """``{model: Checkpoint}`` for every variant's model, loaded once each, ``--window`` checked against each
+    before any document is measured.
+
+    Raises:
+        UsageError: naming ``--model`` or ``--against`` (an unreadable checkpoint) or ``--window`` (too long).
+    """
+    loaded: dict[str, Any] = {}
+    for variant in variants:
+        if variant.model in loaded:
+            continue
+        option = "--against" if variant.key == "b" else "--model"
+        checkpoint = loaded[variant.model] = _checkpoint(variant.model, option)
+        if args.window is not None and args.window > checkpoint.max_length:
+            raise UsageError(
+                f"--window must be at most {checkpoint.max_length} for {checkpoint.name}, got {args.window}"
+            )
+    return loaded
+
+
+def run_variant(args, variant: Variant, checkpoint, *, measure_hook: Callable | None = None) -> None:
     """Measure every document of ``variant`` not already in its results file; fills ``variant.docs``.
 
-    ``measure_hook(doc_id)``: called before each document is measured (tests use it to interrupt a run).
+    ``checkpoint``: its model, loaded (`load_checkpoints`). ``measure_hook(doc_id)``: called before each
+    document is measured (tests use it to interrupt a run).
     """
     from tqdm.auto import tqdm
 
     from attnkit.apps.audit.measure import Measurer
 
-    option = "--against" if variant.key == "b" and args.against else "--model"
-    checkpoint = _checkpoint(variant.model, option)
     window = args.window or checkpoint.length
-    if window > checkpoint.max_length:
-        raise UsageError(f"--window must be at most {checkpoint.max_length} for {checkpoint.name}, got {window}")
     texts = list(variant.texts.values())
     profile = CorpusProfile.of(texts, template_docs=args.template_docs, words=variant_rare_corpus(args))
     tagger = Tagger(args.user, profile, args.rare_rule)
@@ -294,6 +325,14 @@ def headline(corpus: Corpus, *, layer: str = "all", rows: list[dict] | None = No
             f"{label}: {100 * r['token_share']:.1f}% of tokens, {100 * r['attention_share']:.1f}% of attention "
             f"received ({r['ratio']:.1f}x; 95% CI {100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f}%)"
         )
+    if layer == "all" and {"date", "amount"} <= set(corpus.categories):
+        tokens, attention = corpus.combined(("date", "amount"))
+        if tokens > 0:
+            lines.insert(
+                0,
+                f"dates and amounts: {100 * tokens:.1f}% of tokens, {100 * attention:.1f}% of attention received "
+                f"({attention / tokens:.1f}x)",
+            )
     return lines
 
 
@@ -354,8 +393,9 @@ def run(args: argparse.Namespace, *, measure_hook: Callable | None = None) -> in
         b_texts, b_skipped = _texts(documents, args.reformat)
         label = f"B: {args.against or args.model}" + (f", text by {args.format_b}" if args.format_b else "")
         variants.append(Variant("b", label, args.against or args.model, b_texts, b_skipped, args.format_b))
+    checkpoints = load_checkpoints(args, variants)
     for variant in variants:
-        run_variant(args, variant, measure_hook=measure_hook)
+        run_variant(args, variant, checkpoints[variant.model], measure_hook=measure_hook)
     write_outputs(args, variants)
     print(f"took {time.perf_counter() - start:.1f} s")
     return 0
@@ -405,7 +445,7 @@ def write_outputs(args, variants: list[Variant]) -> None:
             )
     written = []
     for name, rows in tables.items():
-        written += write_table(rows, out, name)
+        written += write_table(rows, out, name, columns=COLUMNS.get(name))
     first = variants[0]
     if len(corpora[0]):
         corpus = corpora[0]

@@ -24,11 +24,16 @@ def _columns(rows: list[dict]) -> list[str]:
     return list(columns)
 
 
-def write_table(rows: list[dict], folder: Path, name: str, *, parquet: bool | None = None) -> list[Path]:
+def write_table(
+    rows: list[dict], folder: Path, name: str, *, columns: list[str] | None = None, parquet: bool | None = None
+) -> list[Path]:
     """Write ``rows`` (dicts, one per row; a missing key or None is an empty cell) as ``folder/name.csv``
-    and, when ``parquet`` (default: pyarrow installed), ``folder/name.parquet``; returns the paths written."""
+    and, when ``parquet`` (default: pyarrow installed), ``folder/name.parquet``; returns the paths written.
+
+    ``columns``: the header when ``rows`` may be empty (default: the keys of the rows, in order).
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    columns = _columns(rows)
+    columns = _columns(rows) or list(columns or [])
     path = folder / f"{name}.csv"
     with path.open("w", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
@@ -42,7 +47,10 @@ def write_table(rows: list[dict], folder: Path, name: str, *, parquet: bool | No
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows]) if rows else pa.table({})
+        if rows:
+            table = pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows])
+        else:
+            table = pa.table({c: pa.array([], type=pa.string()) for c in columns})
         pq.write_table(table, folder / f"{name}.parquet")
         written.append(folder / f"{name}.parquet")
     return written
