@@ -142,6 +142,19 @@ def test_audit_command_writes_tables_that_add_up(corpus, tmp_path):
     assert pq.read_table(out / "documents.parquet").num_rows == len(rows)
     kinds = {r["section_kind"] for r in read_csv(out / "sections.csv")}
     assert {"definitions", "signatures"} <= kinds and any(k.startswith("message: ") for k in kinds)
+    # The same results, read again without the special tokens: nothing is measured again, shares still sum to 1.
+    before = (out / "results-a.jsonl").read_bytes()
+    assert audit(str(corpus), "--out", str(out), "--window", "64", "--resume", "--exclude-special") == 0
+    assert (out / "results-a.jsonl").read_bytes() == before
+    summary = [r for r in read_csv(out / "categories.csv") if r["layer"] == "all"]
+    assert "special" not in {r["category"] for r in summary}
+    assert abs(sum(float(r["attention_share"]) for r in summary) - 1) < 1e-4
+    assert abs(sum(float(r["token_share"]) for r in summary) - 1) < 1e-4
+    sections = read_csv(out / "sections.csv")
+    for doc in DOCS:
+        mine = [r for r in sections if r["document"] == doc]
+        assert abs(sum(float(r["token_share"]) for r in mine) - 1) < 1e-4
+        assert abs(sum(float(r["attention_share"]) for r in mine) - 1) < 1e-4
 
 
 def test_ab_format_that_strips_dates_has_a_known_effect(corpus, tmp_path, capsys):

@@ -149,21 +149,35 @@ class Corpus:
         docs: the `DocResult` of every document measured.
         categories: ``(C,)`` names, in the tagger's order.
         shape: ``(N, H)`` layers and heads of the model.
+        exclude_special: leave the special tokens out: shares among the other tokens, ``T[c] / (1 - T[special])``
+            and ``A[l, h, c] / (1 - A[l, h, special])`` (they still sum to 1). [CLS]/[SEP] draw much of the
+            attention of many heads as a no-op target (Clark et al., "What Does BERT Look At?", 2019), which
+            lowers every other category's share alike.
 
     Attributes:
         ids: ``(D,)``; tokens ``(D, C)`` token shares ``T``; attention ``(D, N, H, C)`` shares ``A``.
     """
 
-    def __init__(self, docs: list[DocResult], categories: tuple[str, ...], shape: tuple[int, int]):
+    def __init__(
+        self, docs: list[DocResult], categories: tuple[str, ...], shape: tuple[int, int], *, exclude_special=False
+    ):
         self.docs = docs
-        self.categories = categories
         self.shape = shape
         self.ids = [d.id for d in docs]
         C = len(categories)
-        self.tokens = np.array([d.token_share(categories) for d in docs]).reshape(len(docs), C)  # (D, C)
-        self.attention = np.array([d.attention_share(categories, shape) for d in docs]).reshape(
-            len(docs), *shape, C
-        )  # (D, N, H, C)
+        tokens = np.array([d.token_share(categories) for d in docs]).reshape(len(docs), C)  # (D, C)
+        attention = np.array([d.attention_share(categories, shape) for d in docs]).reshape(len(docs), *shape, C)
+        self.special = None  # (D, N) mean share of the special tokens per layer, when they are left out
+        if exclude_special and "special" in categories:
+            s = categories.index("special")
+            self.special = attention[..., s].mean(2)  # (D, N)
+            keep = [c for c in range(C) if c != s]
+            tokens = tokens[:, keep] / (1 - tokens[:, s : s + 1])
+            attention = attention[..., keep] / (1 - attention[..., s : s + 1])
+            categories = tuple(categories[c] for c in keep)
+        self.categories = categories
+        self.tokens = tokens  # (D, C)
+        self.attention = attention  # (D, N, H, C)
 
     def __len__(self) -> int:
         return len(self.docs)
@@ -259,19 +273,27 @@ class Corpus:
         return rows
 
     def section_rows(self) -> list[dict]:
-        """Per document and section kind: tokens, token share and attention share (mean over layers and heads)."""
+        """Per document and section kind: tokens, token share and attention share (mean over layers and heads).
+
+        With ``exclude_special``, the shares are of the non-special tokens and of the attention a layer (its
+        heads averaged) pays them.
+        """
         rows = []
-        for doc in self.docs:
+        for d, doc in enumerate(self.docs):
+            specials, paid = 0, doc.tokens  # paid: the attention received by the tokens counted, per layer
+            if self.special is not None:
+                specials = doc.sections.get("special", {"tokens": 0})["tokens"]
+                paid = doc.tokens * (1 - self.special[d])  # (N,)
             for kind, part in doc.sections.items():
-                rows.append(
-                    {
-                        "document": doc.id,
-                        "section_kind": kind,
-                        "tokens": part["tokens"],
-                        "token_share": part["tokens"] / doc.tokens,
-                        "attention_share": float(np.mean(part["received"])) / doc.tokens,
-                    }
-                )
+                if self.special is not None and kind == "special":
+                    continue
+                rows.append({
+                    "document": doc.id,
+                    "section_kind": kind,
+                    "tokens": part["tokens"],
+                    "token_share": part["tokens"] / (doc.tokens - specials),
+                    "attention_share": float(np.mean(np.asarray(part["received"]) / paid)),
+                })  # fmt: skip
         return rows
 
     def section_summary(self) -> list[dict]:

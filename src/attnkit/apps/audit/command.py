@@ -110,6 +110,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--window", type=int_at_least(3), help="tokens per window (default: the length the model was trained for)"
     )
+    parser.add_argument(
+        "--exclude-special",
+        action="store_true",
+        help="shares among the other tokens: leave out [CLS]/[SEP]/BOS, which many heads use as a no-op target",
+    )
     parser.add_argument("--limit", type=int_at_least(1), help="read only the first N documents")
     parser.add_argument("--out", type=Path, default=Path("audit-out"), help="output folder (default audit-out)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
@@ -401,6 +406,18 @@ def run(args: argparse.Namespace, *, measure_hook: Callable | None = None) -> in
     return 0
 
 
+def _notes(args) -> list[str]:
+    notes = []
+    if args.exclude_special:
+        notes.append(
+            "Special tokens left out (--exclude-special): the shares are of the other tokens and of the attention "
+            "paid to them."
+        )
+    if not has_parquet():
+        notes.append("Tables written as CSV only: install pyarrow (attnkit[audit]) for Parquet.")
+    return notes
+
+
 def _points(value: float, low: float, high: float) -> str:
     """``"+1.23 [+0.50, +2.01]"``: a share difference in percentage points and its interval."""
     return f"{100 * value:+6.2f} [{100 * low:+.2f}, {100 * high:+.2f}]"
@@ -412,7 +429,7 @@ def write_outputs(args, variants: list[Variant]) -> None:
     tables: dict[str, list[dict]] = {k: [] for k in ("documents", "categories", "heads", "sections", "skipped")}
     corpora = []
     for v in variants:
-        corpus = Corpus(v.docs, v.categories, v.shape)
+        corpus = Corpus(v.docs, v.categories, v.shape, exclude_special=args.exclude_special)
         corpora.append(corpus)
         if not len(corpus):
             print(f"{v.label}: no document could be read")
@@ -467,9 +484,7 @@ def write_outputs(args, variants: list[Variant]) -> None:
             skipped=tables["skipped"],
             ab=ab_rows,
             ab_title=f"{variants[-1].label} against {first.label}",
-            notes=[]
-            if has_parquet()
-            else ["Tables written as CSV only: install pyarrow (attnkit[audit]) for Parquet."],
+            notes=_notes(args),
         )
         written.append(page.write(summary, out / "summary.html"))
     print(f"wrote {', '.join(p.name for p in written)} in {out}")
