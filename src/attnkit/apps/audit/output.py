@@ -57,6 +57,9 @@ def headline(corpus: Corpus, *, layer: str = "all", rows: list[dict] | None = No
 
 
 def _off_rows(corpus: Corpus, count: int) -> list[dict]:
+    """The ``count`` documents of ``corpus`` whose attention shares are farthest from their token shares
+    (`Corpus.focus_off`), with the categories most over- and under-attended. The page passes a corpus
+    without special tokens: [CLS]/[SEP] would top every document's list."""
     off = corpus.focus_off()
     overall = corpus.overall()
     rows = []
@@ -166,7 +169,7 @@ def write_outputs(args, variants: list[Variant]) -> None:
                 if c != "other" and corpus.tokens[:, corpus.categories.index(c)].sum() > 0
             },
             sections=corpus.section_summary(),
-            off=_off_rows(corpus, args.top),
+            off=_off_rows(Corpus(first.docs, first.categories, first.shape, exclude_special=True), args.top),
             skipped=tables["skipped"],
             ab=ab_rows,
             ab_title=f"{variants[-1].label} against {first.label}",

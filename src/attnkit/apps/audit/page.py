@@ -214,8 +214,8 @@ def render(s: Summary) -> str:
     rows = [[r["document"], f"{r['off']:.3f}", r["over"], r["under"]] for r in s.off]
     out.append(
         "<section><h2>Documents where the focus is most off</h2><div class='caption'>Total variation distance "
-        "between the attention shares and the token shares of the categories (0: attention spreads as the tokens "
-        "do), with the category most over- and most under-attended.</div>"
+        "between the attention shares and the token shares of the categories, special tokens left out (0: "
+        "attention spreads as the tokens do), with the category most over- and most under-attended.</div>"
         f"{_table(['document', 'distance', 'most over-attended', 'most under-attended'], rows, {1})}</section>"
     )
     if s.ab:
