@@ -112,7 +112,7 @@ def _jsonl(path: Path, text_column: str, id_column: str | None) -> list[Document
 def _csv(path: Path, text_column: str, id_column: str | None) -> list[Document]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     try:
-        with path.open(encoding="utf-8", newline="") as f:
+        with path.open(encoding="utf-8-sig", newline="") as f:  # a BOM (as Excel writes) is not a column name
             rows = list(enumerate(csv.DictReader(f), 2))  # row 1 is the header
     except UnicodeDecodeError as err:
         raise UsageError(f"corpus {path}: not UTF-8 text (byte {err.start})") from None
