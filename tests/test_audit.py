@@ -271,7 +271,7 @@ def test_jsonl_csv_and_parquet_corpora_with_a_text_column(tmp_path):
     assert [(d.id, d.text is not None) for d in docs] == [("a", True), ("b", False), ("c", False), ("c.jsonl:4", False)]
     assert "not valid JSON" in docs[3].error and "no 'body' field" in docs[2].error
     table = tmp_path / "c.csv"
-    table.write_text("\ufeffkey,body\na,Hello there\nb,\n", encoding="utf-8")  # with a BOM, as Excel writes
+    table.write_text("\ufeffbody,key\nHello there,a\n,b\n", encoding="utf-8")  # with a BOM, as Excel writes
     assert [d.text for d in read_corpus(table, text_column="body")] == ["Hello there", None]
     import pyarrow as pa
     import pyarrow.parquet as pq
