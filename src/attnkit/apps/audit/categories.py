@@ -40,8 +40,9 @@ exclusive, the shares of the categories (``other`` included) sum to 1 per docume
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,25 +174,34 @@ def defined_term_spans(text: str, terms: Iterable[str] | None = None) -> list[tu
     return _spans(pattern, text)
 
 
-def _sentence_start(text: str, start: int) -> bool:
-    """Whether the word at ``start`` opens a sentence or a line (list markers such as ``1.`` skipped)."""
-    line_start = text.rfind("\n", 0, start) + 1
-    marker = _LIST_MARKER.match(text, line_start)
-    if marker is not None and marker.end() >= start:
-        return True
-    i = start - 1
-    while i >= line_start and text[i] in " \t\"“'‘(":
-        i -= 1
-    return i < line_start or text[i] in _SENTENCE_END
+def _sentence_starts(text: str) -> Callable[[int], bool]:
+    """A test ``starts(i)``: whether the word at offset ``i`` opens a sentence or a line (after list markers
+    such as ``1.``, ``-`` or ``[timestamp]``). Linear in the text: each line's markers are matched once."""
+    line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
+    marker_end: dict[int, int] = {}
+
+    def starts(i: int) -> bool:
+        line_start = line_starts[bisect_right(line_starts, i) - 1]
+        if line_start not in marker_end:
+            marker_end[line_start] = _LIST_MARKER.match(text, line_start).end()
+        if marker_end[line_start] >= i:
+            return True
+        j = i - 1
+        while j >= line_start and text[j] in " \t\"“'‘(":
+            j -= 1
+        return j < line_start or text[j] in _SENTENCE_END
+
+    return starts
 
 
 def name_spans(text: str) -> list[tuple[int, int]]:
     """The proper-noun heuristic of the module docstring: capitalised words not at a sentence start, not stop
     words, not ALL-CAPS; then every occurrence of such a word in ``text``."""
+    starts = _sentence_starts(text)
     words = set()
     for m in _CAPITALISED.finditer(text):
         word = m.group()
-        if len(word) < 2 or word.lower() in STOP_WORDS or _sentence_start(text, m.start()):
+        if len(word) < 2 or word.lower() in STOP_WORDS or starts(m.start()):
             continue
         words.add(word)
     return [m.span() for m in _CAPITALISED.finditer(text) if m.group() in words]
