@@ -189,3 +189,23 @@ def test_category_errors_name_the_argument(value, message):
     with pytest.raises(ValueError, match=re.escape(message)) as info:
         parse_category(value)
     assert "--category" in str(info.value)
+
+
+def test_section_kinds_of_a_contract_and_a_support_ticket():
+    from attnkit.apps.audit.measure import section_kinds
+
+    contract = (
+        'SERVICES AGREEMENT\n\n1. Definitions. "Fees" means the charges.\n2. Term. It runs by means of renewal.\n'
+        "3. Notices. In writing.\n\nSigned for the Customer: ____\n"
+    )
+    spans, kinds = section_kinds(contract)
+    assert kinds == ["clause", "definitions", "clause", "signatures"]  # "by means of" defines nothing
+    assert spans[0][0] == 0 and spans[-1][1] == len(contract)
+    ticket = (
+        "Ticket #1\n\n[2026-03-02 09:14] Anna Kowalski: hello\n[2026-03-02 09:40] Agent (Tom): hi\n"
+        "[2026-03-02 09:52] Anna Kowalski: thanks\n"
+    )
+    assert section_kinds(ticket)[1] == [
+        "preamble",
+        *(f"message: {w}" for w in ("Anna Kowalski", "Agent (Tom)", "Anna Kowalski")),
+    ]

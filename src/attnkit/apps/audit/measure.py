@@ -17,6 +17,7 @@ whole document sums to the number of tokens read, special tokens of every window
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,9 @@ class Measured:
     tokens: list[str]
 
 
+_MEANS = re.compile(r"[\"”][ \t]+(?:shall[ \t]+)?means?\b")  # '"Fees" means': a clause of definitions
+
+
 def _section_kind(section, kind: str, text: str) -> str:
     """What a section is, for the audit's table: definitions, clause, signatures, a speaker's message, ..."""
     body = text[section.start : section.end]
@@ -56,7 +60,7 @@ def _section_kind(section, kind: str, text: str) -> str:
         return f"message: {who or 'unknown'}"
     if kind == "clauses":
         lowered = body.lower()
-        if "definition" in title.lower() or "interpretation" in title.lower() or " means " in lowered:
+        if "definition" in title.lower() or "interpretation" in title.lower() or _MEANS.search(body):
             return "definitions"
         if "signed" in lowered or "signature" in lowered or "in witness" in lowered:
             return "signatures"
