@@ -218,6 +218,28 @@ def test_ab_against_another_model(corpus, tmp_path, tiny_bert, capsys):
     assert "--window must be at most 64" in capsys.readouterr().err
 
 
+def test_a_decoder_with_grouped_query_attention(corpus, tmp_path, checkpoint):
+    """A causal model whose 4 query heads share 2 key/value heads: shares per query head still sum to 1."""
+    import transformers
+
+    folder = tmp_path / "tiny-llama"
+    config = transformers.LlamaConfig(
+        vocab_size=checkpoint.tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlamaModel(config).save_pretrained(folder, safe_serialization=True)
+    checkpoint.tokenizer.save_pretrained(folder)
+    out = tmp_path / "out"
+    assert audit(str(corpus), "--model", str(folder), "--limit", "2", "--out", str(out)) == 0
+    heads = read_csv(out / "heads.csv")
+    assert {(r["layer"], r["head"]) for r in heads} == {(str(n), str(h)) for n in range(2) for h in range(4)}
+    for n in range(2):
+        for h in range(4):
+            mine = [float(r["attention_share"]) for r in heads if r["layer"] == str(n) and r["head"] == str(h)]
+            assert abs(sum(mine) - 1) < 1e-4
+
+
 def test_resume_after_an_interruption_measures_only_the_rest(corpus, tmp_path):
     out = tmp_path / "out"
     seen: list[str] = []
