@@ -9,8 +9,9 @@ the ``L x L`` map), with each token's category and section kind.
 Windows: the model is loaded as ``attnkit show`` loads it (`attnkit.apps.show.pretrained.load_checkpoint`)
 and reads as many tokens as show reads by default (``Checkpoint.length``: the length a
 sentence-transformers checkpoint was trained for, else its position table). A longer document is
-cut into consecutive windows of that many tokens, special tokens included (each window gets the
-tokenizer's own [CLS]/[SEP] or BOS); a token's attention is that of its own window. A window of
+cut into consecutive windows of at most that many tokens, special tokens included (each window
+gets the tokenizer's own [CLS]/[SEP] or BOS), cut between words where one starts within the last
+16 tokens; a token's attention is that of its own window. A window of
 ``L_w`` tokens has ``L_w`` query rows, each summing to 1, so the attention received over the
 whole document sums to the number of tokens read, special tokens of every window included.
 """
@@ -112,15 +113,27 @@ class Measurer:
         if self.window - self.extra < 1:
             raise ValueError(f"--window must exceed the {self.extra} special tokens a window holds, got {self.window}")
 
-    def _windows(self, ids: list[int]) -> list[tuple[list[int], list[int]]]:
+    def _windows(self, ids: list[int], offsets: list[tuple[int, int]]) -> list[tuple[list[int], list[int]]]:
         """``[(input_ids, positions)]``: each window's ids with special tokens, and the document index of each
-        (``-1`` for a special token)."""
+        (``-1`` for a special token).
+
+        A window holds at most ``window`` tokens; it ends before a token that continues a word (no gap
+        between its characters and the previous token's) when a word start lies within the last 16 tokens,
+        so a word's pieces stay in one window.
+        """
         step = self.window - self.extra
-        out = []
-        for lo in range(0, len(ids), step):
-            chunk = ids[lo : lo + step]
-            positions = [-1] * len(self.prefix) + list(range(lo, lo + len(chunk))) + [-1] * len(self.suffix)
+        out, lo = [], 0
+        while lo < len(ids):
+            hi = min(lo + step, len(ids))
+            if hi < len(ids):
+                back = next(
+                    (c for c in range(hi, max(lo + 1, hi - 16) - 1, -1) if offsets[c][0] > offsets[c - 1][1]), hi
+                )
+                hi = back
+            chunk = ids[lo:hi]
+            positions = [-1] * len(self.prefix) + list(range(lo, hi)) + [-1] * len(self.suffix)
             out.append((self.prefix + chunk + self.suffix, positions))
+            lo = hi
         return out
 
     def received(self, input_ids: list[int]):
@@ -155,7 +168,7 @@ class Measurer:
         spans, kinds = section_kinds(text)
         starts = np.array([a for a, _ in spans])
         parts, all_offsets, special, names = [], [], [], []
-        windows = self._windows(ids)
+        windows = self._windows(ids, offsets)
         for full, positions in windows:
             parts.append(self.received(full))  # (N, H, L_w)
             for token_id, p in zip(full, positions):
