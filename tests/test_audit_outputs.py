@@ -96,3 +96,23 @@ def test_page_draws_the_ab_forest_plot():
     html = page.render(summary(ab=ab, ab_title="B against A"))
     assert "A/B: B against A" in html and html.count("<svg") == 3
     assert "-5.00 [-7.00, -3.00]" in html and "-1.00 [-2.00, +0.00]" in html
+
+
+def test_format_b_script_of_the_examples_strips_the_template_lines():
+    from pathlib import Path
+
+    from attnkit.apps.audit.abtest import load_format
+    from attnkit.apps.audit.corpus import demo_corpus
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "audit_strip_boilerplate.py"
+    reformat = load_format(f"{script}:reformat")
+    assert load_format(str(script))("Dear all,\n--\nBye") == "Dear all,\nBye"  # reformat, the default name
+    for name, gone in (("contract-01.txt", "Signed for"), ("ticket-01.txt", "Please do not reply"),
+                       ("news-01.txt", "All rights reserved")):  # fmt: skip
+        text = (demo_corpus() / name).read_text(encoding="utf-8")
+        out = reformat(text)
+        assert gone in text and gone not in out
+        removed = [line for line in text.splitlines() if line not in out.splitlines()]
+        assert 1 <= len(removed) <= 3  # only the template lines went
+    with pytest.raises(ValueError, match=r"--format-b .*expected a function 'tidy'.*reformat"):
+        load_format(f"{script}:tidy")
