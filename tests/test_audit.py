@@ -316,23 +316,30 @@ def test_a_saved_hugging_face_dataset(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "argv, names",
+    "argv, message",
     [
-        (["--category", "oops"], "--category"),
-        (["--rare", "corpus:x"], "--rare"),
-        (["--format-b", "/no/such/script.py"], "--format-b"),
-        (["--resume", "--overwrite"], "--resume"),
-        (["--window", "100000"], "--window"),
-        (["--against", "/no/such/model"], "--against"),
-        (["--text-column", "body"], "--text-column"),
+        (["--category", "oops"], "--category expected NAME=REGEX or NAME=@WORDS.txt, got 'oops'"),
+        (["--rare", "corpus:x"], "--rare expected vocab or corpus:N with an integer N >= 1, got 'corpus:x'"),
+        (["--format-b", "/no/such/f.py"], "--format-b expected a Python file (SCRIPT or SCRIPT:FUNCTION), no such "
+                                          "file: '/no/such/f.py'"),
+        (["--resume", "--overwrite"], "--resume continues the run in --out and --overwrite starts it again"),
+        (["--window", "100000"], "--window must be at most 512 for all-MiniLM-L6-v2, got 100000"),
+        (["--against", "/no/such/model"], "--against must be 'all-MiniLM-L6-v2' or a local Hugging Face checkpoint "
+                                          "directory with a config.json (nothing is downloaded); got '/no/such/model'"),
+        (["--text-column", "body"], "--text-column 'body': no such column in c.jsonl; its columns are 'text'"),
+        (["--template-docs", "1"], "argument --template-docs: expected an integer >= 2, got 1"),
     ],
-)
-def test_cli_errors_name_the_argument(argv, names, tmp_path, capsys):
+)  # fmt: skip
+def test_cli_errors_name_the_argument_the_expected_and_the_received(argv, message, tmp_path, capsys):
     source = tmp_path / "c.jsonl"
     source.write_text(json.dumps({"text": "Paid £20 on 1 May 2026."}) + "\n", encoding="utf-8")
-    assert audit(str(source), "--out", str(tmp_path / "out"), *argv) == 2
+    try:
+        status = audit(str(source), "--out", str(tmp_path / "out"), *argv)
+    except SystemExit as exit_:  # argparse's own checks
+        status = exit_.code
+    assert status == 2
     err = capsys.readouterr().err
-    assert err.startswith("attnkit audit: error:") and names in err
+    assert err.startswith(f"attnkit audit: error: {message}") and err.count("\n") == 1  # one line
 
 
 def test_format_b_without_the_function_names_what_the_script_defines(tmp_path, capsys):
