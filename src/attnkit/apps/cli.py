@@ -29,6 +29,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "attnkit.apps.walkthrough",
         "walk through one head of self-attention on a short sentence, step by step",
     ),
+    "audit": (
+        "attnkit.apps.audit.command",
+        "where attention goes over a corpus, by token category (dates, amounts, boilerplate, ...), with A/B",
+    ),
     "compare": (
         "attnkit.apps.compare.command",
         "measure self-attention against an LSTM, and cross-attention, on tasks",

@@ -22,12 +22,23 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from attnkit.apps.checks import UsageError
 from attnkit.apps.show.analysis import POOL_TILES, TOPK, Analysis, StageBar, long_range_links, report_data
 
-__all__ = ["DEFAULT_MODEL", "FAITHFUL_MAX_TOKENS", "LINK_BUDGET", "analyse", "explanations", "long_explanations"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "FAITHFUL_MAX_TOKENS",
+    "LINK_BUDGET",
+    "Checkpoint",
+    "analyse",
+    "explanations",
+    "load_checkpoint",
+    "long_explanations",
+]
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 # Long inputs: the faithfulness test (a few more forward passes, one input each) up to this many tokens.
@@ -262,11 +273,7 @@ def _tokenize(transformers, text: str, path: Path, model_name: str, max_tokens: 
         UsageError: the config or tokenizer cannot be read, ``max_tokens`` is beyond the model's
             positions, or the text has no token but the special ones (``"\u200b"``, control characters).
     """
-    try:
-        config = transformers.AutoConfig.from_pretrained(path)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise UsageError(f"--model {path}: cannot read its config or tokenizer: {err}") from None
+    config, tokenizer = _config_and_tokenizer(transformers, path)
     limit, hard, source = _max_positions(config, tokenizer, path)
     trained = limit
     if whole and max_tokens is None and hard > limit:
@@ -307,6 +314,14 @@ def _tokenize(transformers, text: str, path: Path, model_name: str, max_tokens: 
             f"position artefacts there (--max-tokens {trained} keeps to its training)."
         )
     return tokenizer, enc, notes
+
+
+def _config_and_tokenizer(transformers, path: Path):
+    """``(config, tokenizer)`` of the checkpoint in ``path``; a `UsageError` naming ``--model`` if unreadable."""
+    try:
+        return transformers.AutoConfig.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--model {path}: cannot read its config or tokenizer: {err}") from None
 
 
 def _load_model(transformers, path: Path):
@@ -479,3 +494,41 @@ def explanations(net, rec, inputs: dict, *, faithful_k: int | None = None, draws
             "note": f"mean of {draws} draws, ± {result.random_std:.2g}",
         })  # fmt: skip
     return {name: values[0] for name, values in saliency.items()}, table
+
+
+# ----------------------------------------------------------------------------- for other commands
+@dataclass(frozen=True)
+class Checkpoint:
+    """A pretrained model loaded as `analyse` loads it (``attn_implementation="attnkit"``, eval mode).
+
+    ``length``: the number of tokens it is meant to read (the ``max_seq_length`` a sentence-transformers
+    checkpoint was trained for, else its position table); ``max_length``: the most it can read.
+    """
+
+    name: str
+    path: Path
+    tokenizer: Any
+    model: Any
+    length: int
+    max_length: int
+
+
+def load_checkpoint(model: str = DEFAULT_MODEL) -> Checkpoint:
+    """Load ``model`` (``"all-MiniLM-L6-v2"`` or a local safetensors checkpoint) with the checks `analyse` makes.
+
+    Raises:
+        UsageError: naming ``--model``: not the shipped model nor a checkpoint directory, no safetensors
+            weights, an unreadable config or tokenizer, transformers missing.
+    """
+    path, name = _resolve_model(model)
+    if importlib.util.find_spec("transformers") is None:
+        raise UsageError("--model needs transformers: pip install 'attnkit[hf]'")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    config, tokenizer = _config_and_tokenizer(transformers, path)
+    length, hard, _ = _max_positions(config, tokenizer, path)
+    return Checkpoint(name, path, tokenizer, _load_model(transformers, path), length, hard)
