@@ -37,7 +37,7 @@ from torch import Tensor
 
 from attnkit.options import AttentionOptions
 
-__all__ = ["AttentionCall", "Hook", "active", "attention_hook", "run_hooks"]
+__all__ = ["AttentionCall", "Hook", "active", "attention_hook", "innermost", "run_hooks"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,6 +72,15 @@ _HOOKS: tuple[Hook, ...] = ()
 def active() -> bool:
     """True when some hook is installed."""
     return bool(_HOOKS)
+
+
+def innermost(hook: Hook) -> bool:
+    """True when ``hook`` is the last installed: the ``proceed`` it receives is the computation itself.
+
+    A hook that computes the result another way (``record`` takes the output from its one-pass
+    statistics) may skip ``proceed`` only then, so no other hook is bypassed.
+    """
+    return bool(_HOOKS) and _HOOKS[-1] == hook  # == : a bound method is a new object at each access
 
 
 def run_hooks(call: AttentionCall, compute: Proceed) -> Any:

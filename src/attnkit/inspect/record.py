@@ -43,6 +43,7 @@ report needs at any length comes from `attnkit.AttentionStats` (``received``, ``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import Iterator
@@ -169,12 +170,22 @@ class _Recorder:
         self.calls[base] = n
         return base if n == 1 else f"{base}#{n}"
 
-    def capture(self, module, q: Tensor, k: Tensor, v: Tensor, options: AttentionOptions, kind: str) -> LayerRecord:
+    def capture(
+        self, module, q: Tensor, k: Tensor, v: Tensor, options: AttentionOptions, kind: str, *, output: bool = False
+    ) -> tuple[LayerRecord, Tensor | None]:
+        """Record one call; with ``output``, also return the attention output from the statistics' own pass."""
         kwargs = options.kwargs(dropout=False)  # statistics and maps of the weights before dropout
         q, k, v = q.detach(), k.detach(), v.detach()
         B, H, Lq, _ = q.shape
         Lk = k.shape[2]
-        st = attention_stats(q, k, v, **kwargs, topk=self.topk, pool=self.pool) if self.stats else None
+        st = (
+            attention_stats(q, k, v, **kwargs, topk=self.topk, pool=self.pool, return_output=output)
+            if self.stats
+            else None
+        )
+        out = None
+        if st is not None and output:
+            out, st = st.output, dataclasses.replace(st, output=None)  # the layer keeps statistics, not the output
         weights = None
         if self.maps or self.grads:
             size = B * H * Lq * Lk * 4
@@ -196,7 +207,7 @@ class _Recorder:
             G = H // k.shape[1]
             layer._v = v.repeat_interleave(G, dim=1) if G > 1 else v  # (B, H, Lk, Dv)
         self.rec.layers.append(layer)
-        return layer
+        return layer, out
 
     def watch_values(self, layer: LayerRecord, v: Tensor) -> None:
         """Fill ``layer.relevance (B, Hk, Lk) = v . dL/dv`` when backward reaches this call's ``v``."""
@@ -220,7 +231,18 @@ class _Recorder:
         if caller is None or not (self.any_module or id(caller) in self.names):
             return proceed(call)  # a bare call, or another model's
         is_hf = type(caller).__module__.startswith("transformers.")
-        layer = self.capture(caller, call.q, call.k, call.v, call.options, "huggingface" if is_hf else "attnkit")
+        # The statistics pass computes the output too; it stands in for the forward when nothing
+        # else needs that forward: no gradient, no dropout, no backend asked for, no inner hook.
+        tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v))
+        one_pass = (
+            self.stats and not self.grads and not tracked and call.options.dropout_p == 0
+            and call.backend == "auto" and hooks.innermost(self.hook)
+        )  # fmt: skip
+        kind = "huggingface" if is_hf else "attnkit"
+        layer, out = self.capture(caller, call.q, call.k, call.v, call.options, kind, output=one_pass)
+        if out is not None:
+            out = out.to(call.q.dtype)
+            return (out, layer.stats.lse) if call.return_lse else out
         self.watch_values(layer, call.v)
         result = proceed(call)
         if layer._v is not None:
@@ -289,7 +311,7 @@ def _hook_mha(recorder: _Recorder, mha: nn.MultiheadAttention, stack: contextlib
     def pre(module, args, kwargs):
         with torch.no_grad():
             q, k, v, options = _mha_qkv(module, args, kwargs)
-        layer = recorder.capture(module, q, k, v, options, "torch.nn.MultiheadAttention")
+        layer, _ = recorder.capture(module, q, k, v, options, "torch.nn.MultiheadAttention")
         if layer._v is not None:
             recorder.pending.setdefault(id(module), []).append(layer)
 
