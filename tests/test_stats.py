@@ -324,13 +324,19 @@ def test_one_pass_output_has_the_attention_gradient():
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
 
 
-def test_one_pass_never_holds_more_than_a_strip():
-    """Memory: the largest tensor of the one-pass kernel is one strip (rows x visible keys) per GQA group."""
-    q, k, v = make_qkv(1, 4, 4, 640, 640, 8, dtype=torch.float32)
+@pytest.mark.parametrize("heads_per_strip", [1, 4, 8])  # one group; a batch element; two
+def test_one_pass_never_holds_more_than_a_strip(monkeypatch, heads_per_strip):
+    """Memory: the largest tensor of the one-pass kernel is one strip of STRIP_BYTES (rows x visible keys)."""
+    q, k, v = make_qkv(2, 4, 4, 640, 640, 8, dtype=torch.float32)
     spec = attnkit.functional.build_spec(q, k, v)
+    monkeypatch.setattr(stats_kernel, "STRIP_BYTES", heads_per_strip * 32 * 640 * 4)  # heads bundled up to it
     with largest_tensor() as biggest:
-        stats_kernel.strip_forward(q, k, v, spec, topk=4, pool=pool_segments(64, 640, 640, q.device), block_q=32)
-    assert biggest[0] <= max(32 * 640, 4 * 640 * 8)  # one strip, or the inputs/outputs; far below 4 * 640 * 640
+        got = stats_kernel.strip_forward(q, k, v, spec, topk=4, pool=pool_segments(64, 640, 640, q.device), block_q=32)
+    # one strip, or the inputs/outputs; far below 4 * 640 * 640
+    assert biggest[0] <= max(heads_per_strip * 32 * 640, 2 * 4 * 640 * 8)
+    if heads_per_strip > 1:  # small groups are bundled: whole batch elements with all their heads
+        assert biggest[0] == heads_per_strip * 32 * 640
+    torch.testing.assert_close(got["output"], attnkit.attention(q, k, v), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("W", [31, 2048, 4099, 10000])

@@ -128,8 +128,8 @@ class AttentionSpec:
         hi = torch.full_like(i, self.kv_len - 1) if right is None else (i + right).clamp(max=self.kv_len - 1)
         return hi < lo
 
-    def part(self, b: int, kv0: int, kv1: int) -> AttentionSpec:
-        """The spec of batch element ``b`` and key/value heads ``[kv0, kv1)`` with their query heads.
+    def part(self, b: int, kv0: int, kv1: int, *, batches: int = 1) -> AttentionSpec:
+        """The spec of batch elements ``[b, b + batches)`` and key/value heads ``[kv0, kv1)`` with their query heads.
 
         The mask and ALiBi slopes are sliced to match (broadcast axes stay whole); kernels that
         split a request into pieces (per GQA group, or to stay within 32-bit offsets) use it.
@@ -137,10 +137,12 @@ class AttentionSpec:
         h0, h1 = kv0 * self.group, kv1 * self.group
         mask = self.mask
         if mask is not None:
-            mask = mask[b : b + 1] if mask.shape[0] != 1 else mask
+            mask = mask[b : b + batches] if mask.shape[0] != 1 else mask
             mask = mask[:, h0:h1] if mask.shape[1] != 1 else mask
         slopes = None if self.alibi_slopes is None else self.alibi_slopes[h0:h1]
-        return dataclasses.replace(self, batch=1, q_heads=h1 - h0, kv_heads=kv1 - kv0, mask=mask, alibi_slopes=slopes)
+        return dataclasses.replace(
+            self, batch=batches, q_heads=h1 - h0, kv_heads=kv1 - kv0, mask=mask, alibi_slopes=slopes
+        )
 
     # ------------------------------------------------------------------ tiles
     def mask_tile(self, i0: int, i1: int, j0: int, j1: int) -> Tensor | None:

@@ -300,6 +300,20 @@ def _strip_weights(s: Tensor, K: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return p, lse, top_w, top_i
 
 
+def _units(B: int, Hk: int, group_bytes: int) -> list[tuple[int, int, int, int]]:
+    """``(b0, b1, kv0, kv1)`` pieces of the batch and key/value heads scored together in one strip.
+
+    One GQA group (``group_bytes`` of scores per strip) at a time when groups are large; small
+    ones (short sequences: a BERT layer over many sentences) are bundled, whole batch elements
+    with all their heads, up to ``STRIP_BYTES``, so a strip is a few large operations rather
+    than many tiny ones.
+    """
+    if Hk * group_bytes > STRIP_BYTES:
+        return [(b, b + 1, hk, hk + 1) for b in range(B) for hk in range(Hk)]
+    per = max(1, STRIP_BYTES // (Hk * group_bytes))  # batch elements per piece
+    return [(b, min(B, b + per), 0, Hk) for b in range(0, B, per)]
+
+
 class _DistanceSplit:
     """``sum_j p_ij |i' - j|`` over a strip (queries ``[i0, i1)``, keys ``[lo, hi)``) without a ``(bq, W)`` table.
 
@@ -386,7 +400,8 @@ def strip_forward(
     pooled = torch.zeros(B, Hq, Pq, Pk, dtype=acc, device=dev)
     top_w = torch.zeros(B, Hq, Lq, K, dtype=acc, device=dev)
     top_i = torch.zeros(B, Hq, Lq, K, dtype=torch.int64, device=dev)
-    groups = [(b, hk, spec.part(b, hk, hk + 1)) for b in range(B) for hk in range(Hk)]
+    units = _units(B, Hk, G * min(block_q, Lq) * Lk * torch.empty((), dtype=acc).element_size())
+    units = [(b0, b1, kv0, kv1, spec.part(b0, kv0, kv1, batches=b1 - b0)) for b0, b1, kv0, kv1 in units]
     v_acc = v.to(acc)  # (B, Hk, Lk, Dv), no copy when already in the accumulation dtype
     fused_rows = native_rows and acc == torch.float32 and dev.type == "cpu" and K <= native.MAX_TOPK
     fused_rows = fused_rows and native.available()
@@ -396,7 +411,7 @@ def strip_forward(
         lo, hi = spec.key_range(i0, i1)
         if hi <= lo:
             continue  # no key visible to any row of the strip: zeros and lse = -inf
-        dist = _DistanceSplit(i0, i1, lo, hi, spec.offset, acc, dev)  # shared by the groups
+        dist = _DistanceSplit(i0, i1, lo, hi, spec.offset, acc, dev)  # shared by the units
         # Masked scores are -inf; where only causal/window mask, they lie outside the open columns [a, z).
         a, z = (lo, hi) if spec.mask is not None else spec.open_columns(i0, i1, lo, hi)
         row_segments = query_segment[i0:i1]  # (bq,)
@@ -405,11 +420,11 @@ def strip_forward(
         nr = int(row_segments[-1]) + 1
         segments = key_segment[lo:hi]  # (W,)
         c_first, c_last = int(segments[0]), int(segments[-1]) + 1
-        for b, hk, gspec in groups:
-            h0, h1 = hk * G, (hk + 1) * G
-            q_s = q[b : b + 1, h0:h1, i0:i1]  # (1, G, bq, D)
-            s, _ = gspec.scores(q_s, k[b : b + 1, hk : hk + 1, lo:hi], i0, lo)  # (1, G, bq, W), -inf where masked
-            s = s[0]  # (G, bq, W)
+        for b0, b1, kv0, kv1, uspec in units:
+            nb, h0, h1 = b1 - b0, kv0 * G, kv1 * G
+            q_s = q[b0:b1, h0:h1, i0:i1]  # (nb, nh, bq, D)
+            s, _ = uspec.scores(q_s, k[b0:b1, kv0:kv1, lo:hi], i0, lo)  # (nb, nh, bq, W), -inf where masked
+            s = s.reshape(-1, i1 - i0, hi - lo)  # (R, bq, W), R = nb * nh strips of rows
             kk = min(K, hi - lo)
             if fused_rows:  # the native helper: weights in place of s, every row statistic in one call
                 lse_s, ent_s, dist_s, w, idx = native.strip_rows(s, i0 + spec.offset - lo, kk)
@@ -423,25 +438,34 @@ def strip_forward(
                     for c0, c1 in ((lo, a), (z, hi)):
                         if c1 > c0:
                             s[..., c0 - lo : c1 - lo].clamp_(min=_CLAMP)
-                plogits = torch.einsum("gqk,gqk->gq", p, s)  # (G, bq)
+                plogits = torch.einsum("gqk,gqk->gq", p, s)  # (R, bq)
                 ent_s = torch.where(torch.isneginf(lse_s), 0.0, lse_s - plogits).clamp_(min=0)
                 dist_s = dist.mean_distance(p)
-            lse[b, h0:h1, i0:i1] = lse_s
-            entropy[b, h0:h1, i0:i1] = ent_s
-            distance[b, h0:h1, i0:i1] = dist_s
-            output[b, h0:h1, i0:i1] = torch.matmul(p, v_acc[b, hk, lo:hi])  # (G, bq, Dv)
-            band = torch.zeros(G, nr, hi - lo, dtype=acc, device=dev)
-            band.index_add_(1, row_segments, p)  # (G, nr, W): rows summed into their segments
-            received[b, h0:h1, lo:hi] += band.sum(dim=-2)
-            cell = torch.zeros(G, band.shape[1], c_last - c_first, dtype=acc, device=dev)
-            cell.index_add_(-1, segments - c_first, band)  # (G, nr, nc): keys into their segments
-            pooled[b, h0:h1, r_first : r_first + cell.shape[1], c_first:c_last] += cell
+            rows = (nb, h1 - h0, i1 - i0)  # the unit's (batch, head, row) axes
+            lse[b0:b1, h0:h1, i0:i1] = lse_s.view(rows)
+            entropy[b0:b1, h0:h1, i0:i1] = ent_s.view(rows)
+            distance[b0:b1, h0:h1, i0:i1] = dist_s.view(rows)
+            p5 = p.view(nb, kv1 - kv0, G, i1 - i0, hi - lo)  # (nb, nkv, G, bq, W)
+            out = torch.matmul(p5, v_acc[b0:b1, kv0:kv1, None, lo:hi])  # (nb, nkv, G, bq, Dv)
+            output[b0:b1, h0:h1, i0:i1] = out.view(*rows, Dv)
+            if nr == i1 - i0:  # a segment per row (pool >= Lq): the rows are their own bands
+                band = p
+            else:
+                band = torch.zeros(p.shape[0], nr, hi - lo, dtype=acc, device=dev)
+                band.index_add_(1, row_segments, p)  # (R, nr, W): rows summed into their segments
+            received[b0:b1, h0:h1, lo:hi] += band.sum(dim=-2).view(nb, h1 - h0, hi - lo)
+            if c_last - c_first == hi - lo:  # a segment per key: the band is the cell
+                cell = band
+            else:
+                cell = torch.zeros(p.shape[0], nr, c_last - c_first, dtype=acc, device=dev)
+                cell.index_add_(-1, segments - c_first, band)  # (R, nr, nc): keys into their segments
+            pooled[b0:b1, h0:h1, r_first : r_first + nr, c_first:c_last] += cell.view(nb, h1 - h0, nr, -1)
             if K > 0:
-                top_w[b, h0:h1, i0:i1, :kk] = w
-                top_i[b, h0:h1, i0:i1, :kk] = idx + lo
+                top_w[b0:b1, h0:h1, i0:i1, :kk] = w.view(*rows, kk)
+                top_i[b0:b1, h0:h1, i0:i1, :kk] = idx.view(*rows, kk) + lo
                 if kk < K:  # fewer visible keys than K: weight-0 keys outside the range fill the rest
                     outside = torch.cat([torch.arange(0, lo, device=dev), torch.arange(hi, Lk, device=dev)])
-                    top_i[b, h0:h1, i0:i1, kk:] = outside[: K - kk]
+                    top_i[b0:b1, h0:h1, i0:i1, kk:] = outside[: K - kk]
     return {
         "output": output,
         "lse": lse,

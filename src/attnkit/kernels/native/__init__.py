@@ -2,18 +2,20 @@
 
 `strip_rows` normalises a scored strip in place and reduces each row into its log-sum-exp,
 entropy, mean distance and top-k in one call (``strip_rows.c``: three passes over each row
-while it is in cache, vectorised, rows in parallel with OpenMP). PyTorch's eager operations
+while it is in cache, vectorised; row ranges in parallel on PyTorch's
+thread count, as ctypes releases the GIL during the call). PyTorch's eager operations
 need a dozen passes over the strip for the same work; this is what brings `attention_stats`
 near the cost of a forward (docs/results/stats.md).
 
 The library is built once per source and machine into ``$ATTNKIT_CACHE`` (default
-``~/.cache/attnkit``) with ``$CC`` (default ``cc``) and ``-O3 -march=native -fopenmp``; building
+``~/.cache/attnkit``) with ``$CC`` (default ``cc``) and ``-O3 -march=native``; building
 takes about a second. Without a compiler, or with ``ATTNKIT_NATIVE=0``, `available` is False and
 `attnkit.kernels.stats` uses PyTorch operations, with the same results to fp32 rounding.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import functools
 import hashlib
@@ -29,7 +31,10 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("strip_rows.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
+# -fopenmp-simd honours the `omp simd` loops without linking an OpenMP runtime: a second runtime
+# beside PyTorch's would spin against it; the rows are spread over threads from Python instead.
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
+MIN_ROWS_PER_THREAD = 64  # below this a strip runs on the calling thread
 MAX_TOPK = 64  # the insertion list is scanned linearly; larger k goes to PyTorch's topk
 
 
@@ -64,7 +69,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     fn = lib.strip_rows_f32
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+    fn.argtypes = [ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr]
     fn.restype = None
     return lib
 
@@ -97,8 +102,21 @@ def strip_rows(s: Tensor, row_pos0: int, k: int) -> tuple[Tensor, Tensor, Tensor
     lse, entropy, distance = (torch.empty(G, bq, dtype=torch.float32) for _ in range(3))
     top_w = torch.empty(G, bq, k, dtype=torch.float32)
     top_i = torch.empty(G, bq, k, dtype=torch.int64)
-    _library().strip_rows_f32(
-        s.data_ptr(), R, W, bq, row_pos0, k, lse.data_ptr(), entropy.data_ptr(), distance.data_ptr(),
-        top_w.data_ptr(), top_i.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
+    fn = _library().strip_rows_f32
+    pointers = (lse.data_ptr(), entropy.data_ptr(), distance.data_ptr(), top_w.data_ptr(), top_i.data_ptr())
+
+    def rows(r0: int, r1: int) -> None:
+        fn(s.data_ptr(), r0, r1, W, bq, row_pos0, k, *pointers)
+
+    threads = min(torch.get_num_threads(), R // MIN_ROWS_PER_THREAD)
+    if threads <= 1:
+        rows(0, R)
+    else:
+        edges = [R * t // threads for t in range(threads + 1)]
+        list(_pool(threads).map(rows, edges[:-1], edges[1:]))
     return lse, entropy, distance, top_w, top_i
+
+
+@functools.lru_cache(maxsize=4)
+def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="attnkit-rows")

@@ -16,7 +16,8 @@
  *
  * A row with no allowed key (m = -inf) gets p = 0, lse = -inf, entropy = distance = 0 and top-k
  * weights 0. The Python side (kernels/native/__init__.py) compiles this file with the system's C
- * compiler on first use and falls back to PyTorch operations when it cannot.
+ * compiler on first use, runs row ranges on PyTorch's thread count, and falls back to PyTorch
+ * operations when it cannot build it.
  *
  * exp: exp(t) for t <= 0 as 2^n * e^r, n = round(t / ln 2), |r| <= ln(2) / 2, e^r by its Taylor
  * series to degree 7 (truncation below 6e-9 relative, under a tenth of fp32's unit roundoff), so
@@ -65,24 +66,26 @@ static inline void topk_insert(float w, int64_t j, float *top_w, int64_t *top_i,
     top_i[pos] = j;
 }
 
-#define TOPK_CHUNK 64  /* keys per chunk of the top-k screen */
+#define TOPK_CHUNK 64  /* keys per chunk of the top-k screen (halved for short rows) */
 #define MAX_K 64       /* the Python side sends larger k to PyTorch's topk */
 
 #define MAX_CHUNKS 8192  /* chunk maxima kept on the stack (rows up to 512K keys); longer rows skip the screen */
 
 /* The k largest entries of p (W >= k entries, all >= 0), largest first, ties to the smaller index.
  *
- * Screen: cut the row into chunks of TOPK_CHUNK keys and the chunks into k groups. The largest
+ * Screen: cut the row into chunks of TOPK_CHUNK keys (fewer on short rows) and the chunks into k groups. The largest
  * chunk maximum of each group is an entry of p, so k entries are >= tau, the smallest of those k
  * group maxima, and so is every entry of the top k. Chunks whose maximum is below tau are skipped
  * whole, and in the others entries below tau are dropped by one comparison. */
 static void row_topk(const float *p, int64_t W, int64_t k, float *top_w, int64_t *top_i) {
-    int64_t n = (W + TOPK_CHUNK - 1) / TOPK_CHUNK;
+    int64_t chunk = TOPK_CHUNK;
+    while (chunk > 4 && W < 2 * k * chunk) chunk /= 2;  /* short rows: smaller chunks, at least 2k of them */
+    int64_t n = (W + chunk - 1) / chunk;
     float cmax[MAX_CHUNKS];
     float tau = -1.0f;
     if (n >= k && n <= MAX_CHUNKS) {
         for (int64_t c = 0; c < n; c++) {
-            int64_t j0 = c * TOPK_CHUNK, j1 = j0 + TOPK_CHUNK < W ? j0 + TOPK_CHUNK : W;
+            int64_t j0 = c * chunk, j1 = j0 + chunk < W ? j0 + chunk : W;
             float cm = -1.0f;
 #pragma omp simd reduction(max : cm)
             for (int64_t j = j0; j < j1; j++) cm = p[j] > cm ? p[j] : cm;
@@ -101,7 +104,7 @@ static void row_topk(const float *p, int64_t W, int64_t k, float *top_w, int64_t
     }
     for (int64_t c = 0; c < n; c++) {  /* in key order, so equal weights keep the smaller index */
         if (tau >= 0.0f && cmax[c] < tau) continue;
-        int64_t j0 = c * TOPK_CHUNK, j1 = j0 + TOPK_CHUNK < W ? j0 + TOPK_CHUNK : W;
+        int64_t j0 = c * chunk, j1 = j0 + chunk < W ? j0 + chunk : W;
         int64_t j = j0;
 #if defined(__AVX2__)
         /* eight comparisons at a time; only the entries at or above tau go to the list */
@@ -160,14 +163,14 @@ static void one_row(float *s, int64_t W, float row_pos, int64_t k, float *lse, f
     if (k > 0) row_topk(s, W, k, top_w, top_i);
 }
 
-/* s: (R, W) row-major, overwritten by the weights. Row r is query i0 + (r % rows_per_head) of
- * its head; its aligned position relative to the first key of the strip is
- * row_pos0 + (r % rows_per_head). Outputs: lse, entropy, distance (R,), top_w (R, k) and
- * top_i (R, k), indices relative to the first key of the strip. Requires k <= W. */
-void strip_rows_f32(float *s, int64_t R, int64_t W, int64_t rows_per_head, int64_t row_pos0, int64_t k,
-                    float *lse, float *entropy, float *distance, float *top_w, int64_t *top_i, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < R; r++) {
+/* Rows [r_begin, r_end) of s (R x W, row-major), overwritten by the weights. Row r is query
+ * (r % rows_per_head) of its head's strip; its aligned position, counted from the strip's first
+ * key, is row_pos0 + (r % rows_per_head). Outputs at row r: lse[r], entropy[r], distance[r],
+ * top_w[r * k ...] and top_i[r * k ...] (key indices from the strip's first key). Requires k <= W.
+ * The caller runs disjoint row ranges on several threads (it holds no lock and no global state). */
+void strip_rows_f32(float *s, int64_t r_begin, int64_t r_end, int64_t W, int64_t rows_per_head, int64_t row_pos0,
+                    int64_t k, float *lse, float *entropy, float *distance, float *top_w, int64_t *top_i) {
+    for (int64_t r = r_begin; r < r_end; r++) {
         float row_pos = (float)(row_pos0 + r % rows_per_head);
         one_row(s + r * W, W, row_pos, k, lse + r, entropy + r, distance + r, top_w + r * k, top_i + r * k);
     }
