@@ -18,6 +18,7 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 import attnkit
+from attnkit.compat import flash_attn_func, flash_attn_varlen_func
 from attnkit.kernels import ops
 from attnkit.nn import CrossAttention, LanguageModel, MultiheadAttention, SelfAttention, Transformer
 
@@ -189,6 +190,23 @@ def test_layout_blhd_compiles():
     assert_same(*run_both(fn, [q, k, v]))
 
 
+def test_flash_attn_compat_compiles():
+    """attnkit.compat's flash_attn_func / flash_attn_varlen_func, (B, L, H, D) and packed, every option."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 6, 4, 8, requires_grad=True)  # (B, L, H, D)
+    k, v = (torch.randn(2, 9, 2, 8, requires_grad=True) for _ in range(2))
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625]).expand(2, 4)  # (B, H), equal rows
+    cu_q, cu_k = torch.tensor([0, 2, 6]), torch.tensor([0, 4, 9])
+
+    def fn(q, k, v):
+        out = flash_attn_func(q, k, v, causal=True, window_size=(3, -1), softcap=5.0, alibi_slopes=slopes)
+        packed = flash_attn_varlen_func(q[0], k[0], v[0], cu_q, cu_k, 4, 5, dropout_p=0.1)
+        return out, packed
+
+    assert_no_breaks(fn, q, k, v)
+    assert_same(*run_both(fn, [q, k, v]))
+
+
 # ---------------------------------------------------------------------------- stats, varlen
 def test_attention_stats_compiles():
     q, k, v = _qkv(Lq=9)
@@ -225,6 +243,25 @@ def test_attention_varlen_compiled_checks_cu_seqlens_when_it_runs():
     )
     with pytest.raises(ValueError, match="cu_seqlens_q must start at 0, never decrease"):
         compiled(q, k, v)
+
+
+def test_value_checks_run_in_the_compiled_graph():
+    """Checks of argument values (not shapes) become assertions that fail when the graph runs."""
+    q = torch.randn(2, 4, 6, 8)
+    unequal = torch.rand(2, 4)  # (B, H) slopes that differ between batch elements
+    torch._dynamo.reset()
+    compat = torch.compile(
+        lambda q: flash_attn_func(q, q, q, alibi_slopes=unequal), fullgraph=True, backend="aot_eager"
+    )
+    with pytest.raises(RuntimeError, match=r"alibi_slopes of shape \(B, H\) with slopes that differ"):
+        compat(q.transpose(1, 2))
+    stats = torch.compile(
+        lambda q: attnkit.attention_stats(q, q, q, pool=torch.tensor([0, 4, 2, 6])).pooled,
+        fullgraph=True,
+        backend="aot_eager",
+    )
+    with pytest.raises(RuntimeError, match="pool must rise strictly from 0 to the length 6"):
+        stats(q)
 
 
 # ------------------------------------------------------------------------------- nn modules

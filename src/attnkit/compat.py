@@ -24,6 +24,7 @@ Where flash_attn would give NaN for a query with no allowed key, attnkit gives 0
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from attnkit.functional import attention, attention_weights, to_bhld
@@ -56,11 +57,15 @@ def _alibi(alibi_slopes: Tensor | None) -> Tensor | None:
             f"flash_attn_func: alibi_slopes must be a tensor (H,) or (B, H), got {type(alibi_slopes).__name__}"
         )
     if alibi_slopes.dim() == 2:
-        if not bool((alibi_slopes == alibi_slopes[:1]).all()):
-            raise ValueError(
-                "flash_attn_func: alibi_slopes of shape (B, H) with slopes that differ between batch elements are not "
-                "supported (attnkit's ALiBi slopes are per head); pass (H,) slopes"
-            )
+        message = (
+            "flash_attn_func: alibi_slopes of shape (B, H) with slopes that differ between batch elements are not "
+            "supported (attnkit's ALiBi slopes are per head); pass (H,) slopes"
+        )
+        same = (alibi_slopes == alibi_slopes[:1]).all()
+        if torch.compiler.is_compiling():  # a traced graph checks the values when it runs
+            torch._assert_async(same, message)
+        elif not bool(same):
+            raise ValueError(message)
         alibi_slopes = alibi_slopes[0]
     return alibi_slopes.detach()
 
