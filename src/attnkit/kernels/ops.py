@@ -168,10 +168,6 @@ def _(dout, dlse, q, k, v, out, lse, mask, *args) -> tuple[Tensor, Tensor, Tenso
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
 
-# The spec's arguments after q, k, v in tiled_forward (mask .. engine), in order.
-_SPEC_ARGS = 13
-
-
 def _tiled_setup(ctx, inputs, output) -> None:
     q, k, v, mask, alibi, seed = inputs[:6]
     out, lse = output
@@ -184,7 +180,7 @@ def _tiled_grad(ctx, dout, dlse):
     q, k, v, mask, alibi, seed, out, lse = ctx.saved_tensors
     mask_grad = ctx.mask_grad and ctx.needs_input_grad[3]
     dq, dk, dv, dmask = _tiled_backward(dout, dlse, q, k, v, out, lse, mask, alibi, seed, *ctx.scalars, mask_grad)
-    return dq, dk, dv, dmask if mask_grad else None, *([None] * _SPEC_ARGS)
+    return dq, dk, dv, dmask if mask_grad else None, *([None] * len(ctx.scalars)), None, None  # + alibi, seed
 
 
 _tiled_forward.register_autograd(_tiled_grad, setup_context=_tiled_setup)
@@ -298,7 +294,7 @@ def _varlen_setup(ctx, inputs, output) -> None:
 def _varlen_grad(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k, alibi, seed = ctx.saved_tensors
     dq, dk, dv = _varlen_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, alibi, seed, *ctx.scalars)
-    return dq, dk, dv, *([None] * 10)
+    return dq, dk, dv, None, None, None, None, *([None] * len(ctx.scalars))  # cu_seqlens, alibi, seed, scalars
 
 
 _varlen_forward.register_autograd(_varlen_grad, setup_context=_varlen_setup)
