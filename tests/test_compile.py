@@ -381,3 +381,21 @@ def test_hugging_face_bert_with_attnkit_compiles():
     assert_no_breaks(fn, ids, attention_mask)
     params = [model.encoder.layer[0].attention.self.query.weight, model.encoder.layer[-1].output.dense.weight]
     assert_same(*run_both(fn, [ids, attention_mask], params=params), atol=1e-4, rtol=1e-4)
+
+
+def test_bench_compile_command(tmp_path):
+    """``attnkit bench compile`` end to end on a tiny model (aot_eager: the harness, not Inductor's speed)."""
+    import json
+
+    from attnkit.apps.bench import compile as bench
+
+    code = bench.main(
+        ["--cases", "window", "--vocab", "32", "--dim", "16", "--depth", "1", "--batch", "2", "--length", "12",
+         "--steps", "2", "--backend", "aot_eager", "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads((tmp_path / "compile.json").read_text())
+    (row,) = result["rows"]
+    assert row["case"] == "window" and row["error"] is None
+    assert row["eager_s"] > 0 and row["compiled_s"] > 0 and row["max_loss_difference"] < 1e-4
+    assert "compiled not slower than eager" in (tmp_path / "compile.md").read_text()

@@ -17,6 +17,7 @@ Target (issue 15): compiled not slower than eager.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -30,7 +31,7 @@ CASES = {"causal": {}, "window": {"window": 32}}
 
 def case(
     *, name: str, vocab: int, dim: int, heads: int, depth: int, batch: int, length: int, steps: int,
-    threads: int | None = None,
+    threads: int | None = None, backend: str = "inductor",
 ) -> dict[str, Any]:  # fmt: skip
     """One case, run in a fresh process by `attnkit.apps.harness.run_case`."""
     import copy
@@ -58,7 +59,7 @@ def case(
 
     eager_loss, eager_opt = make_step(eager_model)
     compiled_fn, compiled_opt = make_step(compiled_model)
-    compiled_loss = torch.compile(compiled_fn, fullgraph=True)
+    compiled_loss = torch.compile(compiled_fn, fullgraph=True, backend=backend)
 
     def step(loss_fn, opt, tokens) -> tuple[float, float]:
         t0 = time.perf_counter()
@@ -101,6 +102,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--length", type=POSITIVE, default=256, help="tokens per sequence (default 256)")
     parser.add_argument("--steps", type=POSITIVE, default=20, help="timed steps of each (median reported; default 20)")
     parser.add_argument("--threads", type=POSITIVE, default=None, help="torch threads in each case (default: torch's)")
+    parser.add_argument(
+        "--backend", default="inductor", help="torch.compile backend (default inductor; aot_eager for a quick check)"
+    )
     parser.add_argument("--timeout", type=positive_float, default=900.0, help="seconds allowed per case (default 900)")
     parser.add_argument("--out", default="docs/results", help="directory for compile.json and compile.md")
 
@@ -109,9 +113,10 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")
     from attnkit.apps.harness import progress, run_case, write_results
 
+    load_before = os.getloadavg()[0]
     config = {
         "vocab": args.vocab, "dim": args.dim, "heads": args.heads, "depth": args.depth, "batch": args.batch,
-        "length": args.length, "steps": args.steps, "threads": args.threads,
+        "length": args.length, "steps": args.steps, "threads": args.threads, "backend": args.backend,
     }  # fmt: skip
     rows = []
     for name in progress(args.cases, desc="compile", total=len(args.cases)):
@@ -138,9 +143,17 @@ def run(args: argparse.Namespace) -> int:
         + ("met." if not slower else "NOT met in " + ", ".join(f"{r['case']} ({r['speedup']:.2f}x)" for r in slower)),
         "Step = forward + cross-entropy + backward + AdamW step; medians of steps alternated in one process, "
         "after the compiled copy's first step (its compile time, in its own column).",
+        f"torch.compile(fullgraph=True, backend={args.backend!r}). "
         f"Model: LanguageModel(vocab={args.vocab}, dim={args.dim}, heads={args.heads}, depth={args.depth}), "
         f"batch {args.batch} x {args.length} tokens.",
     ]
+    cores, busiest = os.cpu_count() or 1, max(load_before, os.getloadavg()[0])
+    if busiest > cores:
+        notes.append(
+            f"The machine was shared: load average up to {busiest:.1f} on {cores} cores during the run, so the "
+            "step times are inflated; eager and compiled steps alternate, so their ratio is the figure to read. "
+            "Re-run on a quiet machine for absolute times."
+        )
     json_path, md_path = write_results(
         NAME, rows, columns, out_dir=args.out, title="torch.compile: a LanguageModel training step, compiled vs eager",
         notes=notes, extra={"config": config},
