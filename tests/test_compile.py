@@ -22,6 +22,9 @@ from attnkit.compat import flash_attn_func, flash_attn_varlen_func
 from attnkit.kernels import ops
 from attnkit.nn import CrossAttention, LanguageModel, MultiheadAttention, SelfAttention, Transformer
 
+# Inductor's imports touch torch.jit.script_method, deprecated in this torch (not attnkit's doing).
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
 FEATURES = {
     "plain": {},
     "causal": {"causal": True},

@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     columns = [
         ("case", "attention"), ("eager_s", "eager step s"), ("compiled_s", "compiled step s"),
         ("speedup", "eager / compiled"), ("first_compiled_step_s", "first compiled step (compiling) s"),
-        ("max_loss_difference", "max |loss eager - compiled|"), ("error", "error"),
+        ("max_loss_difference", "largest loss difference, eager vs compiled"), ("error", "error"),
     ]  # fmt: skip
     slower = [r for r in rows if r["speedup"] is not None and r["speedup"] < 1.0]
     notes = [
