@@ -218,7 +218,11 @@ def test_attention_stats_compiles():
     def fn(q, k, v):
         st = attnkit.attention_stats(q, k, v, causal=True, window=(4, None), topk=3, pool=edges, return_output=True)
         top = st.topk_index.where(st.topk_weight > 0, -1)  # the index of a weight-0 slot is unspecified
-        return st.output, st.lse, st.entropy, st.mean_distance, st.received, top, st.topk_weight, st.pooled
+        tiles = attnkit.attention_stats(q, k, v, alibi=True, topk=0, pool=4, return_output=True)  # an int pool
+        return (
+            st.output, st.lse, st.entropy, st.mean_distance, st.received, top, st.topk_weight, st.pooled,
+            tiles.output, tiles.pooled,
+        )  # fmt: skip
 
     assert_no_breaks(fn, q, k, v)
     assert_same(*run_both(fn, [q, k, v]))
