@@ -93,7 +93,9 @@ POSITIVE = int_at_least(1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=sorted(CASES), help="attention kinds")
+    parser.add_argument(
+        "--cases", nargs="+", choices=sorted(CASES), default=sorted(CASES), help="attention kinds (default: all)"
+    )
     parser.add_argument("--vocab", type=POSITIVE, default=512, help="vocabulary size (default 512)")
     parser.add_argument("--dim", type=POSITIVE, default=128, help="model width (default 128)")
     parser.add_argument("--heads", type=POSITIVE, default=4, help="attention heads (default 4)")
@@ -106,7 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--backend", default="inductor", help="torch.compile backend (default inductor; aot_eager for a quick check)"
     )
     parser.add_argument("--timeout", type=positive_float, default=900.0, help="seconds allowed per case (default 900)")
-    parser.add_argument("--out", default="docs/results", help="directory for compile.json and compile.md")
+    parser.add_argument(
+        "--out", default="docs/results", help="directory for compile.json and compile.md (default docs/results)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
