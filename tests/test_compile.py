@@ -15,7 +15,7 @@ import os
 
 import pytest
 import torch
-from torch._dynamo.testing import CompileCounter
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import attnkit
 from attnkit.compat import flash_attn_func, flash_attn_varlen_func
@@ -57,8 +57,7 @@ def run_both(fn, inputs: list[torch.Tensor], *, backend: str = "aot_eager", seed
     ``g``, with respect to the inputs that require grad and ``params``.
     """
     torch._dynamo.reset()
-    counter = CompileCounter()
-    compiled = torch.compile(fn, fullgraph=True, backend=counter if backend == "count" else backend)
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
     results = []
     for f in (fn, compiled):
         xs = [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs]
@@ -208,6 +207,23 @@ def test_flash_attn_compat_compiles():
 
     assert_no_breaks(fn, q, k, v)
     assert_same(*run_both(fn, [q, k, v]))
+
+
+@pytest.mark.parametrize(
+    ("backend", "options"), [("tiled", {"window": (4, 0), "alibi": True}), ("sdpa", {"causal": True})]
+)
+def test_dynamic_lengths(backend, options):
+    """A second length recompiles once with symbolic shapes (dynamo's automatic dynamic); a third reuses it."""
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(lambda q: attnkit.attention(q, q, q, backend=backend, **options), fullgraph=True,
+                             backend=counter)  # fmt: skip
+    for length in (16, 24, 40):
+        q = torch.randn(1, 2, length, 8, requires_grad=True)
+        out = compiled(q)
+        out.sum().backward()
+        torch.testing.assert_close(out, attnkit.attention(q, q, q, backend=backend, **options))
+    assert counter.frame_count == 2
 
 
 # ---------------------------------------------------------------------------- stats, varlen
