@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from attnkit.kernels import reference, sdpa, tiled
+from attnkit.kernels import ops, reference, sdpa, tiled
 from attnkit.kernels import triton as triton_kernels  # light: imports Triton only when a kernel runs
 from attnkit.spec import AttentionSpec
 
@@ -179,8 +179,8 @@ register_backend(
 )  # fmt: skip
 register_backend(
     Backend(
-        "tiled", tiled.attention, tiled.refusal, priority=30,
-        run_varlen=tiled.attention_varlen, run_stats=tiled.statistics,
+        "tiled", ops.tiled_attention, tiled.refusal, priority=30,
+        run_varlen=ops.tiled_varlen, run_stats=ops.tiled_statistics,
         description="blockwise online softmax in PyTorch; every feature, O(L) memory, CPU and GPU",
     )
 )  # fmt: skip

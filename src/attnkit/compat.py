@@ -7,8 +7,8 @@ Same arguments, defaults, layouts and return conventions as ``flash_attn`` 2.x
 (``flash_attn_interface.py``, Dao et al.), computed by `attnkit.attention` /
 `attnkit.attention_varlen` on every device attnkit runs on (CPU included):
 
-* tensors are ``(B, L, H, D)`` (packed: ``(total, H, D)``); viewed as attnkit's ``(B, H, L, D)``
-  without a copy;
+* tensors are ``(B, L, H, D)`` (packed: ``(total, H, D)``), passed as `attnkit.attention`'s
+  ``layout="blhd"`` (transposed views, no copy);
 * ``window_size=(left, right)`` with ``-1`` for an unbounded side; ``causal=True`` is bottom-right
   aligned (query ``i`` sees keys up to ``i + seqlen_k - seqlen_q``), as in flash_attn >= 2.1;
 * ``softcap=0.0`` means off; ``softmax_scale=None`` means ``1 / sqrt(D)``;
@@ -24,9 +24,10 @@ Where flash_attn would give NaN for a query with no allowed key, attnkit gives 0
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from attnkit.functional import attention, attention_weights
+from attnkit.functional import attention, attention_weights, to_bhld
 from attnkit.varlen import attention_varlen
 
 __all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func"]
@@ -56,11 +57,15 @@ def _alibi(alibi_slopes: Tensor | None) -> Tensor | None:
             f"flash_attn_func: alibi_slopes must be a tensor (H,) or (B, H), got {type(alibi_slopes).__name__}"
         )
     if alibi_slopes.dim() == 2:
-        if not bool((alibi_slopes == alibi_slopes[:1]).all()):
-            raise ValueError(
-                "flash_attn_func: alibi_slopes of shape (B, H) with slopes that differ between batch elements are not "
-                "supported (attnkit's ALiBi slopes are per head); pass (H,) slopes"
-            )
+        message = (
+            "flash_attn_func: alibi_slopes of shape (B, H) with slopes that differ between batch elements are not "
+            "supported (attnkit's ALiBi slopes are per head); pass (H,) slopes"
+        )
+        same = (alibi_slopes == alibi_slopes[:1]).all()
+        if torch.compiler.is_compiling():  # a traced graph checks the values when it runs
+            torch._assert_async(same, message)
+        elif not bool(same):
+            raise ValueError(message)
         alibi_slopes = alibi_slopes[0]
     return alibi_slopes.detach()
 
@@ -109,13 +114,12 @@ def flash_attn_func(
             "flash_attn_func: return_attn_probs with dropout_p > 0 is not supported (attnkit does not encode its "
             "dropout pattern in the probabilities); use dropout_p=0.0 to inspect them"
         )
-    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, L, D) views, no copy
     if not return_attn_probs:
-        return attention(qh, kh, vh, **options).transpose(1, 2)  # (B, Lq, H, Dv)
-    out, lse = attention(qh, kh, vh, **options, return_lse=True)
+        return attention(q, k, v, **options, layout="blhd")  # (B, Lq, H, Dv)
+    out, lse = attention(q, k, v, **options, return_lse=True, layout="blhd")
     options.pop("dropout_p")
-    probs = attention_weights(qh, kh, **options)  # (B, H, Lq, Lk)
-    return out.transpose(1, 2), lse, probs
+    probs = attention_weights(*to_bhld(q, k), **options)  # (B, H, Lq, Lk)
+    return out, lse, probs
 
 
 def flash_attn_kvpacked_func(

@@ -32,11 +32,11 @@ def mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def keep_mask(seed: int, heads: Tensor, rows: Tensor, cols: Tensor, dropout_p: float) -> Tensor:
+def keep_mask(seed: int | Tensor, heads: Tensor, rows: Tensor, cols: Tensor, dropout_p: float) -> Tensor:
     """Which attention weights survive dropout.
 
     Args:
-        seed: a 32-bit seed drawn once per call from torch's generator.
+        seed: a 32-bit seed drawn once per call from torch's generator (an int, or a 0-d int64 tensor).
         heads: ``(BH, 1, 1)`` int64 flattened ``b * Hq + h`` indices.
         rows: ``(1, bq, 1)`` int64 query indices.
         cols: ``(1, 1, bk)`` int64 key indices.
@@ -53,9 +53,16 @@ def keep_mask(seed: int, heads: Tensor, rows: Tensor, cols: Tensor, dropout_p: f
     return u >= threshold
 
 
-def new_seed() -> int:
-    """Draw a 32-bit seed from torch's default generator (reproducible under ``torch.manual_seed``)."""
-    return int(torch.randint(0, 2**32, (1,), dtype=torch.int64).item())
+def new_seed() -> int | Tensor:
+    """Draw a 32-bit seed from torch's default generator (reproducible under ``torch.manual_seed``).
+
+    While ``torch.compile`` traces, the seed stays a 0-d int64 tensor drawn inside the graph (an
+    ``int`` would be a data-dependent read); every function here computes on it alike. Inductor
+    draws it with its own generator unless ``torch._inductor.config.fallback_random`` is set,
+    so a compiled call drops other weights than an eager one, with the same probability.
+    """
+    seed = torch.randint(0, 2**32, (1,), dtype=torch.int64)
+    return seed[0] if torch.compiler.is_compiling() else int(seed.item())
 
 
 # Packed (varlen) sequence ``b`` draws its pattern with seed ``seed + b * VARLEN_SEED_STEP``
@@ -65,6 +72,6 @@ VARLEN_SEED_STEP = 0x7F4A7C15
 """Sequence ``b`` of a packed batch draws its dropout with seed ``seed + b * VARLEN_SEED_STEP`` (mod 2**32)."""
 
 
-def varlen_seed(seed: int, sequence: int) -> int:
+def varlen_seed(seed: int | Tensor, sequence: int) -> int | Tensor:
     """The dropout seed of packed sequence ``sequence`` of a varlen call seeded with ``seed``."""
     return (seed + sequence * VARLEN_SEED_STEP) & _M32

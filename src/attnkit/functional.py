@@ -10,6 +10,7 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -17,13 +18,15 @@ from torch import Tensor
 from attnkit import hooks
 from attnkit.backends import BackendChoice, Task, choose, get_backend, scores_bytes
 from attnkit.dropout import new_seed
-from attnkit.kernels import nonfinite, reference
+from attnkit.kernels import nonfinite, ops, reference
+from attnkit.kernels.packed import check_cu_form, check_cu_seqlens, check_same_count, packed_view
 from attnkit.masks import alibi_slopes
 from attnkit.options import Alibi, AttentionOptions, Window
 from attnkit.spec import AttentionSpec
 
 __all__ = [
     "Alibi",
+    "Layout",
     "Window",
     "attend",
     "attention",
@@ -32,7 +35,11 @@ __all__ = [
     "build_varlen_spec",
     "explain_backend",
     "packed_view",
+    "to_bhld",
 ]
+
+# ``layout``: where the heads axis sits in q, k, v and the output.
+Layout = Literal["bhld", "blhd"]
 
 # attention_weights refuses to build a weight matrix larger than this (use attention_stats).
 WEIGHTS_LIMIT_BYTES = 4 * 2**30
@@ -153,22 +160,6 @@ def _check_packed(name: str, x: Tensor, layout: str) -> None:
         raise ValueError(f"attention_varlen: {name} must be 3-D {layout} (packed), got shape {tuple(x.shape)}")
 
 
-def _check_cu(name: str, cu: Tensor, total: int, device: torch.device) -> list[int]:
-    """Validate cumulative lengths; returns them as Python ints."""
-    if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
-        got = f"{cu.dtype} of shape {tuple(cu.shape)}" if isinstance(cu, Tensor) else type(cu).__name__
-        raise ValueError(f"attention_varlen: {name} must be a 1-D int32/int64 tensor (S + 1,), got {got}")
-    if cu.device != device:
-        raise ValueError(f"attention_varlen: {name} is on {cu.device} but q is on {device}")
-    values = cu.tolist()
-    if len(values) < 2 or values[0] != 0 or values[-1] != total or any(a > b for a, b in itertools.pairwise(values)):
-        raise ValueError(
-            f"attention_varlen: {name} must start at 0, never decrease and end at the packed length {total}, "
-            f"got {values if len(values) <= 12 else [*values[:6], '...', *values[-3:]]}"
-        )
-    return values
-
-
 def build_spec(
     q: Tensor,
     k: Tensor,
@@ -244,13 +235,18 @@ def build_varlen_spec(
     _check_packed("v", v, "(total_k, Hk, Dv)")
     # Everything else through attention()'s own checks, on (1, H, total, D) views.
     spec = build_spec(packed_view(q), packed_view(k), packed_view(v), **options)
-    cq = _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-    ck = _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
-    if len(cq) != len(ck):
-        raise ValueError(
-            f"attention_varlen: cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
-            f"got {len(cq) - 1} and {len(ck) - 1}"
-        )
+    if torch.compiler.is_compiling():
+        # The values of cu_seqlens are data: the traced varlen op checks them when it runs
+        # (``attnkit::varlen_forward``, same errors); max_seqlen_* are taken as given.
+        check_cu_form("cu_seqlens_q", cu_seqlens_q, q.device)
+        check_cu_form("cu_seqlens_k", cu_seqlens_k, q.device)
+        max_q = max_seqlen_q if max_seqlen_q is not None else q.shape[0]
+        max_k = max_seqlen_k if max_seqlen_k is not None else k.shape[0]
+        sequences = cu_seqlens_q.shape[0] - 1
+        return dataclasses.replace(spec, batch=sequences, q_len=max_q, kv_len=max_k), max_q, max_k
+    cq = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+    ck = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    check_same_count(cq, ck)
     longest_q = max(b - a for a, b in itertools.pairwise(cq))
     longest_k = max(b - a for a, b in itertools.pairwise(ck))
     for name, given, actual in (("max_seqlen_q", max_seqlen_q, longest_q), ("max_seqlen_k", max_seqlen_k, longest_k)):
@@ -259,11 +255,6 @@ def build_varlen_spec(
     max_q = max_seqlen_q if max_seqlen_q is not None else longest_q
     max_k = max_seqlen_k if max_seqlen_k is not None else longest_k
     return dataclasses.replace(spec, batch=len(cq) - 1, q_len=max_q, kv_len=max_k), max_q, max_k
-
-
-def packed_view(x: Tensor) -> Tensor:
-    """``(total, H, D) -> (1, H, total, D)``: a packed tensor as one dense batch element (a view)."""
-    return x.transpose(0, 1).unsqueeze(0)
 
 
 def attention(
@@ -281,11 +272,12 @@ def attention(
     return_lse: bool = False,
     backend: str = "auto",
     caller: object | None = None,
+    layout: Layout = "bhld",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Exact scaled dot-product attention, with one set of semantics on every backend.
 
     Args:
-        q: queries ``(B, Hq, Lq, D)``.
+        q: queries ``(B, Hq, Lq, D)`` (``(B, Lq, Hq, D)`` with ``layout="blhd"``; likewise ``k``, ``v``).
         k: keys ``(B, Hk, Lk, D)``; ``Hk`` must divide ``Hq`` (grouped/multi-query attention:
             query head ``h`` reads key head ``h // (Hq // Hk)``).
         v: values ``(B, Hk, Lk, Dv)``; ``Dv`` may differ from ``D``.
@@ -306,6 +298,11 @@ def attention(
         backend: ``"auto"`` or a registered name (`attnkit.available_backends()`).
         caller: the module making the call, shown to hooks (`attnkit.hooks`: ``record``,
             ``context_parallel``); it never changes the result.
+        layout: ``"bhld"``, heads before length (PyTorch SDPA's), or ``"blhd"``, length before heads
+            (FlashAttention's and what a ``(B, L, H * D)`` projection views as): ``q (B, Lq, Hq, D)``,
+            ``k (B, Lk, Hk, D)``, ``v (B, Lk, Hk, Dv)`` and ``out (B, Lq, Hq, Dv)``. The tensors are
+            transposed views, never copies (every backend reads a head-dim-contiguous view; hooks see
+            the ``(B, H, L, D)`` views); ``mask`` and ``lse`` keep their ``(B, Hq, Lq, ...)`` layout.
 
     Order of operations: scale, softcap, + ALiBi + float mask, bool/causal/window masking,
     softmax, dropout, weighted mix of ``v``. A query with no allowed key gets output 0,
@@ -315,9 +312,18 @@ def attention(
     fp32 (fp64 for fp64 inputs).
 
     Returns:
-        ``out (B, Hq, Lq, Dv)`` in ``q.dtype``; with ``return_lse`` also
-        ``lse (B, Hq, Lq)``, natural log, fp32 (fp64 for fp64 inputs).
+        ``out (B, Hq, Lq, Dv)`` (``(B, Lq, Hq, Dv)`` for ``"blhd"``) in ``q.dtype``; with ``return_lse``
+        also ``lse (B, Hq, Lq)``, natural log, fp32 (fp64 for fp64 inputs).
     """
+    if layout == "blhd":
+        q, k, v = to_bhld(q, k, v)  # (B, H, L, D) views
+        result = attention(
+            q, k, v, causal=causal, mask=mask, window=window, alibi=alibi, softcap=softcap, scale=scale,
+            dropout_p=dropout_p, return_lse=return_lse, backend=backend, caller=caller,
+        )  # fmt: skip
+        return (result[0].transpose(1, 2), result[1]) if return_lse else result.transpose(1, 2)  # (B, Lq, Hq, Dv)
+    if layout != "bhld":
+        raise ValueError(f"attention: layout must be 'bhld' (B, H, L, D) or 'blhd' (B, L, H, D), got {layout!r}")
     options = AttentionOptions(
         causal=causal, mask=mask, window=window, alibi=alibi, softcap=softcap, scale=scale, dropout_p=dropout_p
     )
@@ -325,6 +331,14 @@ def attention(
         call = hooks.AttentionCall(q, k, v, options, caller=caller, return_lse=return_lse, backend=backend)
         return hooks.run_hooks(call, _compute)
     return attend(q, k, v, options, return_lse=return_lse, backend=backend)
+
+
+def to_bhld(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """``(B, L, H, D)`` tensors as ``(B, H, L, D)`` views (``layout="blhd"``), checked as 4-D first."""
+    for name, x in zip("qkv", tensors, strict=False):
+        if isinstance(x, Tensor) and x.dim() != 4:
+            raise ValueError(f"attention: with layout='blhd' {name} must be 4-D (B, L, H, D), got shape {_shape(x)}")
+    return tuple(x.transpose(1, 2) if isinstance(x, Tensor) else x for x in tensors)  # (B, H, L, D)
 
 
 def _compute(call: hooks.AttentionCall) -> Tensor | tuple[Tensor, Tensor]:
@@ -352,13 +366,18 @@ def attend(
 
 
 def run_guarded(run, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, return_lse: bool):
-    """``run(q, k, v, spec, return_lse)`` under the non-finite rule (`attnkit.kernels.nonfinite`)."""
-    bad = nonfinite.find(q, k, v)
-    if bad is None:
-        return run(q, k, v, spec, return_lse)
-    out, lse = run(q, nonfinite.clean(k), nonfinite.clean(v), spec, return_lse)
-    rows = nonfinite.poisoned_rows(spec, bad)
-    return nonfinite.poison(out, rows), nonfinite.poison(lse, rows)
+    """``run(q, k, v, spec, return_lse)`` under the non-finite rule (`attnkit.kernels.nonfinite`).
+
+    Eager calls check first and take the guarded path only for non-finite inputs. A traced call
+    cannot branch on the data, so it always takes it: ``k`` and ``v`` through `nonfinite.clean`
+    (the identity on finite values, gradients included) and the rows the rule names, found by
+    the ``attnkit::nonfinite_rows`` op (none for finite inputs), set to NaN. Same results.
+    """
+    if torch.compiler.is_compiling():
+        rows = ops.nonfinite_rows(q, k, v, spec)  # (B, Hq, Lq) bool
+        out, lse = run(q, nonfinite.clean(k), nonfinite.clean(v), spec, return_lse)
+        return nonfinite.poison(out, rows), nonfinite.poison(lse, rows)
+    return nonfinite.run_guarded(run, q, k, v, spec, return_lse)
 
 
 def _refusal_message(choice: BackendChoice) -> str:

@@ -46,7 +46,7 @@ class AttentionSpec:
     softcap: float | None = None
     mask: Tensor | None = None  # 4-D, each dim 1 or full: (B|1, Hq|1, Lq|1, Lk|1)
     dropout_p: float = 0.0
-    dropout_seed: int | None = None
+    dropout_seed: int | Tensor | None = None  # a 0-d int64 tensor while torch.compile traces (`new_seed`)
     acc_dtype: torch.dtype = torch.float32
     # Where query 0 sits among the keys; None = ``Lk - Lq`` (bottom-right, the default).
     # Set only by callers that compute a block of a larger problem (ring attention: a

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from attnkit.backends import choose, get_backend
-from attnkit.functional import attend, build_spec
+from attnkit.functional import Layout, attend, build_spec, to_bhld
 from attnkit.kernels import nonfinite
 from attnkit.kernels import stats as stats_kernel
 from attnkit.options import Alibi, AttentionOptions, Window
@@ -145,6 +145,7 @@ def attention_stats(
     topk: int = 8,
     pool: Pool = 256,
     return_output: bool = False,
+    layout: Layout = "bhld",
 ) -> AttentionStats:
     """Exact attention statistics (and optionally the output) without the ``Lq x Lk`` weights.
 
@@ -164,13 +165,20 @@ def attention_stats(
         return_output: also keep the attention output in ``.output`` (with autograd, as
             `attnkit.attention` returns it; the statistics themselves carry no gradient). Without
             dropout and with ``backend="auto"`` the output comes from the same pass as the
-            statistics, at no extra cost.
+            statistics, at no extra cost (except under ``torch.compile``, which runs the forward
+            and then the statistics pass, as with dropout).
+        layout: ``"bhld"`` or ``"blhd"`` (``q (B, Lq, Hq, D)``...), as in `attnkit.attention`; ``output``
+            comes in the same layout, the statistics are always ``(B, H, ...)``.
 
     Returns:
         `AttentionStats`; shapes in its docstring.
 
     Memory: ``O(B * H * ((Lq + Lk) * (D + topk) + P^2))`` plus one tile of scores.
     """
+    if layout not in ("bhld", "blhd"):
+        raise ValueError(f"attention_stats: layout must be 'bhld' (B, H, L, D) or 'blhd' (B, L, H, D), got {layout!r}")
+    if layout == "blhd":
+        q, k, v = to_bhld(q, k, v)  # (B, H, L, D) views
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 0:
         raise ValueError(f"attention_stats: topk must be an int >= 0, got {topk!r}")
     if not isinstance(return_output, bool):
@@ -183,7 +191,9 @@ def attention_stats(
         reasons = "; ".join(f"{name}: {why}" for name, why in choice.reasons.items())
         raise ValueError(f"attention_stats: no backend can run the statistics pass ({reasons})")
     run_stats = get_backend(choice.backend).run_stats
-    if dropout_p == 0 and backend == "auto" and nonfinite.find(q, k, v) is None:
+    # Traced by torch.compile: always the two passes (the guarded forward, then the statistics op).
+    compiling = torch.compiler.is_compiling()
+    if dropout_p == 0 and backend == "auto" and not compiling and nonfinite.find(q, k, v) is None:
         # One pass: the statistics kernel computes the output and its log-sum-exp as it goes.
         with torch.enable_grad() if return_output else torch.no_grad():
             result = run_stats(q, k, v, spec, None, topk=topk, pool=(q_edges, k_edges))
@@ -196,13 +206,13 @@ def attention_stats(
                 q, k, v, AttentionOptions(**options, dropout_p=dropout_p), return_lse=True, backend=backend
             )
         q_s, k_s = q.detach(), k.detach()
-        if nonfinite.find(q_s, k_s, v.detach()) is not None:  # rows that read them already carry lse = NaN
+        if compiling or nonfinite.find(q_s, k_s, v.detach()) is not None:  # rows that read them have lse = NaN
             q_s, k_s = nonfinite.clean(q_s), nonfinite.clean(k_s)
         with torch.no_grad():
             result = run_stats(q_s, k_s, v.detach(), spec, lse.detach(), topk=topk, pool=(q_edges, k_edges))
     return AttentionStats(
         lse=lse.detach().to(spec.acc_dtype),
-        output=out if return_output else None,
+        output=None if not return_output else out.transpose(1, 2) if layout == "blhd" else out,
         query_edges=q_edges,
         key_edges=k_edges,
         **result,
@@ -215,6 +225,10 @@ def _check_edges(name: str, edges, length: int, device: torch.device) -> Tensor:
         got = f"{edges.dtype} of shape {tuple(edges.shape)}" if isinstance(edges, Tensor) else type(edges).__name__
         raise ValueError(f"attention_stats: {name} must be a 1-D integer tensor of segment edges, got {got}")
     e = edges.to(device=device, dtype=torch.int64)
+    if torch.compiler.is_compiling() and e.numel() >= 2:  # traced: the values are checked when the graph runs
+        rises = (e[0] == 0) & (e[-1] == length) & (e.diff() > 0).all()
+        torch._assert_async(rises, f"attention_stats: {name} must rise strictly from 0 to the length {length}")
+        return e
     if e.numel() < 2 or int(e[0]) != 0 or int(e[-1]) != length or not bool((e.diff() > 0).all()):
         shown = e.tolist() if e.numel() <= 12 else [*e[:6].tolist(), "...", *e[-3:].tolist()]
         raise ValueError(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 
+import torch
 from torch import Tensor
 
 from attnkit import backends
@@ -66,7 +67,8 @@ def attention_varlen(
             (pad and use `attnkit.attention` for arbitrary masks).
         return_lse: also return the log-sum-exp ``(Hq, total_q)`` (FlashAttention's layout).
         backend: ``"auto"`` (Triton's packed kernel on CUDA, else ``tiled`` per sequence), ``"triton"``,
-            or any registered dense backend, run sequence by sequence.
+            or any registered dense backend, run sequence by sequence (under ``torch.compile``, where
+            the sequence loop cannot be traced, a dense backend's packed batch runs as the tiled op).
 
     Returns:
         ``out (total_q, Hq, Dv)`` in ``q.dtype``; with ``return_lse`` also ``lse (Hq, total_q)``.
@@ -82,6 +84,10 @@ def attention_varlen(
         reasons = "; ".join(f"{name}: {why}" for name, why in choice.reasons.items())
         raise ValueError(f"attention_varlen: no backend can run this request ({reasons})")
     impl = backends.get_backend(choice.backend)
+    if torch.compiler.is_compiling() and impl.run_varlen is None:
+        # A dense backend runs sequence by sequence over the values of cu_seqlens, which a traced
+        # graph cannot read: there the packed batch is one op, computed by the tiled kernel.
+        impl = backends.get_backend("tiled")
     if impl.run_varlen is not None and nonfinite.find(q, k, v) is None:
         out, lse = impl.run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, spec, return_lse)
     else:  # a dense backend named by the caller, or non-finite inputs: sequence by sequence, guarded

@@ -154,7 +154,8 @@ def attnkit_mask(
         if attention_mask is not None:
             pad = mu.prepare_padding_mask(attention_mask.to(device=device, dtype=torch.bool), kv_length, kv_offset)
             pad = pad[:, kv_offset : kv_offset + kv_length]  # (B, Lk)
-            if not bool(pad.all()):
+            # Dropping an all-True mask is only a shortcut; a traced graph cannot read the data, keeps it.
+            if torch.compiler.is_compiling() or not bool(pad.all()):
                 padding = pad[:, None, None, :]  # (B, 1, 1, Lk)
         return AttnkitMask(causal, window, padding, shape)
     for key in ("allow_is_causal_skip", "allow_is_bidirectional_skip"):
@@ -235,6 +236,10 @@ def _weights_requested(kwargs: dict) -> bool:
     try:
         from transformers.utils.output_capturing import _active_collector
     except ImportError:  # pragma: no cover - older transformers pass the flag
+        return False
+    if torch.compiler.is_compiling() and not getattr(_active_collector, "compiling", False):
+        # A ContextVar cannot be traced; transformers' wrapper keeps the collector in a plain
+        # global once it was set while compiling (``compiling``), which is read below.
         return False
     try:
         collected = _active_collector.get()

@@ -44,6 +44,8 @@ def _empty_rows(mask: Tensor | None, shape: tuple[int, int, int]) -> Tensor | No
     if mask is None:
         return None
     empty = torch.isneginf(mask).all(dim=-1)  # (B|1, Hq|1, bq|1)
+    if torch.compiler.is_compiling():  # no data-dependent branch in a traced graph: always apply it
+        return empty.expand(shape)
     return empty.expand(shape) if bool(empty.any()) else None
 
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from attnkit.spec import AttentionSpec
 
-__all__ = ["BadInputs", "clean", "find", "poison", "poisoned_rows"]
+__all__ = ["BadInputs", "clean", "find", "poison", "poisoned_rows", "run_guarded"]
 
 BLOCK_K = 512  # keys per block when finding the rows that read a non-finite key
 
@@ -32,8 +32,9 @@ BadInputs = tuple[Tensor, Tensor]  # (q_bad (B, Hq, Lq), kv_bad (B, Hk, Lk)) boo
 def find(q: Tensor, k: Tensor, v: Tensor) -> BadInputs | None:
     """Where ``q`` rows and ``k``/``v`` keys hold a non-finite value; None when everything is finite.
 
-    ``q (B, Hq, Lq, D)``, ``k (B, Hk, Lk, D)``, ``v (B, Hk, Lk, Dv)``. Skipped while ``torch.compile``
-    traces (a data-dependent branch); compiled graphs rely on the kernels themselves.
+    ``q (B, Hq, Lq, D)``, ``k (B, Hk, Lk, D)``, ``v (B, Hk, Lk, Dv)``. None while ``torch.compile``
+    traces (a data-dependent branch): traced calls apply the rule without branching
+    (`attnkit.functional.run_guarded`, the ``attnkit::nonfinite_rows`` op).
     """
     if torch.compiler.is_compiling():
         return None
@@ -81,3 +82,13 @@ def poison(x: Tensor | None, rows: Tensor) -> Tensor | None:
         return None
     r = rows.view(*rows.shape, *([1] * (x.dim() - rows.dim())))
     return torch.where(r, torch.full((), float("nan"), dtype=x.dtype, device=x.device), x)
+
+
+def run_guarded(run, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, return_lse: bool):
+    """``run(q, k, v, spec, return_lse) -> (out, lse)`` under the rule: clean inputs in, named rows NaN out."""
+    bad = find(q, k, v)
+    if bad is None:
+        return run(q, k, v, spec, return_lse)
+    out, lse = run(q, clean(k), clean(v), spec, return_lse)
+    rows = poisoned_rows(spec, bad)
+    return poison(out, rows), poison(lse, rows)

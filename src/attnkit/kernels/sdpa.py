@@ -56,7 +56,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, return_lse: 
 
     Returns ``(out, lse)``; ``lse`` is None unless ``return_lse``.
     """
-    is_causal = spec.causal and spec.q_len != 1
+    # A branch, not `causal and q_len != 1`: under dynamic shapes that would be a SymBool, which SDPA refuses.
+    is_causal = False if spec.q_len == 1 else spec.causal
     mask = spec.mask
     if mask is not None and mask.dtype != torch.bool and mask.dtype not in (q.dtype, spec.acc_dtype):
         # SDPA takes a float mask in q's dtype or fp32; attnkit adds it in the accumulation dtype.
