@@ -85,11 +85,12 @@ def auto_deferral(q: Tensor, spec: AttentionSpec, return_lse: bool) -> str | Non
     """Why ``auto`` should pass this request on to SDPA although the kernels can run it, or None.
 
     fp32 inputs without TF32 (`tf32_allowed` false, torch's default) make every ``tl.dot`` an
-    IEEE fp32 product on CUDA cores: the offline compile of the forward at D = 64 has about
-    8,000 FFMA per tile, an order of magnitude slower than SDPA, whose fp32 kernel (memory-
-    efficient attention) keeps fp32 accuracy on tensor cores. So where SDPA computes the
-    request exactly, ``auto`` takes it there; where it cannot (softcap, ALiBi with a mask, ...)
-    the kernels keep it, and ``backend="triton"`` always runs it.
+    IEEE fp32 product on CUDA cores (issue 17's offline compile of the forward at 64 x 64,
+    D = 64: 8,336 FFMA per tile), predicted an order of magnitude slower than SDPA, whose fp32
+    path (the memory-efficient kernel; CUTLASS's fast-fp32 mode, three TF32 products) keeps
+    about fp32 accuracy on tensor cores. So where SDPA computes the request exactly, ``auto``
+    takes it there; where it cannot (softcap, ALiBi, a window, dropout, ...) the kernels keep
+    it, and ``backend="triton"`` always runs it.
     """
     if q.dtype != torch.float32 or q.device.type != "cuda" or tf32_allowed():
         return None

@@ -9,11 +9,13 @@ No ``Lq x Lk`` buffer exists: each tile's weights are rebuilt exactly as
     dS *= 1 - tanh^2           (softcap)
     dQ  = scale * dS K,        dK = scale * dS^T Q
 
-Two kernels, so no atomics are needed and results are deterministic: `_dkdv_kernel`
-owns a tile of keys of one key/value head and walks the visible query tiles of every
-query head of its group (GQA sums in registers); `_dq_kernel` owns a tile of queries
-and walks the visible key tiles, like the forward. Rows with no allowed key have
-``lse = -inf``; ``+inf`` is used instead so that their ``p`` is 0 and their gradients vanish.
+Three launches, no atomics, so results are deterministic: `_prep_kernel` writes ``delta``
+and the base-2 ``lse`` per row; `_dkdv_kernel` owns a tile of keys of one key/value head,
+loaded once, and walks the visible query tiles of every query head of its group (GQA sums
+in registers), in the transposed form of Triton's tutorial and FlexAttention (the tile is
+``k q^T``); `_dq_kernel` owns a tile of queries and walks the visible key tiles, like the
+forward. Rows with no allowed key have ``lse = -inf``; ``+inf`` is used instead so that
+their ``p`` is 0 and their gradients vanish.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from attnkit.kernels.triton.common import (
     LOG2E,
     NO_SPECIALIZE,
     SEED_STEP,
+    autotune_configs,
     bhld_strides,
     dot,
     dot_acc,
@@ -44,6 +47,7 @@ from attnkit.kernels.triton.common import (
     query_range,
     scalar_args,
     score_tile,
+    shared_memory_pruner,
 )
 from attnkit.kernels.triton.forward import length_bucket, seq_bounds
 from attnkit.spec import AttentionSpec
@@ -385,19 +389,21 @@ def _dq_kernel(
 
 
 # --------------------------------------------------------------------- launches
-_BWD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2), (32, 64, 4, 2)]
-]  # fmt: skip
-_DQ_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2), (64, 32, 4, 2)]
-]  # fmt: skip
+# (BLOCK_M, BLOCK_N, warps, stages), pruned by the offline compiler report (common.autotune_configs):
+# dK/dV holds BLOCK_N keys and values and streams BLOCK_M queries; dQ is shaped like the forward.
+DKDV_TILES = [(32, 128, 8, 2), (32, 128, 8, 3), (64, 64, 8, 2), (64, 64, 8, 3), (32, 64, 8, 3)]
+DQ_TILES = [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)]
 _KEY = ["len_bucket", "BLOCK_D", "BLOCK_DV", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_LEFT", "HAS_RIGHT",
         "MASK_KIND", "MASK_ROW", "DROPOUT", "VARLEN", "DOT_PRECISION"]  # fmt: skip
 PREP_ROWS = 64  # query rows per program of `_prep_kernel` (a streaming reduction: no tuning needed)
-_dkdv_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY)(_dkdv_kernel)
-_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_KEY)(_dq_kernel)
+_dkdv_tuned = triton.autotune(
+    autotune_configs(DKDV_TILES), key=_KEY,
+    prune_configs_by={"early_config_prune": shared_memory_pruner("BLOCK_N", "BLOCK_M", once_pair=True)},
+)(_dkdv_kernel)  # fmt: skip
+_dq_tuned = triton.autotune(
+    autotune_configs(DQ_TILES), key=_KEY,
+    prune_configs_by={"early_config_prune": shared_memory_pruner("BLOCK_M", "BLOCK_N", once_pair=True)},
+)(_dq_kernel)  # fmt: skip
 
 
 def backward_calls(

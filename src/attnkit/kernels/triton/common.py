@@ -344,3 +344,42 @@ def bhld_strides(x: torch.Tensor, varlen: bool) -> tuple[int, int, int, int]:
     if varlen:
         return 0, x.stride(1), x.stride(0), x.stride(2)
     return x.stride(0), x.stride(1), x.stride(2), x.stride(3)
+
+
+# ------------------------------------------------------------------ autotune space
+# Triton's fused-attention tutorial tunes BLOCK_M {64, 128} x BLOCK_N {32, 64, 128} x stages 2-7 x
+# warps {4, 8}. That space is pruned twice here. Offline, by the compiler report
+# (tests/triton_compile_check.py, docs/triton.md): tiles that spill or sit at the 255-register
+# ceiling at D = 64 or D = 128 (bf16, sm_90a) are not listed, and each tile keeps the stage
+# counts worth timing; every listed config is compiled by that report and must have 0 spills.
+# At launch, by shared memory (`shared_memory_pruner`), so a config that cannot fit (D = 256,
+# smaller GPUs) is never compiled.
+SHARED_LIMIT = 232448  # bytes of shared memory per block on sm_90 (the default when no GPU says)
+
+
+def autotune_configs(table: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    """``triton.Config`` of each ``(BLOCK_M, BLOCK_N, warps, stages)``."""
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in table]
+
+
+def shared_memory_pruner(once: str, streamed: str, *, once_pair: bool):
+    """An ``early_config_prune`` that drops configs whose tiles cannot fit in shared memory.
+
+    ``once`` names the block loaded once per program (``BLOCK_M`` for the forward and dQ,
+    ``BLOCK_N`` for dK/dV; ``once_pair``: it holds two operands, q and dO or k and v, not q
+    alone), ``streamed`` the block the loop streams through ``num_stages`` buffers of two
+    operands (k and v, or q and dO). An estimate of what the compiler allocates; the offline
+    report's figures match it for the listed tiles.
+    """
+
+    def prune(configs, named_args, **kwargs):
+        q = named_args["Q"]
+        pair = (kwargs["BLOCK_D"] + kwargs["BLOCK_DV"]) * q.element_size()  # bytes of one row of two operands
+        first = pair if once_pair else kwargs["BLOCK_D"] * q.element_size()
+        limit = SHARED_LIMIT
+        if q.device.type == "cuda":
+            limit = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
+        kept = [c for c in configs if c.kwargs[once] * first + c.num_stages * c.kwargs[streamed] * pair <= limit]
+        return kept or configs[-1:]  # the smallest listed tile, which the autotuner then tries
+
+    return prune

@@ -12,8 +12,10 @@ tiles that causal/window leave visible, keeping for each row the running maximum
     acc   = alpha acc + dropout(p) v
     out   = acc / l_i,   lse = m_i + log(l_i)
 
-Scores are kept in base 2 (``exp2``, one multiply by log2 e per score), as Triton's
-fused-attention tutorial does. Rows with no allowed key end with ``l_i = 0``: they
+Scores are kept in base 2 (``exp2``) with the constants folded once per program, as
+Triton's fused-attention tutorial does: a plain tile open to every row costs one FMA per
+score, ``qk * (scale log2 e) - m``, with the row maximum taken on the raw ``q k^T``; its
+loads carry no masks. Rows with no allowed key end with ``l_i = 0``: they
 write zeros and ``lse = -inf``. The same kernel serves packed variable-length
 batches (``VARLEN``): sequence ``b`` occupies rows ``cu_seqlens[b] .. cu_seqlens[b+1]``.
 """
@@ -28,6 +30,7 @@ from attnkit.kernels.triton.common import (
     LN2,
     NO_SPECIALIZE,
     SEED_STEP,
+    autotune_configs,
     bhld_strides,
     dot,
     dot_acc,
@@ -44,6 +47,7 @@ from attnkit.kernels.triton.common import (
     open_key_tiles,
     scalar_args,
     score_tile,
+    shared_memory_pruner,
 )
 from attnkit.spec import AttentionSpec
 
@@ -211,16 +215,15 @@ def _fwd_kernel(
 # --------------------------------------------------------------------- launches
 # Autotuned on a GPU (block sizes, warps, pipeline stages); explicit blocks (tests under
 # the interpreter, where autotuning would run every config) bypass it.
-_FWD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [
-        (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 2),
-    ]
-]  # fmt: skip
+# (BLOCK_M, BLOCK_N, warps, stages), from the tutorial's space pruned by the offline compiler report
+# (common.autotune_configs); the smallest tile last (the fallback when shared memory prunes the rest).
+FWD_TILES = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 32, 8, 4), (64, 128, 8, 3), (64, 64, 8, 4),
+             (64, 32, 4, 5)]  # fmt: skip
 _fwd_tuned = triton.autotune(
-    _FWD_CONFIGS,
+    autotune_configs(FWD_TILES),
     key=["len_bucket", "BLOCK_D", "BLOCK_DV", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_LEFT", "HAS_RIGHT",
          "MASK_KIND", "MASK_ROW", "DROPOUT", "VARLEN", "DOT_PRECISION"],
+    prune_configs_by={"early_config_prune": shared_memory_pruner("BLOCK_M", "BLOCK_N", once_pair=False)},
 )(_fwd_kernel)  # fmt: skip
 
 
