@@ -70,7 +70,7 @@ class Backend:
     varlen_refusal: Refusal | None = None
     run_stats: RunStats | None = None
     stats_refusal: Refusal | None = None
-    # Why auto should pass a request it could run on to later backends (None: take it); a request by name still runs.
+    # Why auto should pass a dense request it could run on to later backends (None: take it); by name it still runs.
     deferral: Refusal | None = None
 
     def can(self, task: Task) -> bool:
@@ -152,7 +152,7 @@ def choose(q: Tensor, spec: AttentionSpec, return_lse: bool, requested: str, tas
         why = backend.refusal_for(task, q, spec, return_lse) if backend.can(task) else f"has no {task} kernel"
         if why is None and not backend.auto:
             why = "never chosen automatically (request it by name)"
-        if why is None and backend.deferral is not None and task != "statistics":
+        if why is None and backend.deferral is not None and task == "attention":
             why = backend.deferral(q, spec, return_lse)
         if why is None and backend.materializes and scores_bytes(spec) > MATERIALIZE_LIMIT_BYTES:
             limit = MATERIALIZE_LIMIT_BYTES // 2**20

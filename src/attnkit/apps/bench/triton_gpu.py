@@ -487,18 +487,21 @@ def compiled_variants() -> list[dict[str, Any]]:
     for fn in (forward._fwd_kernel, backward._prep_kernel, backward._dkdv_kernel, backward._dq_kernel):
         for caches in fn.device_caches.values():
             for kernel in caches[0].values():
-                kernel._init_handles()
                 consts = {fn.arg_names[path[0]]: value for path, value in kernel.src.constants.items()}
-                rows.append({
+                row = {
                     "kernel": fn.__name__,
                     "blocks": {k: consts[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D") if k in consts},
                     "flags": {k: v for k, v in consts.items() if k.isupper() and not k.startswith("BLOCK")},
                     "warps": kernel.metadata.num_warps,
                     "stages": kernel.metadata.num_stages,
-                    "registers": kernel.n_regs,
-                    "spills": kernel.n_spills,
                     "shared": kernel.metadata.shared,
-                })  # fmt: skip
+                }
+                try:
+                    kernel._init_handles()  # loads the cubin: the driver's register and spill counts
+                    row.update(registers=kernel.n_regs, spills=kernel.n_spills)
+                except Exception as exc:  # a config the autotuner found too large for this card
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                rows.append(row)
     return rows
 
 
