@@ -162,6 +162,8 @@ CASES = {
     "float_mask": (dict(B=1, Hq=2, Hk=2, Lq=30, Lk=37, D=16, Dv=16), dict(mask="float")),
     "key_padding": (dict(B=2, Hq=2, Hk=2, Lq=20, Lk=35, D=16, Dv=16), dict(mask="padding")),
     "mqa_padded_dims": (dict(B=1, Hq=3, Hk=1, Lq=20, Lk=29, D=24, Dv=20), dict(scale=0.3)),
+    # A negative scale: the plain path cannot take the row maximum on the raw q k^T (RAW_MAX off).
+    "negative_scale": (dict(B=1, Hq=2, Hk=1, Lq=20, Lk=37, D=16, Dv=16), dict(scale=-0.25)),
     "dropout_causal": (dict(B=2, Hq=2, Hk=1, Lq=32, Lk=40, D=16, Dv=16), dict(causal=True, dropout_p=0.3)),
     "everything": (
         dict(B=2, Hq=4, Hk=2, Lq=36, Lk=44, D=16, Dv=24),

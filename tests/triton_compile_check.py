@@ -10,7 +10,7 @@ D = 128 (bf16) it records:
 
 * registers, spill stores and spill loads, from ``ptxas -v`` (Triton runs it; its log is kept);
 * shared memory, from the compiled kernel's metadata;
-* the SASS instruction count of the forward's bulk loop: the smallest loop of the
+* the SASS instruction count of the forward's (and the statistics pass's) bulk loop: the smallest loop of the
   disassembly (``nvdisasm``) that holds a tensor-core MMA, i.e. the steady state of the
   software-pipelined loop over key tiles that no mask cuts.
 
@@ -18,7 +18,9 @@ The same count is taken on `tutorial_forward`, a minimal forward in the form of 
 fused-attention tutorial (written here from its description, not copied), compiled the
 same way: the yardstick the issue sets (within 10%).
 
-``python tests/triton_compile_check.py [--json PATH] [--markdown]`` prints the report;
+The backward's ``_prep_kernel`` and the statistics kernel (not autotuned) are compiled with
+the tiles their launches use. ``python tests/triton_compile_check.py [--json PATH] [--markdown]``
+prints the report;
 ``--smoke`` compiles the feature variants (every flag, varlen, fp16, fp32, D = 32..256) and
 checks only that they compile and fit in shared memory.
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -35,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import torch
 import triton
@@ -104,25 +108,32 @@ def tutorial_call(q: torch.Tensor) -> tuple[tuple, dict]:
 
 
 # ----------------------------------------------------------------- binding and compiling
-def compile_bound(fn, args: tuple, constexprs: dict, *, num_warps: int, num_stages: int):
-    """Compile ``fn`` for sm_90a as ``fn[grid](*args, **constexprs)`` would on a GPU.
+def bind(fn, args: tuple, constexprs: dict, *, num_warps: int, num_stages: int) -> tuple[ASTSource, dict]:
+    """``fn`` bound as ``fn[grid](*args, **constexprs)`` would be on a GPU: its source and compile options.
 
     Triton's binder computes the specialisation of each argument (dtype, 16-byte alignment,
     divisibility by 16, ``== 1``) exactly as at launch; ``meta`` tensors have data pointer 0,
-    i.e. aligned, as the caching allocator's blocks are. Returns the compiled kernel and the
-    ``ptxas -v`` log.
+    i.e. aligned, as the caching allocator's blocks are.
     """
     backend = make_backend(TARGET)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     kwargs = dict(constexprs, num_warps=num_warps, num_stages=num_stages)
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, consts, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-    src = ASTSource(fn, signature, consts, attrs)
+    return ASTSource(fn, signature, consts, attrs), options.__dict__
+
+
+def compile_bound(fn, args: tuple, constexprs: dict, *, num_warps: int, num_stages: int, ptxas_log: bool = True):
+    """Compile ``fn`` for sm_90a as a launch would (`bind`); returns the kernel and the ``ptxas -v`` log.
+
+    Without ``ptxas_log`` Triton's on-disk cache may serve the kernel (and the log is empty).
+    """
+    src, options = bind(fn, args, constexprs, num_warps=num_warps, num_stages=num_stages)
     log = io.StringIO()
-    triton.knobs.nvidia.dump_ptxas_log = True  # Triton prints ptxas -v's log: keep it
-    triton.knobs.compilation.always_compile = True  # a cached kernel would not run ptxas again
+    triton.knobs.nvidia.dump_ptxas_log = ptxas_log  # Triton prints ptxas -v's log: keep it
+    triton.knobs.compilation.always_compile = ptxas_log  # a cached kernel would not run ptxas again
     with contextlib.redirect_stdout(log):
-        kernel = triton.compile(src, target=TARGET, options=options.__dict__)
+        kernel = triton.compile(src, target=TARGET, options=options)
     return kernel, log.getvalue()
 
 
@@ -230,11 +241,22 @@ def report_jobs() -> list[tuple]:
         for cfg in configs(backward._dq_tuned):
             jobs.append(("dq", "plain", D, cfg))
         jobs.append(("forward", "causal", D, (128, 64, 8, 3)))
+        # Not autotuned: the launches' own tiles and Triton's default warps/stages (4, 3).
+        jobs.append(("prep", "plain", D, (backward.PREP_ROWS, 0, 4, 3)))
+        jobs.append(("stats", "top-8, pool 64", D, (64, 64, 4, 3)))
     return jobs
 
 
 def _launch(kernel: str, variant: str, D: int):
     opts = {"causal": True} if variant == "causal" else {}
+    if kernel == "stats":
+        q, k, v = _qkv(D)
+        return stats._stats_kernel, *stats.stats_call(q, k, build_spec(q, k, v), topk=8, pool_k=64)
+    if kernel == "prep":
+        q, k, v = _qkv(D)
+        lse = torch.empty(q.shape[:3], dtype=torch.float32, device="meta")
+        (prep_args, prep_meta), *_ = backward.backward_calls(q, q, k, v, q, lse, build_spec(q, k, v))
+        return backward._prep_kernel, prep_args, prep_meta
     if kernel == "forward":
         return forward._fwd_kernel, *forward_launch(D, **opts)
     if kernel == "tutorial":
@@ -243,14 +265,32 @@ def _launch(kernel: str, variant: str, D: int):
     return (backward._dkdv_kernel, *dkdv) if kernel == "dkdv" else (backward._dq_kernel, *dq)
 
 
+def _cached_row(fn, args, constexprs, warps, stages, job) -> tuple[Path, dict | None]:
+    """The report row of an identical earlier compile (same kernel sources, binding, options, Triton), if any.
+
+    Kept beside Triton's own cache (``triton.knobs.cache.dir``), so a second run of the report
+    costs seconds; any change to a kernel's source or its dependencies changes the key.
+    """
+    src, options = bind(fn, args, constexprs, num_warps=warps, num_stages=stages)
+    key = f"{src.hash()}-{sorted(options.items())}-{TARGET}-{triton.__version__}-{job}"
+    path = Path(triton.knobs.cache.dir) / "attnkit-compiler-report" / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
+    return path, json.loads(path.read_text()) if path.exists() else None
+
+
 def run_job(job: tuple) -> dict:
     kernel, variant, D, (bm, bn, warps, stages) = job
     fn, args, meta = _launch(kernel, variant, D)
-    compiled, log = compile_bound(fn, args, dict(meta, BLOCK_M=bm, BLOCK_N=bn), num_warps=warps, num_stages=stages)
+    tiles = {"BLOCK_M": bm} if kernel == "prep" else {"BLOCK_M": bm, "BLOCK_N": bn}
+    cache, row = _cached_row(fn, args, dict(meta, **tiles), warps, stages, job)
+    if row is not None:
+        return row
+    compiled, log = compile_bound(fn, args, dict(meta, **tiles), num_warps=warps, num_stages=stages)
     row = {"kernel": kernel, "variant": variant, "D": D, "BLOCK_M": bm, "BLOCK_N": bn, "warps": warps,
            "stages": stages, "shared": compiled.metadata.shared, **ptxas_usage(log)}  # fmt: skip
-    if kernel in ("forward", "tutorial"):
+    if kernel in ("forward", "tutorial", "stats"):
         row["bulk_loop"] = bulk_loop_instructions(compiled.asm["cubin"])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(row))
     return row
 
 
@@ -279,7 +319,7 @@ def markdown(rows: list[dict]) -> str:
         name = r["kernel"] if r["variant"] == "plain" else f"{r['kernel']} ({r['variant']})"
         lines.append(
             f"| {name} | {r['D']} | {r['BLOCK_M']} x {r['BLOCK_N']} | {r['warps']} | {r['stages']} | "
-            f"{r['registers']} | {r['spill_stores']} | {r['shared']} | {loop} | {ref} |"
+            f"{r['registers']} | {r['spill_stores']} | {r['shared']} | {loop} | {ref} |".replace(" x 0 |", " |")
         )
     return "\n".join(lines)
 
@@ -332,12 +372,11 @@ def run_smoke(job: tuple) -> str:
             _, dkdv_args, dq_args, meta, _ = backward.backward_calls(q, q, k, v, q, lse, spec)
             fn, args = (backward._dkdv_kernel, dkdv_args) if kernel == "dkdv" else (backward._dq_kernel, dq_args)
     extra = dict(meta, BLOCK_M=bm, BLOCK_N=bn)
-    compiled, log = compile_bound(fn, args, extra, num_warps=warps, num_stages=stages)
-    usage = ptxas_usage(log)
+    compiled, _ = compile_bound(fn, args, extra, num_warps=warps, num_stages=stages, ptxas_log=False)
     shared = compiled.metadata.shared
     if shared > H100_SHARED_BYTES:
         raise RuntimeError(f"{kernel} {variant} D={D}: {shared} B of shared memory, an H100 has {H100_SHARED_BYTES}")
-    return f"ok {kernel}, {variant}, D={D}: {shared} B shared, {usage['registers']} registers"
+    return f"ok {kernel}, {variant}, D={D}: {shared} B of shared memory"
 
 
 def main() -> int:
