@@ -52,7 +52,7 @@ from attnkit.kernels.triton import backward, forward, stats
 
 TARGET = GPUTarget("cuda", 90, 32)  # sm_90a: Triton compiles arch 90 with the Hopper extensions
 H100_SHARED_BYTES = 232448  # 227 KiB of dynamic shared memory per block on sm_90
-MAX_REGISTERS = 255
+ROW_FORMAT = 2  # bump when a report row is computed differently: cached rows of another format are not reused
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
@@ -152,10 +152,12 @@ _LABEL = re.compile(r"^(\.L_x_\d+):")
 
 
 def sass_loops(cubin: bytes) -> list[dict]:
-    """The innermost loops of a cubin's SASS: ``{"start", "end", "instructions", "mma"}`` per loop.
+    """The loops of a cubin's SASS: ``{"start", "end", "own", "mma", "inner"}`` per loop.
 
-    A loop is a backward branch; its body runs from the branch target to the branch. NOPs
-    (alignment padding) are not counted.
+    A loop is a backward branch; its body runs from the branch target to the branch. ``own``
+    counts the instructions of the body outside the loops nested in it (NOPs, alignment
+    padding, not counted); ``mma``: a tensor-core MMA among them; ``inner``: the ``own`` counts
+    of the loops nested in it.
     """
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
@@ -179,24 +181,36 @@ def sass_loops(cubin: bytes) -> list[dict]:
                 labels[name] = addr
             pending = []
             code.append((addr, ins.group(2)))
-    loops = []
+    spans = []
     for addr, text in code:
         branch = _BRANCH.search(text)
         if branch and labels.get(branch.group(1), addr + 1) <= addr:
-            start = labels[branch.group(1)]
-            body = [t for a, t in code if start <= a <= addr and not t.startswith("NOP")]
-            mma = any(re.search(r"\b(HGMMA|HMMA)\b", t) for t in body)
-            loops.append({"start": start, "end": addr, "instructions": len(body), "mma": mma})
-    return [lp for lp in loops if not any(o is not lp and lp["start"] <= o["start"] and o["end"] <= lp["end"]
-                                          for o in loops)]  # fmt: skip
+            spans.append((labels[branch.group(1)], addr))
+    loops = []
+    for start, end in spans:
+        nested = [(s, e) for s, e in spans if (s, e) != (start, end) and start <= s and e <= end]
+        own = [t for a, t in code if start <= a <= end and not t.startswith("NOP")
+               and not any(s <= a <= e for s, e in nested)]  # fmt: skip
+        loops.append({"start": start, "end": end, "own": len(own), "nested": nested,
+                      "mma": any(re.search(r"\b(HGMMA|HMMA)\b", t) for t in own)})  # fmt: skip
+    for lp in loops:
+        nested = lp.pop("nested")
+        lp["inner"] = [o["own"] for o in loops if (o["start"], o["end"]) in nested]
+    return loops
+
+
+def bulk_loop(cubin: bytes) -> dict:
+    """The smallest loop that runs a tensor-core MMA (the unmasked key-tile loop): its own instructions
+    and those of the loops nested in it (the statistics pass's top-k rounds)."""
+    loops = [lp for lp in sass_loops(cubin) if lp["mma"]]
+    if not loops:
+        raise RuntimeError("no loop with an MMA in the SASS")
+    return min(loops, key=lambda lp: lp["own"])
 
 
 def bulk_loop_instructions(cubin: bytes) -> int:
-    """Instructions of the smallest innermost loop that runs a tensor-core MMA (the unmasked key-tile loop)."""
-    loops = [lp["instructions"] for lp in sass_loops(cubin) if lp["mma"]]
-    if not loops:
-        raise RuntimeError("no loop with an MMA in the SASS")
-    return min(loops)
+    """Instructions of one iteration of the bulk loop, outside any nested loop (see `bulk_loop`)."""
+    return bulk_loop(cubin)["own"]
 
 
 # ----------------------------------------------------------------- the launches compiled
@@ -272,7 +286,7 @@ def _cached_row(fn, args, constexprs, warps, stages, job) -> tuple[Path, dict | 
     costs seconds; any change to a kernel's source or its dependencies changes the key.
     """
     src, options = bind(fn, args, constexprs, num_warps=warps, num_stages=stages)
-    key = f"{src.hash()}-{sorted(options.items())}-{TARGET}-{triton.__version__}-{job}"
+    key = f"{src.hash()}-{sorted(options.items())}-{TARGET}-{triton.__version__}-{job}-{ROW_FORMAT}"
     path = Path(triton.knobs.cache.dir) / "attnkit-compiler-report" / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
     return path, json.loads(path.read_text()) if path.exists() else None
 
@@ -288,7 +302,10 @@ def run_job(job: tuple) -> dict:
     row = {"kernel": kernel, "variant": variant, "D": D, "BLOCK_M": bm, "BLOCK_N": bn, "warps": warps,
            "stages": stages, "shared": compiled.metadata.shared, **ptxas_usage(log)}  # fmt: skip
     if kernel in ("forward", "tutorial", "stats"):
-        row["bulk_loop"] = bulk_loop_instructions(compiled.asm["cubin"])
+        loop = bulk_loop(compiled.asm["cubin"])
+        row["bulk_loop"] = loop["own"]
+        if loop["inner"]:
+            row["inner_loops"] = loop["inner"]
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(row))
     return row
@@ -315,6 +332,8 @@ def markdown(rows: list[dict]) -> str:
             continue
         t = tutorial.get((r["D"], r["BLOCK_M"], r["BLOCK_N"], r["warps"], r["stages"]))
         loop = r.get("bulk_loop", "")
+        if r.get("inner_loops"):
+            loop = f"{loop} (+ {', '.join(map(str, r['inner_loops']))} per top-k round)"
         ref = t["bulk_loop"] if t and r["kernel"] == "forward" and r["variant"] == "plain" else ""
         name = r["kernel"] if r["variant"] == "plain" else f"{r['kernel']} ({r['variant']})"
         lines.append(

@@ -8,8 +8,10 @@ them into per-row and per-key statistics in registers:
 * ``entropy_i = -sum_j p_ij log p_ij = -sum_j p_ij (s_ij - lse_i)`` (nats; 0 for an empty row);
 * ``mean_distance_i = sum_j p_ij |i + Lk - Lq - j|``;
 * ``received_j = sum_i p_ij`` (one atomic add of a tile's column sums per tile);
-* ``topk``: the ``k`` largest weights of each row, merged tile by tile (``k`` rounds of
-  argmax per tile, replacing the smallest kept entry when beaten); a row whose visited
+* ``topk``: the ``k`` largest weights of each row, merged tile by tile (rounds of argmax,
+  each replacing the smallest kept entry when beaten; only as many rounds as the tile has
+  candidates above some row's smallest kept weight, at most ``k``, so once the lists are
+  full most tiles need none); a row whose visited
   tiles hold fewer than ``k`` keys completes its list with zero weights of skipped keys;
 * ``pooled``: the sum of ``p`` over ``P_q x P_k`` blocks of queries and keys. Columns are
   pooled in the kernel by a matmul with a 0/1 bin matrix (``p @ C``, ``C (BLOCK_N, P_k)``,
@@ -119,7 +121,12 @@ def _stats_kernel(
         pooled += tl.dot(p, onehot, input_precision=POOL_PRECISION)
         if TOPK > 0:
             cand = tl.where(col_ok[None, :], p, -2.0)  # padding columns never enter
-            for _ in tl.static_range(TOPK):
+            # Only a candidate above a row's smallest kept weight can enter its list, and they enter
+            # largest first (the smallest kept weight only grows): as many rounds as the row with the
+            # most such candidates needs, at most TOPK; none on most tiles once the lists are full.
+            entering = tl.sum((cand > tl.min(top_w, 1)[:, None]).to(tl.int32), 1)  # (BLOCK_M,)
+            rounds = tl.minimum(tl.max(entering, 0), TOPK)
+            for _ in range(0, rounds):
                 best = tl.max(cand, 1)
                 best_j = tl.argmax(cand, 1)
                 worst = tl.min(top_w, 1)
