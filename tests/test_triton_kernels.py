@@ -530,6 +530,29 @@ def test_flags_fast_tanh_and_vector_masks():
     assert not common.flags(full, torch.bfloat16)["MASK_ROW"]
 
 
+def test_autotune_configs_are_pruned_by_shared_memory():
+    """Configs whose tiles cannot fit in an H100's shared memory are never compiled; every listed one fits at D=128."""
+    from attnkit.kernels.triton import backward, forward
+
+    bf16, fp32 = (torch.empty(1, dtype=dt, device="meta") for dt in (torch.bfloat16, torch.float32))
+    tuned = {
+        "forward": (forward._fwd_tuned, common.shared_memory_pruner("BLOCK_M", "BLOCK_N", once_pair=False)),
+        "dkdv": (backward._dkdv_tuned, common.shared_memory_pruner("BLOCK_N", "BLOCK_M", once_pair=True)),
+        "dq": (backward._dq_tuned, common.shared_memory_pruner("BLOCK_M", "BLOCK_N", once_pair=True)),
+    }
+    for name, (kernel, prune) in tuned.items():
+        configs = kernel.configs
+        assert prune(configs, {"Q": bf16}, BLOCK_D=128, BLOCK_DV=128) == configs, name
+        wide = prune(configs, {"Q": fp32}, BLOCK_D=256, BLOCK_DV=256)
+        assert 1 <= len(wide) < len(configs), name
+        if name == "forward":  # fp32 at D = 256: no listed stage count fits, the smallest tile with fewer does
+            assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) for c in wide] == [(64, 32, 2)]
+        for c in wide:  # what is kept fits (fewer stages of the smallest tile when nothing listed does)
+            once, streamed = ("BLOCK_M", "BLOCK_N") if name != "dkdv" else ("BLOCK_N", "BLOCK_M")
+            first = 256 * 4 * (2 if name != "forward" else 1)
+            assert c.kwargs[once] * first + c.num_stages * c.kwargs[streamed] * 512 * 4 <= common.SHARED_LIMIT
+
+
 def test_importing_attnkit_does_not_import_triton():
     code = "import sys, attnkit; assert 'triton' not in sys.modules, 'attnkit imported triton'"
     subprocess.run(

@@ -379,7 +379,13 @@ def shared_memory_pruner(once: str, streamed: str, *, once_pair: bool):
         limit = SHARED_LIMIT
         if q.device.type == "cuda":
             limit = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
-        kept = [c for c in configs if c.kwargs[once] * first + c.num_stages * c.kwargs[streamed] * pair <= limit]
-        return kept or configs[-1:]  # the smallest listed tile, which the autotuner then tries
+        need = lambda c, stages: c.kwargs[once] * first + stages * c.kwargs[streamed] * pair
+        kept = [c for c in configs if need(c, c.num_stages) <= limit]
+        if kept:
+            return kept
+        # Nothing fits (fp32 at D = 256): the smallest listed tile with as many stages as fit (at least 1).
+        small = configs[-1]
+        stages = max([s for s in range(1, small.num_stages + 1) if need(small, s) <= limit], default=1)
+        return [triton.Config(dict(small.kwargs), num_warps=small.num_warps, num_stages=stages)]
 
     return prune
