@@ -311,6 +311,8 @@ def _dq_kernel(
     EVEN_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
+    if HAS_RIGHT:  # causal: the last query blocks see the most keys; launch them first (less tail)
+        pid_m = tl.num_programs(0) - 1 - pid_m
     bh = tl.program_id(1)
     b = bh // n_heads
     h = bh % n_heads
