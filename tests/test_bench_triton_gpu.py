@@ -98,3 +98,73 @@ def test_command_needs_a_gpu(capsys):
         pytest.skip("a CUDA device is visible: the command would run the full benchmark")
     assert bench.main(["--out", "unused"]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ --quick
+def test_quick_plan_covers_the_issue_cases_d128_first():
+    cases = [(c["D"], c["N"], c["causal"]) for c in bench.QUICK_CASES]
+    assert cases == [(128, 8192, False), (128, 8192, True), (64, 4096, False), (64, 4096, True)]
+    assert all(c["B"] * c["N"] == 16384 and c["H"] * c["D"] == 2048 for c in bench.QUICK_CASES)
+    assert bench.QUICK_PROVIDERS == ("attnkit-triton", "sdpa-flash")
+    assert set(bench.QUICK_FEATURES) == {"plain", "softcap", "alibi", "window"}
+    assert bench.BACKWARD_KERNELS == ("_prep_kernel", "_dkdv_kernel", "_dq_kernel")
+    assert bench.QUICK_BUDGET < 300  # measuring leaves room for the compiles within 5 minutes
+
+
+def _quick_measurements():
+    """Hand-made measurements (not from a GPU) for the report logic."""
+    throughput = []
+    for case in bench.QUICK_CASES:
+        for provider, fwd, bwd in (("attnkit-triton", 2.0, 8.0), ("sdpa-flash", 2.2, 6.0)):
+            throughput.append({"provider": provider, **case, "fwd_ms": fwd, "bwd_ms": bwd, "fwd_tflops": 300.0,
+                               "bwd_tflops": 200.0})  # fmt: skip
+    errors = [{"D": 128, "N": 8192, "causal": True, "out": 0.004, "dq": 0.02, "dk": 0.03, "dv": 0.01}]
+    split = [
+        {"D": 128, "N": 8192, "causal": True, "kernel": "_prep_kernel", "ms": 0.5},
+        {"D": 128, "N": 8192, "causal": True, "kernel": "_dkdv_kernel", "ms": 5.0},
+        {"D": 128, "N": 8192, "causal": True, "kernel": "_dq_kernel", "ms": 4.5},
+    ]
+    features = [
+        {"feature": "plain", "fwd_ms": 1.0},
+        {"feature": "softcap", "fwd_ms": 1.2},
+        {"feature": "alibi", "fwd_ms": 1.15},
+        {"feature": "window", "error": "RuntimeError: boom"},
+    ]
+    return throughput, errors, split, features
+
+
+def test_quick_report_rows_and_verdicts():
+    rows, columns, notes = bench.quick_report(*_quick_measurements())
+    assert len(rows) == len(bench.QUICK_CASES) and {c for c, _ in columns} >= {"fwd_vs_sdpa", "bwd_split", "max_err"}
+    causal128 = next(r for r in rows if r["D"] == 128 and r["causal"])
+    assert causal128["fwd_vs_sdpa"] == 1.1 and causal128["bwd_vs_sdpa"] == 0.75
+    assert causal128["max_err"] == 0.03
+    assert causal128["bwd_split"] == "_prep_kernel 5%, _dkdv_kernel 50%, _dq_kernel 45%"
+    text = "\n".join(notes)
+    assert "fwd >= 1.0x SDPA-flash at D=128: worst 1.10x, met" in text
+    assert "bwd >= 0.8x SDPA-flash at D=128: worst 0.75x, NOT met" in text
+    assert "softcap: 1.200 ms vs 1.000 ms plain (+20.0%; target <= 25%, met)" in text
+    assert "alibi: 1.150 ms vs 1.000 ms plain (+15.0%; target <= 10%, NOT met)" in text
+    assert "window: not measured (RuntimeError: boom)" in text
+    empty_rows, _, empty_notes = bench.quick_report([], [], [], [])
+    assert empty_rows == [] and all("not measured" in n for n in empty_notes)
+
+
+def test_quick_results_files(tmp_path):
+    from attnkit.apps.harness import write_results
+
+    rows, columns, notes = bench.quick_report(*_quick_measurements())
+    json_path, md_path = write_results("triton_quick_TEST", rows, columns, out_dir=tmp_path, title="q", notes=notes)
+    assert json.loads(json_path.read_text())["rows"] == rows
+    md = md_path.read_text()
+    assert "| 128 | 8192 | True | 300 | 300 | 1.1 | 200 | 200 | 0.75 | 0.03 |" in md and "worst 0.75x, NOT met" in md
+
+
+def test_quick_needs_a_gpu(capsys, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: the command would run the quick check")
+    assert bench.main(["--quick", "--out", str(tmp_path)]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written

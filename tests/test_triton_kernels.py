@@ -10,9 +10,11 @@ head dims and skipped blocks.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -160,6 +162,8 @@ CASES = {
     "float_mask": (dict(B=1, Hq=2, Hk=2, Lq=30, Lk=37, D=16, Dv=16), dict(mask="float")),
     "key_padding": (dict(B=2, Hq=2, Hk=2, Lq=20, Lk=35, D=16, Dv=16), dict(mask="padding")),
     "mqa_padded_dims": (dict(B=1, Hq=3, Hk=1, Lq=20, Lk=29, D=24, Dv=20), dict(scale=0.3)),
+    # A negative scale: the plain path cannot take the row maximum on the raw q k^T (RAW_MAX off).
+    "negative_scale": (dict(B=1, Hq=2, Hk=1, Lq=20, Lk=37, D=16, Dv=16), dict(scale=-0.25)),
     "dropout_causal": (dict(B=2, Hq=2, Hk=1, Lq=32, Lk=40, D=16, Dv=16), dict(causal=True, dropout_p=0.3)),
     "everything": (
         dict(B=2, Hq=4, Hk=2, Lq=36, Lk=44, D=16, Dv=24),
@@ -472,6 +476,83 @@ def test_backend_is_registered_and_refuses_cpu_with_a_reason():
         attnkit.attention(q, q, q, backend="triton")
 
 
+@pytest.fixture
+def _matmul_precision():
+    """Restore torch's fp32 matmul precision after a test changes it."""
+    before = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+def _fake_cuda_q(dtype):
+    """What the refusals read of ``q`` (dtype, device, requires_grad), claiming a CUDA device this machine lacks."""
+    return SimpleNamespace(dtype=dtype, device=torch.device("cuda"), requires_grad=False)
+
+
+def test_fp32_on_cuda_goes_to_sdpa_unless_tf32_is_allowed(monkeypatch, _matmul_precision):
+    """fp32 without TF32: auto passes SDPA-computable requests on to SDPA; by name, or with TF32, Triton runs."""
+    from attnkit import backends
+    from attnkit.kernels import triton as triton_backend
+
+    q = torch.randn(1, 2, 8, 16)
+    spec = build_spec(q, q, q)
+    for name in ("triton", "sdpa"):  # accept the fake CUDA tensor: only the dtype/precision rule is under test
+        monkeypatch.setitem(
+            backends._REGISTRY, name, dataclasses.replace(backends.get_backend(name), refusal=lambda *a: None)
+        )
+    torch.set_float32_matmul_precision("highest")
+    fp32 = _fake_cuda_q(torch.float32)
+    choice = backends.choose(fp32, spec, False, "auto")
+    assert choice.backend == "sdpa" and "fp32 without TF32" in choice.reasons["triton"]
+    assert backends.choose(fp32, spec, False, "triton").backend == "triton"  # by name it still runs (IEEE)
+    assert backends.choose(_fake_cuda_q(torch.bfloat16), spec, False, "auto").backend == "triton"
+    assert common.dot_precision(torch.float32) == "ieee"
+    softcapped = build_spec(q, q, q, softcap=5.0)  # SDPA cannot compute it: the kernels keep it
+    assert triton_backend.auto_deferral(fp32, softcapped, False) is None
+    assert backends.choose(fp32, softcapped, False, "auto").backend == "triton"
+    torch.set_float32_matmul_precision("high")  # TF32 allowed: the kernels run fp32 with TF32 dots
+    assert triton_backend.auto_deferral(fp32, spec, False) is None
+    assert backends.choose(fp32, spec, False, "auto").backend == "triton"
+    assert common.dot_precision(torch.float32) == "tf32"
+    assert triton_backend.auto_deferral(q, spec, False) is None  # CPU tensors: refused elsewhere, never deferred
+
+
+def test_flags_fast_tanh_and_vector_masks():
+    """``FAST_TANH`` only for 16-bit softcap on a GPU (never under the interpreter); ``MASK_ROW`` for stride-0 rows."""
+    q = torch.randn(2, 2, 8, 16)
+    padding = attnkit.key_padding_mask(torch.tensor([8, 5]), 8)  # (B, 1, 1, Lk)
+    spec = build_spec(q, q, q, softcap=3.0, mask=padding)
+    flags = common.flags(spec, torch.bfloat16)
+    assert flags["MASK_ROW"] and flags["MASK_KIND"] == 1
+    assert flags["FAST_TANH"] is (not common.INTERPRETED)
+    assert not common.flags(spec, torch.float32)["FAST_TANH"]
+    full = build_spec(q, q, q, mask=torch.rand(2, 1, 8, 8) > 0.5)
+    assert not common.flags(full, torch.bfloat16)["MASK_ROW"]
+
+
+def test_autotune_configs_are_pruned_by_shared_memory():
+    """Configs whose tiles cannot fit in an H100's shared memory are never compiled; every listed one fits at D=128."""
+    from attnkit.kernels.triton import backward, forward
+
+    bf16, fp32 = (torch.empty(1, dtype=dt, device="meta") for dt in (torch.bfloat16, torch.float32))
+    tuned = {
+        "forward": (forward._fwd_tuned, common.shared_memory_pruner("BLOCK_M", "BLOCK_N", once_pair=False)),
+        "dkdv": (backward._dkdv_tuned, common.shared_memory_pruner("BLOCK_N", "BLOCK_M", once_pair=True)),
+        "dq": (backward._dq_tuned, common.shared_memory_pruner("BLOCK_M", "BLOCK_N", once_pair=True)),
+    }
+    for name, (kernel, prune) in tuned.items():
+        configs = kernel.configs
+        assert prune(configs, {"Q": bf16}, BLOCK_D=128, BLOCK_DV=128) == configs, name
+        wide = prune(configs, {"Q": fp32}, BLOCK_D=256, BLOCK_DV=256)
+        assert 1 <= len(wide) < len(configs), name
+        if name == "forward":  # fp32 at D = 256: no listed stage count fits, the smallest tile with fewer does
+            assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) for c in wide] == [(64, 32, 2)]
+        for c in wide:  # what is kept fits (fewer stages of the smallest tile when nothing listed does)
+            once, streamed = ("BLOCK_M", "BLOCK_N") if name != "dkdv" else ("BLOCK_N", "BLOCK_M")
+            first = 256 * 4 * (2 if name != "forward" else 1)
+            assert c.kwargs[once] * first + c.num_stages * c.kwargs[streamed] * 512 * 4 <= common.SHARED_LIMIT
+
+
 def test_importing_attnkit_does_not_import_triton():
     code = "import sys, attnkit; assert 'triton' not in sys.modules, 'attnkit imported triton'"
     subprocess.run(
@@ -487,22 +568,59 @@ def test_module_in_a_fresh_process_when_triton_was_imported_first():
         )
     env = {**os.environ, "TRITON_INTERPRET": "1", "ATTNKIT_TRITON_SUBPROCESS": "1"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    # The compile tests (slow) need no interpreter and have run in this process already.
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", __file__],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
 
 
-@pytest.mark.slow
-def test_kernels_compile_for_an_h100_without_a_gpu():
-    """The compiler front end and ptxas accept every kernel for sm_90, and the tiles fit in shared memory."""
+def _compile_check(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run `tests/triton_compile_check.py` in a fresh process, without the interpreter (kernels compile for sm_90a)."""
     script = os.path.join(os.path.dirname(__file__), "triton_compile_check.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9's default, stated (it warns when unset)
+    proc = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_feature_variants_compile_for_an_h100_without_a_gpu():
+    """Every feature at once, varlen, fp16/fp32, D = 32..256: the front end and ptxas accept them and they fit."""
+    proc = _compile_check("--smoke")
     assert proc.stdout.count("ok ") == 8, proc.stdout
+
+
+@pytest.mark.slow
+def test_compiler_report_no_spills_and_a_tutorial_sized_bulk_loop(tmp_path):
+    """The offline compiler report (sm_90a, bf16, launch-time specialisations, D = 64 and 128).
+
+    Every autotune config of the forward, dK/dV and dQ kernels compiles with 0 spilled
+    bytes, and the forward's unmasked bulk loop is within 10% of the tutorial-form kernel's
+    SASS instruction count compiled with the same config.
+    """
+    path = tmp_path / "report.json"
+    _compile_check("--json", str(path))
+    rows = json.loads(path.read_text())
+    from attnkit.kernels.triton import backward, forward
+
+    compiled = {(r["kernel"], r["D"], r["BLOCK_M"], r["BLOCK_N"], r["warps"], r["stages"]) for r in rows}
+    for kernel, tuned in (("forward", forward._fwd_tuned), ("dkdv", backward._dkdv_tuned), ("dq", backward._dq_tuned)):
+        for c in tuned.configs:
+            for D in (64, 128):
+                key = (kernel, D, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                assert key in compiled, f"autotune config {key} missing from the report"
+    spilling = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
+    assert not spilling, f"configs that spill: {spilling}"
+    tutorial = {(r["D"], r["BLOCK_M"], r["BLOCK_N"], r["warps"], r["stages"]): r["bulk_loop"] for r in rows
+                if r["kernel"] == "tutorial"}  # fmt: skip
+    for r in rows:
+        if r["kernel"] == "forward" and r["variant"] == "plain":
+            ref = tutorial[(r["D"], r["BLOCK_M"], r["BLOCK_N"], r["warps"], r["stages"])]
+            assert r["bulk_loop"] <= 1.10 * ref, f"bulk loop {r['bulk_loop']} vs tutorial {ref}: {r}"
 
 
 # Other modules' tests must not run under the interpreter: restore the variable once this

@@ -70,6 +70,8 @@ class Backend:
     varlen_refusal: Refusal | None = None
     run_stats: RunStats | None = None
     stats_refusal: Refusal | None = None
+    # Why auto should pass a dense request it could run on to later backends (None: take it); by name it still runs.
+    deferral: Refusal | None = None
 
     def can(self, task: Task) -> bool:
         """Whether the backend has its own kernel for ``task``."""
@@ -150,6 +152,8 @@ def choose(q: Tensor, spec: AttentionSpec, return_lse: bool, requested: str, tas
         why = backend.refusal_for(task, q, spec, return_lse) if backend.can(task) else f"has no {task} kernel"
         if why is None and not backend.auto:
             why = "never chosen automatically (request it by name)"
+        if why is None and backend.deferral is not None and task == "attention":
+            why = backend.deferral(q, spec, return_lse)
         if why is None and backend.materializes and scores_bytes(spec) > MATERIALIZE_LIMIT_BYTES:
             limit = MATERIALIZE_LIMIT_BYTES // 2**20
             why = f"would materialise {scores_bytes(spec) / 2**20:.0f} MiB of scores (limit {limit} MiB)"
@@ -168,6 +172,7 @@ register_backend(
         "triton", triton_kernels.attention, triton_kernels.refusal, priority=10,
         run_varlen=triton_kernels.attention_varlen, varlen_refusal=triton_kernels.refusal,
         run_stats=triton_kernels.statistics, stats_refusal=triton_kernels.stats_refusal,
+        deferral=triton_kernels.auto_deferral,
         description="Triton flash-attention kernels on CUDA; every feature, O(L) memory",
     )
 )  # fmt: skip

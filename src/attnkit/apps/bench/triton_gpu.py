@@ -18,6 +18,9 @@ Results: ``triton_gpu_<card>.json`` and ``.md`` under ``--out``, with the card, 
 versions and the command. Targets (issue 7; H100, bf16, D = 128, N >= 4K): forward
 >= 1.0x SDPA flash, backward >= 0.8x, ALiBi/window/softcap cost <= 10%, statistics
 pass <= 1.5x the forward; the Markdown states each as met or not from the measured rows.
+
+``--quick`` is the prepared first check of issue 17 instead (under five minutes on one
+H100/H200): see the ``--quick`` section below and ``docs/triton.md``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from attnkit.apps.checks import (
@@ -49,6 +53,7 @@ HIDDEN = 2048  # H = HIDDEN / D heads, as in FlashAttention's benchmarks
 TOKENS = 16 * 1024  # B x N
 SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 HEAD_DIMS = (64, 128)
+QUICK_BUDGET = 240.0  # seconds of measuring in --quick (the compiles and the writing fit in the rest of 5 min)
 
 
 # ------------------------------------------------------------------ the counting
@@ -256,20 +261,20 @@ def _inputs(case: dict[str, Any], dtype):
     return [torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)]
 
 
-def _throughput_row(case: dict[str, Any], provider: str, dtype) -> dict[str, Any]:
+def _throughput_row(case: dict[str, Any], provider: str, dtype, modes=MODES) -> dict[str, Any]:
     import torch
 
     row = {"provider": provider, **case}
     try:
         q, k, v = _inputs(case, dtype)
         forward, context = _provider_fn(provider, q, k, v, causal=case["causal"])
-        times = _measure(forward, context, q, k, v)
+        times = _measure(forward, context, q, k, v, modes=modes)
     except Exception as exc:  # each provider may be unavailable on this card/build: record why
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         torch.cuda.empty_cache()
         return row
     row.update(times)
-    for mode in MODES:
+    for mode in modes:
         flops = attention_flops(case["B"], case["H"], case["N"], case["N"], case["D"], causal=case["causal"], mode=mode)
         row[f"{mode}_tflops"] = tflops(flops, times.get(f"{mode}_ms", 0) / 1e3)
     return row
@@ -316,6 +321,248 @@ def _feature_rows(dtype, *, N: int, D: int) -> list[dict[str, Any]]:
     return rows
 
 
+# ------------------------------------------------------------------ --quick: the prepared check
+# ``--quick`` (under five minutes on one H100/H200, most of it the autotuner compiling) measures
+# what issue 17 asks of a first GPU run and writes ``triton_quick_<card>.json`` and ``.md``:
+# forward and backward TFLOP/s against SDPA-flash (bf16, D = 128 N = 8192 and D = 64 N = 4096,
+# causal and not), the largest difference of the output and gradients from SDPA-flash's, the
+# backward's split per kernel (torch.profiler), the cost of softcap, ALiBi and a window on the
+# causal forward at D = 128 N = 8192, the autotuner's chosen configs and the registers, spills
+# and shared memory of every compiled variant. The pure parts (the plan, `quick_report`) are
+# tested on the CPU.
+QUICK_CASES = tuple(
+    {"D": D, "N": N, "B": 16384 // N, "H": 2048 // D, "causal": causal}
+    for D, N in ((128, 8192), (64, 4096))
+    for causal in (False, True)
+)
+QUICK_PROVIDERS = ("attnkit-triton", "sdpa-flash")
+QUICK_FEATURES = ("plain", "softcap", "alibi", "window")
+BACKWARD_KERNELS = ("_prep_kernel", "_dkdv_kernel", "_dq_kernel")
+
+
+# ----------------------------------------------------------------- pure: the report
+def quick_report(
+    throughput: list[dict[str, Any]],
+    errors: list[dict[str, Any]],
+    split: list[dict[str, Any]],
+    features: list[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]], list[str]]:
+    """Rows, columns and notes of the quick check's Markdown, from its measurements.
+
+    ``throughput``: rows of ``provider, D, N, B, H, causal, fwd_ms, bwd_ms, fwd_tflops, bwd_tflops``;
+    ``errors``: ``D, N, causal, out, dq, dk, dv`` (max abs difference from SDPA-flash);
+    ``split``: ``D, N, causal, kernel, ms``; ``features``: ``feature, fwd_ms`` (causal, D = 128).
+    """
+    rows = []
+    for r in throughput:
+        if r["provider"] != "attnkit-triton":
+            continue
+        same = lambda s, r=r: all(s[k] == r[k] for k in ("D", "N", "causal"))
+        ref = next((s for s in throughput if s["provider"] == "sdpa-flash" and same(s)), {})
+        row = {k: r.get(k) for k in ("D", "N", "B", "H", "causal", "fwd_tflops", "bwd_tflops", "error")}
+        row["sdpa_fwd_tflops"], row["sdpa_bwd_tflops"] = ref.get("fwd_tflops"), ref.get("bwd_tflops")
+        for mode in ("fwd", "bwd"):
+            mine, theirs = r.get(f"{mode}_ms"), ref.get(f"{mode}_ms")
+            row[f"{mode}_vs_sdpa"] = round(theirs / mine, 3) if mine and theirs else None  # > 1: attnkit faster
+        err = next((e for e in errors if all(e[k] == r[k] for k in ("D", "N", "causal"))), {})
+        row["max_err"] = max((err[k] for k in ("out", "dq", "dk", "dv") if err.get(k) is not None), default=None)
+        parts = [s for s in split if all(s[k] == r[k] for k in ("D", "N", "causal"))]
+        total = sum(s["ms"] for s in parts)
+        row["bwd_split"] = ", ".join(f"{s['kernel']} {100 * s['ms'] / total:.0f}%" for s in parts) if total else None
+        rows.append(row)
+    columns = [
+        ("D", "D"), ("N", "N"), ("causal", "causal"), ("fwd_tflops", "fwd TFLOP/s"),
+        ("sdpa_fwd_tflops", "SDPA-flash fwd"), ("fwd_vs_sdpa", "fwd x SDPA"), ("bwd_tflops", "bwd TFLOP/s"),
+        ("sdpa_bwd_tflops", "SDPA-flash bwd"), ("bwd_vs_sdpa", "bwd x SDPA"), ("max_err", "max diff vs SDPA"),
+        ("bwd_split", "backward split"), ("error", "error"),
+    ]  # fmt: skip
+    notes = []
+    for mode, need in (("fwd", 1.0), ("bwd", 0.8)):
+        ratios = [r[f"{mode}_vs_sdpa"] for r in rows if r["D"] == 128 and r[f"{mode}_vs_sdpa"] is not None]
+        if ratios:
+            verdict = "met" if min(ratios) >= need else "NOT met"
+            notes.append(f"Target {mode} >= {need}x SDPA-flash at D=128: worst {min(ratios):.2f}x, {verdict}.")
+        else:
+            notes.append(f"Target {mode} >= {need}x SDPA-flash at D=128: not measured.")
+    plain = next((f for f in features if f["feature"] == "plain" and f.get("fwd_ms")), None)
+    for f in features:
+        if f["feature"] == "plain":
+            continue
+        if plain and f.get("fwd_ms"):
+            cost = f["fwd_ms"] / plain["fwd_ms"] - 1
+            need = 0.25 if f["feature"] == "softcap" else 0.10
+            verdict = "met" if cost <= need else "NOT met"
+            notes.append(
+                f"Causal forward D=128 N=8192, {f['feature']}: {f['fwd_ms']:.3f} ms vs {plain['fwd_ms']:.3f} ms "
+                f"plain ({100 * cost:+.1f}%; target <= {100 * need:.0f}%, {verdict})."
+            )
+        else:
+            notes.append(f"Causal forward D=128 N=8192, {f['feature']}: not measured ({f.get('error', 'no time')}).")
+    return rows, columns, notes
+
+
+# ----------------------------------------------------------------- on the GPU
+def _max_errors(case: dict[str, Any], dtype) -> dict[str, Any]:
+    """Largest |attnkit - SDPA-flash| of the output and the gradients, same inputs and output gradient."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import attnkit
+
+    q, k, v = _inputs(case, dtype)
+    dout = torch.randn_like(q)
+    results = []
+    for run in ("triton", "sdpa"):
+        if run == "triton":
+            out = attnkit.attention(q, k, v, causal=case["causal"], backend="triton")
+        else:
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=case["causal"])
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        results.append((out.detach(), *grads))
+    names = ("out", "dq", "dk", "dv")
+    return {name: (a.float() - b.float()).abs().max().item() for name, a, b in zip(names, *results, strict=True)}
+
+
+def _backward_split(case: dict[str, Any], dtype) -> list[dict[str, Any]]:
+    """Device time of each backward kernel over five backward calls, from ``torch.profiler``."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import attnkit
+
+    q, k, v = _inputs(case, dtype)
+    out = attnkit.attention(q, k, v, causal=case["causal"], backend="triton")
+    dout = torch.randn_like(out)
+    torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)  # autotuned and compiled before profiling
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+        torch.cuda.synchronize()
+    totals = dict.fromkeys(BACKWARD_KERNELS, 0.0)
+    for event in prof.key_averages():
+        for name in BACKWARD_KERNELS:
+            if name in event.key:
+                totals[name] += event.device_time_total / 1e3 / 5  # us over 5 calls -> ms per call
+    where = {"D": case["D"], "N": case["N"], "causal": case["causal"]}
+    return [{**where, "kernel": name, "ms": ms} for name, ms in totals.items()]
+
+
+def _feature_times(dtype) -> list[dict[str, Any]]:
+    """The causal forward at D = 128, N = 8192: plain, softcap, ALiBi, a window spanning every key."""
+    import torch
+
+    import attnkit
+
+    case = {"D": 128, "N": 8192, "B": 2, "H": 16, "causal": True}
+    q, k, v = _inputs(case, dtype)
+    options = {
+        "plain": {},
+        "softcap": {"softcap": 30.0},
+        "alibi": {"alibi": attnkit.alibi_slopes(case["H"]).to("cuda")},
+        "window": {"window": (case["N"], 0)},  # masks nothing beyond causal: the window code's own cost
+    }
+    rows = []
+    for feature in QUICK_FEATURES:
+        row = {"feature": feature, **case}
+        try:
+            with torch.no_grad():
+                row["fwd_ms"] = _bench_ms(
+                    lambda o=options[feature]: attnkit.attention(q, k, v, causal=True, backend="triton", **o)
+                )
+        except Exception as exc:  # record and go on: the other features still say something
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        rows.append(row)
+    return rows
+
+
+def chosen_configs() -> list[dict[str, Any]]:
+    """The config each autotuned kernel chose, per autotune key it has seen."""
+    from attnkit.kernels.triton import backward, forward
+
+    rows = []
+    for name, tuned in (("forward", forward._fwd_tuned), ("dkdv", backward._dkdv_tuned), ("dq", backward._dq_tuned)):
+        for key, cfg in tuned.cache.items():
+            rows.append({"kernel": name, "key": [str(x) for x in key], "config": str(cfg)})
+    return rows
+
+
+def compiled_variants() -> list[dict[str, Any]]:
+    """Registers, spills and shared memory of every variant the kernels were compiled to in this process."""
+    from attnkit.kernels.triton import backward, forward
+
+    rows = []
+    for fn in (forward._fwd_kernel, backward._prep_kernel, backward._dkdv_kernel, backward._dq_kernel):
+        for caches in fn.device_caches.values():
+            for kernel in caches[0].values():
+                consts = {fn.arg_names[path[0]]: value for path, value in kernel.src.constants.items()}
+                row = {
+                    "kernel": fn.__name__,
+                    "blocks": {k: consts[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D") if k in consts},
+                    "flags": {k: v for k, v in consts.items() if k.isupper() and not k.startswith("BLOCK")},
+                    "warps": kernel.metadata.num_warps,
+                    "stages": kernel.metadata.num_stages,
+                    "shared": kernel.metadata.shared,
+                }
+                try:
+                    kernel._init_handles()  # loads the cubin: the driver's register and spill counts
+                    row.update(registers=kernel.n_regs, spills=kernel.n_spills)
+                except Exception as exc:  # a config the autotuner found too large for this card
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                rows.append(row)
+    return rows
+
+
+def run_quick(out_dir: str, budget: float) -> tuple[str, str]:
+    """Measure everything in the module docstring; returns the JSON and Markdown paths."""
+    import torch
+    import triton
+
+    from attnkit.apps.harness import write_results
+
+    dtype = torch.bfloat16
+    card = torch.cuda.get_device_name(0)
+    start = time.perf_counter()
+    throughput, errors, split, failures = [], [], [], []
+    for case in QUICK_CASES:  # the D = 128 cases first: the targets concern them
+        for provider in QUICK_PROVIDERS:
+            if time.perf_counter() - start > budget:
+                throughput.append({"provider": provider, **case, "error": "skipped: time budget spent"})
+                continue
+            throughput.append(_throughput_row(case, provider, dtype, modes=("fwd", "bwd")))
+        if time.perf_counter() - start <= budget:
+            where = f"D={case['D']} N={case['N']} causal={case['causal']}"
+            try:
+                errors.append({"D": case["D"], "N": case["N"], "causal": case["causal"], **_max_errors(case, dtype)})
+            except Exception as exc:  # the column stays empty; the note says why
+                failures.append(f"Max difference vs SDPA, {where}: failed: {type(exc).__name__}: {str(exc)[:200]}")
+            try:
+                split += _backward_split(case, dtype)
+            except Exception as exc:
+                failures.append(f"Backward split, {where}: failed: {type(exc).__name__}: {str(exc)[:200]}")
+    features = _feature_times(dtype) if time.perf_counter() - start <= budget else []
+    rows, columns, notes = quick_report(throughput, errors, split, features)
+    notes = [
+        f"Card: {card}; bf16; B x N = 16K tokens, H = 2048 / D; triton {triton.__version__}, "
+        f"torch {torch.__version__}.",
+        "FLOPs: forward 4 B H N^2 D (halved for causal), backward 2.5x forward; medians of triton.testing.do_bench.",
+        *notes,
+        *failures,
+        f"Wall time of the run: {time.perf_counter() - start:.0f} s (budget {budget:.0f} s).",
+    ]
+    extra = {
+        "card": card, "triton": triton.__version__, "throughput": throughput, "errors": errors,
+        "backward_split": split, "features": features, "configs": chosen_configs(), "variants": compiled_variants(),
+    }  # fmt: skip
+    json_path, md_path = write_results(
+        f"triton_quick_{card_slug(card)}", rows, columns, out_dir=out_dir,
+        title=f"Triton kernels, quick check on {card}", notes=notes, extra=extra,
+    )  # fmt: skip
+    return str(json_path), str(md_path)
+
+
 # ----------------------------------------------------------------------- command
 POSITIVE = int_at_least(1)
 
@@ -329,6 +576,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seqlens", type=POSITIVE, nargs="+", default=list(SEQLENS), help="lengths N (B = 16K / N)")
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS, help="what to time")
     parser.add_argument("--feature-length", type=POSITIVE, default=8192, help="N of the feature-cost cases (D = 128)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="the prepared check (under 5 min on one H100/H200): D=128 N=8K and D=64 N=4K against SDPA-flash, "
+        "errors, backward split, feature costs, chosen configs, registers/spills",
+    )
     parser.add_argument(
         "--budget",
         type=positive_float,
@@ -349,6 +602,11 @@ def run(args: argparse.Namespace) -> int:
         import triton
     except ImportError:
         raise UsageError("needs triton: pip install 'attnkit[triton]'") from None
+    if args.quick:
+        json_path, md_path = run_quick(args.out, budget=min(args.budget, QUICK_BUDGET))
+        print(Path(md_path).read_text())
+        print(f"wrote {json_path} and {md_path}")
+        return 0
     dtype = torch.bfloat16
     card = torch.cuda.get_device_name(0)
     start = time.perf_counter()

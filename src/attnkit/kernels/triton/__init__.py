@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from attnkit.kernels.triton.offsets import OFFSET_LIMIT, addressable, furthest_element
+from attnkit.kernels.triton.precision import tf32_allowed
 from attnkit.spec import AttentionSpec
 
 MAX_HEAD_DIM = 256  # one tile row of q, k and v must fit in shared memory next to the scores
@@ -78,6 +79,29 @@ def refusal(q: Tensor, spec: AttentionSpec, return_lse: bool) -> str | None:
     if spec.mask is not None and spec.mask.dtype != torch.bool and spec.mask.requires_grad:
         return "the float mask needs a gradient (the kernels treat masks as constants; use 'tiled')"
     return None
+
+
+def auto_deferral(q: Tensor, spec: AttentionSpec, return_lse: bool) -> str | None:
+    """Why ``auto`` should pass this request on to SDPA although the kernels can run it, or None.
+
+    fp32 inputs without TF32 (`tf32_allowed` false, torch's default) make every ``tl.dot`` an
+    IEEE fp32 product on CUDA cores (issue 17's offline compile of the forward at 64 x 64,
+    D = 64: 8,336 FFMA per tile), predicted an order of magnitude slower than SDPA, whose fp32
+    path (the memory-efficient kernel; CUTLASS's fast-fp32 mode, three TF32 products) keeps
+    about fp32 accuracy on tensor cores. So where SDPA computes the request exactly, ``auto``
+    takes it there; where it cannot (softcap, ALiBi, a window, dropout, ...) the kernels keep
+    it, and ``backend="triton"`` always runs it.
+    """
+    if q.dtype != torch.float32 or q.device.type != "cuda" or tf32_allowed():
+        return None
+    from attnkit.kernels import sdpa
+
+    if sdpa.refusal(q, spec, return_lse) is not None:
+        return None
+    return (
+        "fp32 without TF32 (torch.get_float32_matmul_precision() is 'highest') runs IEEE fp32 dots on CUDA "
+        "cores; sdpa computes this request exactly and faster (allow TF32 to use the kernels)"
+    )
 
 
 def stats_refusal(q: Tensor, spec: AttentionSpec, return_lse: bool = False) -> str | None:

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from attnkit.dropout import COL_SALT, HEAD_SALT, MIX_MULTIPLIER, ROW_SALT, VARLEN_SEED_STEP
+from attnkit.kernels.triton.precision import tf32_allowed
 from attnkit.spec import AttentionSpec
 
 # Whether this import decorated the kernels for Triton's CPU interpreter (TRITON_INTERPRET=1 is
@@ -52,16 +53,34 @@ def mix32(x):
 
 
 @triton.jit
-def keep_tile(seed, bh, offs_m, offs_n, threshold):
-    """``(BLOCK_M, BLOCK_N)`` keep-mask, bit for bit `attnkit.dropout.keep_mask`.
+def keep_tile(seed, bh, offs_m, offs_n, threshold, TRANSPOSED: tl.constexpr = False):
+    """``(BLOCK_M, BLOCK_N)`` keep-mask, bit for bit `attnkit.dropout.keep_mask` (``TRANSPOSED``: its transpose).
 
     ``seed``, ``bh`` and ``threshold`` are ``uint32`` scalars; ``offs_m``/``offs_n`` local indices.
     """
     head_key = mix32(bh * HEAD + seed)
     row_key = mix32(head_key ^ mix32(offs_m.to(tl.uint32) * ROW))  # (BLOCK_M,)
     col_key = mix32(offs_n.to(tl.uint32) * COL + seed)  # (BLOCK_N,)
-    u = mix32(row_key[:, None] ^ col_key[None, :])  # (BLOCK_M, BLOCK_N) uniform on [0, 2**32)
+    if TRANSPOSED:
+        u = mix32(col_key[:, None] ^ row_key[None, :])  # (BLOCK_N, BLOCK_M): xor commutes, same bits
+    else:
+        u = mix32(row_key[:, None] ^ col_key[None, :])  # (BLOCK_M, BLOCK_N) uniform on [0, 2**32)
     return u >= threshold
+
+
+@triton.jit
+def load_tile(ptrs, edge_mask, dim_mask, STRUCTURE: tl.constexpr, EVEN_D: tl.constexpr):
+    """One tile of ``q``, ``k``, ``v`` or ``dO``; padded entries read as 0.
+
+    On an edge tile (``STRUCTURE``) bounded by ``edge_mask & dim_mask`` (the sequence end and the
+    padded head dims); on a bulk tile, which lies inside the sequence, by ``dim_mask`` only, and
+    not at all when the head dims fill their block (``EVEN_D``). Unused masks cost nothing on a GPU.
+    """
+    if STRUCTURE:
+        return tl.load(ptrs, mask=edge_mask & dim_mask, other=0.0)
+    if EVEN_D:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=dim_mask, other=0.0)
 
 
 @triton.jit
@@ -79,55 +98,90 @@ def dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def tanh(x):
-    """``tanh`` from ``exp``, portable across Triton releases and the interpreter; exact at +-inf."""
+def dot_acc(a, b, acc, PRECISION: tl.constexpr):
+    """``acc + a @ b`` as one ``tl.dot`` (the MMA accumulates in place); precision as in `dot`."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def tanh(x, FAST: tl.constexpr):
+    """``tanh``: ``FAST`` is the GPU's ``tanh.approx.f32`` (one special-function op, max relative
+    error about 2**-11, used only for 16-bit inputs on CUDA); otherwise from ``exp``, exact to
+    fp32 rounding, portable across Triton releases and the interpreter, exact at +-inf.
+    """
+    if FAST:
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
 @triton.jit
 def score_tile(
-    qk, offs_m, offs_n, q_len, kv_len, offset, scale, softcap, slope, left, right,
+    qk, qi, kj, q_len, kv_len, offset, qk_scale, cap_in, cap_out, slope2, left, right,
     mask_rows,  # pointer to the mask row of this (b, h): Mask + b*smb + h*smh (unused without a mask)
     smm, smn,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr,  # 0 none, 1 bool (stored as uint8), 2 float (added)
     STRUCTURE: tl.constexpr = True,  # False: the tile is known open (causal/window, Lk bound)
+    MASK_ROW: tl.constexpr = False,  # the mask is one key row for every query (query stride 0)
+    FAST_TANH: tl.constexpr = False,
 ):  # fmt: skip
-    """Scores of one tile with every modifier applied; masked entries are ``-inf``.
+    """Scores of one tile in base 2 (``s log2 e``) with every modifier applied; masked entries are ``-inf``.
+
+    The tile is ``qi x kj``: ``qi`` the local query indices and ``kj`` the key indices, shaped
+    ``(BLOCK_M, 1)`` and ``(1, BLOCK_N)`` for a ``q k^T`` tile, or ``(1, BLOCK_M)`` and
+    ``(BLOCK_N, 1)`` for the backward's transposed ``k q^T`` tile. The constants come folded
+    (`folded_constants`): ``qk_scale = scale log2 e``, ``cap_in = scale / softcap``,
+    ``cap_out = softcap log2 e``, ``slope2 = slope log2 e``, so each step is one multiply or FMA.
 
     Args:
-        qk: ``(BLOCK_M, BLOCK_N)`` fp32 ``q k^T`` (unscaled).
+        qk: fp32 ``q k^T`` (unscaled), the shape of ``qi`` broadcast against ``kj``.
 
     Returns:
-        ``s (BLOCK_M, BLOCK_N)`` fp32 in natural units, and ``t = tanh(scale qk / softcap)``
-        (the softcap derivative is ``1 - t^2``; ``t`` is ``s`` itself without softcap).
+        ``s2`` fp32 in base-2 units, and ``t = tanh(scale qk / softcap)`` (the softcap derivative
+        is ``1 - t^2``; ``t`` is ``s2`` itself without softcap).
     """
-    s = qk * scale
-    t = s
     if HAS_SOFTCAP:
-        t = tanh(s / softcap)
-        s = t * softcap
-    pos_q = offs_m + offset  # (BLOCK_M,) aligned query positions
+        t = tanh(qk * cap_in, FAST_TANH)
+        s = t * cap_out
+    else:
+        s = qk * qk_scale
+        t = s
+    pos_q = qi + offset  # aligned query positions
     if HAS_ALIBI:
-        dist = tl.abs(pos_q[:, None] - offs_n[None, :]).to(tl.float32)
-        s = s - slope * dist
+        s = s - slope2 * tl.abs(pos_q - kj).to(tl.float32)
     if MASK_KIND != 0:
-        in_bounds = (offs_m[:, None] < q_len) & (offs_n[None, :] < kv_len)
-        m = tl.load(mask_rows + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=in_bounds, other=0)
+        if MASK_ROW:  # one key row, read as a vector and broadcast over the queries
+            if STRUCTURE:
+                m = tl.load(mask_rows + kj * smn, mask=kj < kv_len, other=0)
+            else:
+                m = tl.load(mask_rows + kj * smn)
+        else:
+            in_bounds = qi < q_len
+            if STRUCTURE:
+                in_bounds = in_bounds & (kj < kv_len)
+            m = tl.load(mask_rows + qi * smm + kj * smn, mask=in_bounds, other=0)
         if MASK_KIND == 2:
-            s = s + m.to(tl.float32)
+            s = tl.fma(m.to(tl.float32), LOG2E, s)
     if STRUCTURE:
-        allowed = offs_n[None, :] < kv_len  # (1, BLOCK_N): padding columns of the last tile
+        allowed = kj < kv_len  # padding keys of the last tile
         if HAS_LEFT:
-            allowed = allowed & (offs_n[None, :] >= pos_q[:, None] - left)
+            allowed = allowed & (kj >= pos_q - left)
         if HAS_RIGHT:
-            allowed = allowed & (offs_n[None, :] <= pos_q[:, None] + right)
+            allowed = allowed & (kj <= pos_q + right)
         if MASK_KIND == 1:
             allowed = allowed & (m != 0)
         s = tl.where(allowed, s, float("-inf"))
     elif MASK_KIND == 1:
         s = tl.where(m != 0, s, float("-inf"))
     return s, t
+
+
+@triton.jit
+def folded_constants(scale, softcap, slope):
+    """``(qk_scale, cap_in, cap_out, slope2)`` of `score_tile`, computed once per program."""
+    return scale * LOG2E, scale / softcap, softcap * LOG2E, slope * LOG2E
 
 
 @triton.jit
@@ -171,22 +225,21 @@ def open_key_tiles(i0, i1, lo, hi, offset, kv_len, left, right, BLOCK_N: tl.cons
 
 
 @triton.jit
-def open_query_tiles(j0, lo, hi, offset, kv_len, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def open_query_tiles(j0, lo, hi, offset, q_len, kv_len, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):  # fmt: skip
     """`open_key_tiles` for the backward's walk over query tiles ``[lo, hi)`` of keys ``[j0, j0 + BLOCK_N)``.
 
-    ``[a, b)`` holds the query tiles that see every key of the block. Rows past ``Lq`` need no
-    mask there (their ``lse`` is read as ``+inf``, so ``p = 0``); a key block that runs past
-    ``Lk`` is masked throughout.
+    ``[a, b)`` holds the query tiles that see every key of the block and lie wholly inside
+    ``[0, Lq)`` (so their loads need no row mask); a key block that runs past ``Lk`` is masked throughout.
     """
     end = tl.maximum(hi, lo)  # hi < lo when no query sees the block: then every run is empty
     a = lo
     if HAS_RIGHT:  # open once i0 >= (j1 - 1) - offset - right, the last key's first row
         a = lo + tl.cdiv(tl.maximum(j0 + BLOCK_N - 1 - offset - right - lo, 0), BLOCK_M) * BLOCK_M
         a = tl.minimum(a, end)
-    b = end
+    b = lo + (tl.maximum(q_len - lo, 0) // BLOCK_M) * BLOCK_M  # whole tiles inside [0, Lq): loads unmasked
     if HAS_LEFT:  # open while i0 + BLOCK_M - 1 <= j0 - offset + left, the first key's last row
-        b = lo + (tl.maximum(j0 - offset + left + 1 - lo, 0) // BLOCK_M) * BLOCK_M
+        b = tl.minimum(b, lo + (tl.maximum(j0 - offset + left + 1 - lo, 0) // BLOCK_M) * BLOCK_M)
     b = tl.minimum(tl.maximum(b, a), end)
     if j0 + BLOCK_N > kv_len:
         a = end
@@ -218,13 +271,16 @@ def head_block(d: int) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` precision: exact IEEE fp32 for fp32 inputs (no TF32 rounding), native otherwise.
+    """``tl.dot`` precision: fp32 inputs take TF32 only where torch's matmul precision allows it
+    (`tf32_allowed`), IEEE fp32 otherwise; 16-bit inputs run natively.
 
     Under the interpreter bf16 products are taken in fp32 (see `dot`).
     """
     if dtype == torch.bfloat16 and INTERPRETED:
         return "upcast"
-    return "ieee" if dtype == torch.float32 else "tf32"
+    if dtype == torch.float32:
+        return "tf32" if tf32_allowed() else "ieee"
+    return "tf32"  # ignored by tl.dot for fp16/bf16 operands
 
 
 def mask_args(spec: AttentionSpec) -> tuple[torch.Tensor | None, tuple[int, int, int, int], int]:
@@ -250,18 +306,31 @@ def dropout_args(spec: AttentionSpec) -> tuple[int, int, float]:
     return int(spec.dropout_seed) & 0xFFFFFFFF, int(spec.dropout_p * 2**32), 1.0 / (1.0 - spec.dropout_p)
 
 
-def flags(spec: AttentionSpec) -> dict:
-    """The feature ``constexpr`` flags every kernel takes, from the spec."""
+def flags(spec: AttentionSpec, dtype: torch.dtype) -> dict:
+    """The feature ``constexpr`` flags every kernel takes, from the spec and the inputs' dtype.
+
+    ``MASK_ROW``: the mask has query stride 0 (a ``(B|1, H|1, 1, Lk)`` padding mask), read as one
+    key vector per tile. ``FAST_TANH``: softcap's ``tanh`` as ``tanh.approx.f32``, for 16-bit
+    inputs on a GPU only (its ~2**-11 relative error is below their rounding); fp32 inputs and
+    the interpreter keep the exact ``tanh``.
+    """
     left, right = spec.bounds
-    _, _, kind = mask_args(spec)
+    mask, strides, kind = mask_args(spec)
     return {
         "HAS_SOFTCAP": spec.softcap is not None,
         "HAS_ALIBI": spec.alibi_slopes is not None,
         "HAS_LEFT": left is not None,
         "HAS_RIGHT": right is not None,
         "MASK_KIND": kind,
+        "MASK_ROW": mask is not None and strides[2] == 0,
         "DROPOUT": spec.dropout_p > 0,
+        "FAST_TANH": spec.softcap is not None and dtype in (torch.float16, torch.bfloat16) and not INTERPRETED,
     }
+
+
+def even_dims(spec: AttentionSpec) -> bool:
+    """``EVEN_D``: both head dims fill their power-of-two block, so no load needs a head-dim mask."""
+    return spec.head_dim == head_block(spec.head_dim) and spec.v_head_dim == head_block(spec.v_head_dim)
 
 
 def scalar_args(spec: AttentionSpec) -> tuple[float, float, int, int]:
@@ -275,3 +344,48 @@ def bhld_strides(x: torch.Tensor, varlen: bool) -> tuple[int, int, int, int]:
     if varlen:
         return 0, x.stride(1), x.stride(0), x.stride(2)
     return x.stride(0), x.stride(1), x.stride(2), x.stride(3)
+
+
+# ------------------------------------------------------------------ autotune space
+# Triton's fused-attention tutorial tunes BLOCK_M {64, 128} x BLOCK_N {32, 64, 128} x stages 2-7 x
+# warps {4, 8}. That space is pruned twice here. Offline, by the compiler report
+# (tests/triton_compile_check.py, docs/triton.md): tiles that spill or sit at the 255-register
+# ceiling at D = 64 or D = 128 (bf16, sm_90a) are not listed, and each tile keeps the stage
+# counts worth timing; every listed config is compiled by that report and must have 0 spills.
+# At launch, by shared memory (`shared_memory_pruner`), so a config that cannot fit (D = 256,
+# smaller GPUs) is never compiled.
+SHARED_LIMIT = 232448  # bytes of shared memory per block on sm_90 (the default when no GPU says)
+
+
+def autotune_configs(table: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    """``triton.Config`` of each ``(BLOCK_M, BLOCK_N, warps, stages)``."""
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in table]
+
+
+def shared_memory_pruner(once: str, streamed: str, *, once_pair: bool):
+    """An ``early_config_prune`` that drops configs whose tiles cannot fit in shared memory.
+
+    ``once`` names the block loaded once per program (``BLOCK_M`` for the forward and dQ,
+    ``BLOCK_N`` for dK/dV; ``once_pair``: it holds two operands, q and dO or k and v, not q
+    alone), ``streamed`` the block the loop streams through ``num_stages`` buffers of two
+    operands (k and v, or q and dO). An estimate of what the compiler allocates; the offline
+    report's figures match it for the listed tiles.
+    """
+
+    def prune(configs, named_args, **kwargs):
+        q = named_args["Q"]
+        pair = (kwargs["BLOCK_D"] + kwargs["BLOCK_DV"]) * q.element_size()  # bytes of one row of two operands
+        first = pair if once_pair else kwargs["BLOCK_D"] * q.element_size()
+        limit = SHARED_LIMIT
+        if q.device.type == "cuda":
+            limit = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
+        need = lambda c, stages: c.kwargs[once] * first + stages * c.kwargs[streamed] * pair
+        kept = [c for c in configs if need(c, c.num_stages) <= limit]
+        if kept:
+            return kept
+        # Nothing fits (fp32 at D = 256): the smallest listed tile with as many stages as fit (at least 1).
+        small = configs[-1]
+        stages = max([s for s in range(1, small.num_stages + 1) if need(small, s) <= limit], default=1)
+        return [triton.Config(dict(small.kwargs), num_warps=small.num_warps, num_stages=stages)]
+
+    return prune

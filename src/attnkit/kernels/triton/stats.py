@@ -8,8 +8,10 @@ them into per-row and per-key statistics in registers:
 * ``entropy_i = -sum_j p_ij log p_ij = -sum_j p_ij (s_ij - lse_i)`` (nats; 0 for an empty row);
 * ``mean_distance_i = sum_j p_ij |i + Lk - Lq - j|``;
 * ``received_j = sum_i p_ij`` (one atomic add of a tile's column sums per tile);
-* ``topk``: the ``k`` largest weights of each row, merged tile by tile (``k`` rounds of
-  argmax per tile, replacing the smallest kept entry when beaten); a row whose visited
+* ``topk``: the ``k`` largest weights of each row, merged tile by tile (rounds of argmax,
+  each replacing the smallest kept entry when beaten; only as many rounds as the tile has
+  candidates above some row's smallest kept weight, at most ``k``, so once the lists are
+  full most tiles need none); a row whose visited
   tiles hold fewer than ``k`` keys completes its list with zero weights of skipped keys;
 * ``pooled``: the sum of ``p`` over ``P_q x P_k`` blocks of queries and keys. Columns are
   pooled in the kernel by a matmul with a 0/1 bin matrix (``p @ C``, ``C (BLOCK_N, P_k)``,
@@ -29,10 +31,12 @@ import triton.language as tl
 from attnkit.kernels.stats import segment_of
 from attnkit.kernels.triton.common import (
     INTERPRETED,
+    LN2,
     LOG2E,
     dot,
     dot_precision,
     flags,
+    folded_constants,
     head_block,
     key_range,
     mask_args,
@@ -55,7 +59,7 @@ def _stats_kernel(
     TOPK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr,
     POOL_PRECISION: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, DROPOUT: tl.constexpr, FAST_TANH: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -76,12 +80,13 @@ def _stats_kernel(
         other=0.0,
     )
     lse = tl.load(LSE + bh * q_len + offs_m, mask=row_ok, other=float("-inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: every p is 0
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # base 2; empty rows: every p is 0
     k_base = K + b * skb + hk * skh
     mask_rows = Mask + b * smb + h * smh
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(Slopes + h).to(tl.float32)
+    qk_scale, cap_in, cap_out, slope2 = folded_constants(scale, softcap, slope)
 
     plogp = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum_j p (s - lse) = -entropy
     dist = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -101,30 +106,14 @@ def _stats_kernel(
             other=0.0,
         )
         qk = dot(q, k, DOT_PRECISION)
-        s, _ = score_tile(
-            qk,
-            offs_m,
-            offs_n,
-            q_len,
-            kv_len,
-            offset,
-            scale,
-            softcap,
-            slope,
-            left,
-            right,
-            mask_rows,
-            smm,
-            smn,
-            HAS_SOFTCAP,
-            HAS_ALIBI,
-            HAS_LEFT,
-            HAS_RIGHT,
-            MASK_KIND,
-        )
-        p = tl.exp2((s - lse[:, None]) * LOG2E)  # (BLOCK_M, BLOCK_N) exact weights; 0 where masked
+        s2, _ = score_tile(
+            qk, offs_m[:, None], offs_n[None, :], q_len, kv_len, offset, qk_scale, cap_in, cap_out, slope2,
+            left, right, mask_rows, smm, smn, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, MASK_KIND,
+            True, MASK_ROW, FAST_TANH,
+        )  # fmt: skip
+        p = tl.exp2(s2 - lse2[:, None])  # (BLOCK_M, BLOCK_N) exact weights; 0 where masked
         p = tl.where(row_ok[:, None], p, 0.0)
-        plogp += tl.sum(p * tl.where(p > 0.0, s - lse[:, None], 0.0), 1)
+        plogp += tl.sum(p * tl.where(p > 0.0, s2 - lse2[:, None], 0.0), 1)  # base 2; to nats at the end
         dist += tl.sum(p * tl.abs((offs_m + offset)[:, None] - offs_n[None, :]).to(tl.float32), 1)
         tl.atomic_add(RECV + bh * kv_len + offs_n, tl.sum(p, 0), mask=col_ok)
         col_bin = tl.load(KSeg + offs_n, mask=col_ok, other=-1)  # (BLOCK_N,) key segment of each column
@@ -132,7 +121,12 @@ def _stats_kernel(
         pooled += tl.dot(p, onehot, input_precision=POOL_PRECISION)
         if TOPK > 0:
             cand = tl.where(col_ok[None, :], p, -2.0)  # padding columns never enter
-            for _ in tl.static_range(TOPK):
+            # Only a candidate above a row's smallest kept weight can enter its list, and they enter
+            # largest first (the smallest kept weight only grows): as many rounds as the row with the
+            # most such candidates needs, at most TOPK; none on most tiles once the lists are full.
+            entering = tl.sum((cand > tl.min(top_w, 1)[:, None]).to(tl.int32), 1)  # (BLOCK_M,)
+            rounds = tl.minimum(tl.max(entering, 0), TOPK)
+            for _ in range(0, rounds):
                 best = tl.max(cand, 1)
                 best_j = tl.argmax(cand, 1)
                 worst = tl.min(top_w, 1)
@@ -152,7 +146,7 @@ def _stats_kernel(
         top_i = tl.where(unfilled, skipped, top_i)
         top_w = tl.where(unfilled, 0.0, top_w)
 
-    tl.store(ENT + bh * q_len + offs_m, -plogp, mask=row_ok)
+    tl.store(ENT + bh * q_len + offs_m, -plogp * LN2, mask=row_ok)
     tl.store(DIST + bh * q_len + offs_m, dist, mask=row_ok)
     tl.store(
         ROWPOOL + (bh * q_len + offs_m)[:, None] * pool_k + offs_p[None, :],
@@ -180,6 +174,51 @@ def pool_precision(device: torch.device) -> str:
 # The pooled accumulator is (BLOCK_M, BLOCK_P) registers per program: more key segments than this
 # would spill (pool the keys in several passes, or on the torch kernel).
 MAX_POOL_SEGMENTS = 256
+
+
+def stats_call(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    spec: AttentionSpec,
+    lse: torch.Tensor | None = None,
+    key_segments: torch.Tensor | None = None,
+    outputs: tuple[torch.Tensor, ...] | None = None,
+    *,
+    topk: int,
+    pool_k: int,
+) -> tuple[tuple, dict]:
+    """`_stats_kernel`'s positional arguments and ``constexpr`` flags (tiles excluded), without launching.
+
+    ``lse (B, Hq, Lq)``, ``key_segments (Lk,)`` int32 and the six outputs of `stats_forward`
+    default to empty tensors (the offline compiler report binds them on ``meta`` tensors).
+    """
+    B, Hq, Lq, Lk = spec.batch, spec.q_heads, spec.q_len, spec.kv_len
+    empty = lambda *shape, dtype=torch.float32: torch.empty(*shape, dtype=dtype, device=q.device)
+    lse = lse if lse is not None else empty(B, Hq, Lq)
+    key_segments = key_segments if key_segments is not None else empty(Lk, dtype=torch.int32)
+    if outputs is None:
+        outputs = (empty(B, Hq, Lq), empty(B, Hq, Lq), empty(B, Hq, Lk), empty(B, Hq, Lq, topk),
+                   empty(B, Hq, Lq, topk, dtype=torch.int32), empty(B, Hq, Lq, pool_k))  # fmt: skip
+    mask, mstrides, _ = mask_args(spec)
+    scale, softcap, left, right = scalar_args(spec)
+    meta = flags(spec, q.dtype)
+    meta["DROPOUT"] = False  # statistics describe the weights before dropout
+    args = (
+        q, k, lse, spec.alibi_slopes if spec.alibi_slopes is not None else lse, mask if mask is not None else lse,
+        key_segments, *outputs,
+        *q.stride(), *k.stride(), *mstrides,
+        Hq, spec.group, Lq, Lk, spec.head_dim, pool_k,
+        scale, softcap, left, right,
+    )  # fmt: skip
+    meta.update(
+        BLOCK_D=head_block(spec.head_dim),
+        TOPK=topk,
+        BLOCK_K=max(2, triton.next_power_of_2(max(topk, 1))),
+        BLOCK_P=head_block(pool_k),
+        DOT_PRECISION=dot_precision(q.dtype),
+        POOL_PRECISION=pool_precision(q.device),
+    )
+    return args, meta
 
 
 def stats_forward(
@@ -227,22 +266,18 @@ def stats_forward(
     top_w = torch.empty(B, Hq, Lq, kk, dtype=torch.float32, device=dev)
     top_i = torch.empty(B, Hq, Lq, kk, dtype=torch.int32, device=dev)
     row_pooled = torch.empty(B, Hq, Lq, pk, dtype=torch.float32, device=dev)  # keys binned, queries not yet
-    mask, mstrides, _ = mask_args(spec)
-    scale, softcap, left, right = scalar_args(spec)
     bm, bn = blocks if blocks is not None else (64, 64)
-    meta = flags(spec)
-    meta["DROPOUT"] = False  # statistics describe the weights before dropout
-    _stats_kernel[(triton.cdiv(Lq, bm), B * Hq)](
-        q, k, lse, spec.alibi_slopes if spec.alibi_slopes is not None else lse, mask if mask is not None else lse,
+    args, meta = stats_call(
+        q,
+        k,
+        spec,
+        lse,
         k_seg.to(torch.int32),
-        entropy, distance, received, top_w, top_i, row_pooled,
-        *q.stride(), *k.stride(), *mstrides,
-        Hq, spec.group, Lq, Lk, spec.head_dim, pk,
-        scale, softcap, left, right,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=head_block(spec.head_dim), TOPK=kk,
-        BLOCK_K=max(2, triton.next_power_of_2(max(kk, 1))), BLOCK_P=head_block(pk),
-        DOT_PRECISION=dot_precision(q.dtype), POOL_PRECISION=pool_precision(q.device), **meta,
-    )  # fmt: skip
+        (entropy, distance, received, top_w, top_i, row_pooled),
+        topk=kk,
+        pool_k=pk,
+    )
+    _stats_kernel[(triton.cdiv(Lq, bm), B * Hq)](*args, BLOCK_M=bm, BLOCK_N=bn, **meta)
     pooled = torch.zeros(B, Hq, pq, pk, dtype=torch.float32, device=dev)
     pooled.index_add_(2, q_seg, row_pooled)  # (B, Hq, P_q, P_k): rows summed into their segments
     top_w, order = torch.sort(top_w, dim=-1, descending=True, stable=True)
