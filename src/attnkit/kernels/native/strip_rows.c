@@ -71,46 +71,68 @@ static inline void topk_insert(float w, int64_t j, float *top_w, int64_t *top_i,
 
 #define MAX_CHUNKS 8192  /* chunk maxima kept on the stack (rows up to 512K keys); longer rows skip the screen */
 
+/* The k-th largest of a[0..n) (1 <= k <= n), by Hoare's selection; reorders a. */
+static float kth_largest(float *a, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1, target = k - 1;
+    while (lo < hi) {
+        float pivot = a[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {  /* descending: larger values to the left */
+            while (a[i] > pivot) i++;
+            while (a[j] < pivot) j--;
+            if (i <= j) {
+                float t = a[i]; a[i] = a[j]; a[j] = t;
+                i++;
+                j--;
+            }
+        }
+        if (target <= j) hi = j;
+        else if (target >= i) lo = i;
+        else break;  /* between j and i every value equals the pivot */
+    }
+    return a[target];
+}
+
 /* The k largest entries of p (W >= k entries, all >= 0), largest first, ties to the smaller index.
  *
- * Screen: cut the row into chunks of TOPK_CHUNK keys (fewer on short rows) and the chunks into k groups. The largest
- * chunk maximum of each group is an entry of p, so k entries are >= tau, the smallest of those k
- * group maxima, and so is every entry of the top k. Chunks whose maximum is below tau are skipped
- * whole, and in the others entries below tau are dropped by one comparison. */
+ * Screen: cut the row into chunks of TOPK_CHUNK keys (fewer on short rows). The k chunks with the
+ * largest maxima hold k entries >= tau, the k-th largest chunk maximum, so every entry of the top k
+ * is >= tau: chunks whose maximum is below tau are skipped whole, and in the others entries below
+ * tau are dropped by one comparison. Weights of 0 (masked keys) enter only when fewer than k
+ * entries are positive, at the smallest such indices. */
 static void row_topk(const float *p, int64_t W, int64_t k, float *top_w, int64_t *top_i) {
     int64_t chunk = TOPK_CHUNK;
     while (chunk > 4 && W < 2 * k * chunk) chunk /= 2;  /* short rows: smaller chunks, at least 2k of them */
     int64_t n = (W + chunk - 1) / chunk;
-    float cmax[MAX_CHUNKS];
-    float tau = -1.0f;
-    if (n >= k && n <= MAX_CHUNKS) {
+    float cmax[MAX_CHUNKS], sel[MAX_CHUNKS];
+    float tau = 0.0f;
+    int screened = n >= k && n <= MAX_CHUNKS;
+    if (screened) {
         for (int64_t c = 0; c < n; c++) {
             int64_t j0 = c * chunk, j1 = j0 + chunk < W ? j0 + chunk : W;
-            float cm = -1.0f;
+            float cm = 0.0f;
 #pragma omp simd reduction(max : cm)
             for (int64_t j = j0; j < j1; j++) cm = p[j] > cm ? p[j] : cm;
             cmax[c] = cm;
+            sel[c] = cm;
         }
-        tau = INFINITY;
-        for (int64_t g = 0; g < k; g++) {  /* group g: chunks [g n / k, (g + 1) n / k), not empty as n >= k */
-            float gm = -1.0f;
-            for (int64_t c = g * n / k; c < (g + 1) * n / k; c++) gm = cmax[c] > gm ? cmax[c] : gm;
-            tau = gm < tau ? gm : tau;
-        }
+        tau = kth_largest(sel, n, k);
     }
     for (int64_t t = 0; t < k; t++) {
         top_w[t] = -1.0f;  /* below every weight: the first k candidates fill the list */
         top_i[t] = t;
     }
     for (int64_t c = 0; c < n; c++) {  /* in key order, so equal weights keep the smaller index */
-        if (tau >= 0.0f && cmax[c] < tau) continue;
+        if (screened && (cmax[c] < tau || cmax[c] == 0.0f)) continue;
         int64_t j0 = c * chunk, j1 = j0 + chunk < W ? j0 + chunk : W;
         int64_t j = j0;
 #if defined(__AVX2__)
-        /* eight comparisons at a time; only the entries at or above tau go to the list */
-        __m256 vtau = _mm256_set1_ps(tau);
+        /* eight comparisons at a time; only positive entries at or above tau go to the list */
+        __m256 vtau = _mm256_set1_ps(tau), zero = _mm256_setzero_ps();
         for (; j + 8 <= j1; j += 8) {
-            unsigned bits = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p + j), vtau, _CMP_GE_OQ));
+            __m256 x = _mm256_loadu_ps(p + j);
+            unsigned bits = (unsigned)_mm256_movemask_ps(
+                _mm256_and_ps(_mm256_cmp_ps(x, vtau, _CMP_GE_OQ), _mm256_cmp_ps(x, zero, _CMP_GT_OQ)));
             while (bits) {
                 int b = __builtin_ctz(bits);
                 topk_insert(p[j + b], j + b, top_w, top_i, k);
@@ -119,8 +141,17 @@ static void row_topk(const float *p, int64_t W, int64_t k, float *top_w, int64_t
         }
 #endif
         for (; j < j1; j++)
-            if (p[j] >= tau) topk_insert(p[j], j, top_w, top_i, k);
+            if (p[j] >= tau && p[j] > 0.0f) topk_insert(p[j], j, top_w, top_i, k);
     }
+    /* fewer than k positive weights: the rest are zeros, at the smallest indices holding one */
+    int64_t t = 0;
+    while (t < k && top_w[t] >= 0.0f) t++;
+    for (int64_t j = 0; t < k && j < W; j++)
+        if (p[j] == 0.0f) {
+            top_w[t] = 0.0f;
+            top_i[t] = j;
+            t++;
+        }
 }
 
 static void one_row(float *s, int64_t W, float row_pos, int64_t k, float *lse, float *entropy,
