@@ -10,8 +10,9 @@ token knows its key), and a head that reaches back ``2d`` tokens to the value wh
 
 `attnkit.inspect.Monitor` logs every head every ``--every`` steps; the figure drawn by
 ``attnkit monitor-report`` shows which heads became local and which long-range, and when.
-Here ``far`` is 24 tokens, since these sequences hold 48 to 144 tokens (the default, 256,
-suits long contexts).
+Here ``far`` is 24 tokens, since these sequences hold ``2 (d + 8)`` = 96 tokens at the default
+``d = 40`` (the default, 256, suits long contexts). One distance for the whole run keeps the
+monitored batches alike, so the figures move with training, not with the batch's length.
 
 Run (a few minutes on a CPU)::
 
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=50, help="monitor every N steps (default 50)")
     parser.add_argument("--logdir", default="runs/train_monitor", help="the monitor's log folder")
     parser.add_argument("--png", default=None, help="figure path (default LOGDIR/monitor-report.png)")
+    parser.add_argument("--distance", type=int, default=40, help="the retrieval distance d (default 40)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -75,8 +77,7 @@ def main() -> None:
     correct, seen, step = 0, 0, 0
     with monitor:
         while time.monotonic() < deadline:
-            d = int(torch.randint(16, 65, (1,), generator=g))
-            tokens, where, answer = batch_of(task, 32, d, g)
+            tokens, where, answer = batch_of(task, 32, args.distance, g)
             logits = model(tokens)  # (B, 2L, V)
             picked = logits[torch.arange(len(where)), where, : task.n_values]  # (B, values): the answer's logits
             loss = F.cross_entropy(picked, answer)

@@ -22,6 +22,8 @@ Every score is a mean over the batch and the queries that have an allowed key. N
   step, reset at its start through ``/proc/self/clear_refs`` (``"rss_peak"``, the whole process:
   the model, the optimizer, Python); where that reset is refused, the peak since the process
   started (``"rss_peak_since_start"``). The statistics are computed after these readings.
+  The reset is process-wide: another reader of ``VmHWM`` in the same process (a benchmark's
+  peak-memory probe) sees its peak reset at each monitored step.
 
 Three ways to attach it::
 

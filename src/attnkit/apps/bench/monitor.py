@@ -106,7 +106,7 @@ SIZES = {
     "heads": (4, "attention heads"),
     "depth": (4, "layers"),
     "batch": (8, "sequences per step"),
-    "length": (512, "tokens per sequence"),
+    "length": (256, "tokens per sequence"),
 }
 
 
