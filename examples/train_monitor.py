@@ -5,14 +5,20 @@ facts ``(key, value)`` among distractor facts and noise, and a query naming one 
 positions later; the answer is the key's value. For a decoder-only language model each
 position ``(symbol, role)`` becomes two tokens, ``symbol role``: a fact reads ``k v``, a query
 ``k QUERY``, noise ``n NONE``. Answering at the ``QUERY`` token then needs the two steps of an
-induction circuit (Olsson et al., 2022): a head that reads the previous token (so the value
-token knows its key), and a head that reaches back ``2d`` tokens to the value whose key matches.
+induction circuit (Olsson et al., 2022): a head that reads the previous token (so the query
+token learns its key, and each value token its own), then a head that reaches back ``2d``
+tokens to the value whose key matches.
 
-`attnkit.inspect.Monitor` logs every head every ``--every`` steps; the figure drawn by
-``attnkit monitor-report`` shows which heads became local and which long-range, and when.
-Here ``far`` is 24 tokens, since these sequences hold ``2 (d + 8)`` = 96 tokens at the default
-``d = 40`` (the default, 256, suits long contexts). One distance for the whole run keeps the
-monitored batches alike, so the figures move with training, not with the batch's length.
+`attnkit.inspect.Monitor` logs every head every ``--every`` steps, describing the heads at the
+position the task scores (``focus``: the ``QUERY`` token of each sequence; the other positions
+hold random tokens the loss never reads, and averaged over them every head looks alike); the
+figure drawn by ``attnkit monitor-report`` shows which heads became local and which
+long-range, and when.
+
+Here ``far`` is 24 tokens, since these sequences hold ``2 (d + 8)`` = 64 tokens at the default
+``d = 24``, and the answer sits ``2d = 48`` tokens back (the default, 256, suits long contexts).
+One distance for the whole run keeps the monitored batches alike, so the figures move with
+training, not with the batch's length.
 
 Run (a few minutes on a CPU)::
 
@@ -59,7 +65,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=50, help="monitor every N steps (default 50)")
     parser.add_argument("--logdir", default="runs/train_monitor", help="the monitor's log folder")
     parser.add_argument("--png", default=None, help="figure path (default LOGDIR/monitor-report.png)")
-    parser.add_argument("--distance", type=int, default=40, help="the retrieval distance d (default 40)")
+    parser.add_argument("--distance", type=int, default=24, help="the retrieval distance d (default 24)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -86,7 +92,9 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
             correct += int((picked.argmax(-1) == answer).sum())
             seen += len(answer)
-            row = monitor.step(tokens)
+            focus = torch.zeros(tokens.shape, dtype=torch.bool)
+            focus[torch.arange(len(where)), where] = True  # (B, 2L): the QUERY tokens
+            row = monitor.step(tokens, focus=focus)
             if row is not None:
                 heads = [r for r in monitor.history if r["step"] == step]
                 labels = " ".join(f"{r['layer'][7]}.{r['head']}:{r['reach'][:4]}" for r in heads)

@@ -137,6 +137,32 @@ def test_monitor_figures_equal_exact_weights_of_the_same_batch():
     assert first[0]["near_share"] > first[-1]["near_share"] and first[0]["far_share"] < first[-1]["far_share"]
 
 
+def test_focus_describes_only_the_chosen_queries():
+    model = tiny_lm(2)
+    tokens = torch.randint(0, VOCAB, (2, L))
+    focus = torch.zeros(2, L, dtype=torch.bool)
+    focus[0, -1] = focus[1, 20] = True  # one query per sequence
+    seen = Seen()
+    monitor = Monitor(model, every=1, near=2, far=10)
+    with hooks.attention_hook(seen):
+        monitor.step(tokens, focus=focus)
+    q, k, options = seen.calls[0]
+    p = attnkit.attention_weights(q.double(), k.double(), **options.kwargs(dropout=False))  # (B, H, L, L)
+    rows = torch.stack([p[0, :, -1], p[1, :, 20]])  # (2, H, L): the focused queries
+    dist = torch.stack([L - 1 - torch.arange(L), (20 - torch.arange(L)).abs()])[:, None, :]  # (2, 1, L)
+    want = {
+        "near_share": (rows * (dist <= 2)).sum(-1).mean(0),
+        "far_share": (rows * (dist > 10)).sum(-1).mean(0),
+        "mean_distance": (rows * dist).sum(-1).mean(0),
+        "sink_share": rows[..., 0].mean(0),
+    }
+    got = [r for r in monitor.history if r["layer"] == "layers.0.attn"]
+    for key, value in want.items():
+        assert [r[key] for r in got] == pytest.approx(value.tolist(), rel=1e-5, abs=1e-6), key
+    with pytest.raises(ValueError, match=r"focus must be a bool \(B, Lq\) = \(2, 40\) mask .* got shape \(2, 39\)"):
+        monitor.step(tokens, focus=focus[:, 1:])
+
+
 def test_monitor_roles_equal_head_roles_on_the_statistics_pass():
     model = tiny_lm(1)
     tokens = torch.randint(0, VOCAB, (2, L))

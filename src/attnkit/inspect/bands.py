@@ -23,7 +23,7 @@ from attnkit.kernels.reference import softmax_with_empty_rows
 from attnkit.masks import aligned_distance
 from attnkit.options import AttentionOptions
 
-__all__ = ["band_shares"]
+__all__ = ["band_shares", "first_key_weight"]
 
 DEFAULT_MAX_STRIP_BYTES = 32 * 2**20
 
@@ -85,3 +85,19 @@ def band_shares(
         far_share[:, :, i0:i1] = (p * (dist > far)).sum(-1)
         valid[:, :, i0:i1] = torch.isfinite(lse)
     return near_share, far_share, valid
+
+
+@torch.no_grad()
+def first_key_weight(q: Tensor, k: Tensor, lse: Tensor, options: AttentionOptions | None = None) -> Tensor:
+    """``(B, Hq, Lq)``: each row's weight on key 0, ``p_i0 = exp(s_i0 - lse_i)`` (0 where the row is empty).
+
+    Args:
+        q: ``(B, Hq, Lq, D)``; k: ``(B, Hk, Lk, D)``; options: as in `band_shares`.
+        lse: ``(B, Hq, Lq)`` the rows' log-sum-exp (`attnkit.attention_stats` gives it).
+
+    Memory: one column of scores, ``B * Hq * Lq``.
+    """
+    spec = build_spec(q.detach(), k.detach(), None, **(options or AttentionOptions()).kwargs(dropout=False))
+    s, _ = spec.scores(q.detach(), k.detach()[:, :, :1], 0, 0)  # (B, Hq, Lq, 1): key 0, masks applied
+    lse = lse.to(s.dtype)
+    return torch.where(torch.isfinite(lse), torch.exp(s[..., 0] - lse), torch.zeros_like(lse))

@@ -2,15 +2,17 @@
 
 Every ``every`` steps, for the batch of that step, per layer and head:
 
-* ``entropy`` (nats), ``mean_distance``, ``sink_share`` (attention to the first token) and the
-  head ``role`` of `attnkit.inspect.head_roles`, from the statistics pass `attnkit.attention_stats`;
+* ``entropy`` (nats), ``mean_distance`` and the head ``role`` of `attnkit.inspect.head_roles`, from
+  the statistics pass `attnkit.attention_stats`; ``sink_share`` (attention to the first token),
+  ``exp(s_i0 - lse_i)`` from the pass's log-sum-exp;
 * ``near_share`` (attention within ``near`` = 8 tokens) and ``far_share`` (beyond ``far`` = 256
   tokens), from `attnkit.inspect.bands.band_shares`, exact over row strips;
 * ``reach``: ``"local"`` when ``near_share >= 0.5``, ``"long-range"`` when ``far_share >= 0.5``,
   else ``"middle"`` (`REACH_THRESHOLD`).
 
-Every score is a mean over the batch and the queries that have an allowed key. No map of
-``Lq x Lk`` weights is ever held. Per monitored step it also measures:
+Every figure but ``role`` is a mean over the (sequence, query) pairs of the batch that have an
+allowed key (or those of ``focus``, see `Monitor.step`). No map of ``Lq x Lk`` weights is ever
+held. Per monitored step it also measures:
 
 * ``attention_forward_ms`` / ``attention_backward_ms``: time in the model's attention calls. The
   forward is timed around each call (`attnkit.hooks`); the backward from the moment the gradient
@@ -67,7 +69,7 @@ import torch
 from torch import Tensor, nn
 
 from attnkit import hooks
-from attnkit.inspect.bands import band_shares
+from attnkit.inspect.bands import band_shares, first_key_weight
 from attnkit.inspect.record import record
 from attnkit.inspect.roles import head_roles
 from attnkit.options import AttentionOptions
@@ -273,7 +275,7 @@ class Monitor:
         stack.callback(self.model.register_forward_pre_hook(self._keep_tokens, with_kwargs=True).remove)
         self._window = window
 
-    def step(self, batch: Any = None) -> dict[str, Any] | None:
+    def step(self, batch: Any = None, *, focus: Tensor | None = None) -> dict[str, Any] | None:
         """End a training step; on a monitored step, compute and log its figures.
 
         Args:
@@ -281,6 +283,9 @@ class Monitor:
                 runs on it once under ``torch.no_grad`` on monitored steps (a dict is passed as
                 keyword arguments). A ``(B, L)`` integer tensor (or a dict's ``input_ids``) also
                 gives the tokens for the token-based role scores (duplicate-token, induction).
+            focus: optional bool ``(B, Lq)``: describe only these queries (e.g. the positions the loss
+                scores), instead of every query that has an allowed key. Applies to every figure but
+                ``role``, which `head_roles` gives over all queries.
 
         Returns:
             the step's row of `steps` on a monitored step, else None.
@@ -290,9 +295,9 @@ class Monitor:
             self.begin_step()
             with torch.no_grad():
                 self.model(**batch) if isinstance(batch, dict) else self.model(batch)
-        if self._window is not None:
-            row = self._finish(self._window, _tokens_of(batch))
-            self._window = None
+        window, self._window = self._window, None
+        if window is not None:
+            row = self._finish(window, _tokens_of(batch), focus)
         self.step_count += 1
         if self._attached and self._auto_arm:
             self.begin_step()
@@ -334,7 +339,7 @@ class Monitor:
         return result
 
     # ----------------------------------------------------------------- the figures
-    def _finish(self, window: _Window, tokens: Tensor | None) -> dict[str, Any]:
+    def _finish(self, window: _Window, tokens: Tensor | None, focus: Tensor | None) -> dict[str, Any]:
         device = _device_of(self.model)
         clock = _Clock(device)
         end = clock.mark()
@@ -350,7 +355,7 @@ class Monitor:
         bwd = sum(
             clock.seconds(a, b) for layer in window.layers.values() for a, b in layer.backward if None not in (a, b)
         )
-        rows = self._head_rows(step, window.layers, tokens if tokens is not None else window.tokens)
+        rows = self._head_rows(step, window.layers, tokens if tokens is not None else window.tokens, focus)
         first = next(iter(window.layers.values()), None)
         summary = {
             "step": step, "step_ms": 1e3 * step_s, "attention_forward_ms": 1e3 * fwd,
@@ -363,29 +368,40 @@ class Monitor:
         self._log(step, rows, summary)
         return summary
 
-    def _head_rows(self, step: int, layers: dict[str, _Layer], tokens: Tensor | None) -> list[dict[str, Any]]:
+    def _head_rows(
+        self, step: int, layers: dict[str, _Layer], tokens: Tensor | None, focus: Tensor | None
+    ) -> list[dict[str, Any]]:
         """One row per head of every layer (statistics pass, distance bands, roles)."""
         rows = []
         for name, layer in layers.items():
             kwargs = layer.options.kwargs(dropout=False)
             st = attention_stats(layer.q, layer.k, layer.v, **kwargs, topk=8, pool=1)
-            B, _, _, Lk = st.shape
+            B, _, Lq, Lk = st.shape
             toks = tokens if tokens is not None and tuple(tokens.shape) == (B, Lk) else None
-            labelled = head_roles(st, tokens=None if toks is None else toks.cpu(), thresholds=self.roles).rows
+            roles = head_roles(st, tokens=None if toks is None else toks.cpu(), thresholds=self.roles).rows
             near, far, valid = band_shares(layer.q, layer.k, layer.options, near=self.near, far=self.far)
+            per_row = {
+                "entropy": st.entropy, "mean_distance": st.mean_distance, "near_share": near, "far_share": far,
+                "sink_share": first_key_weight(layer.q, layer.k, st.lse, layer.options),
+            }  # fmt: skip
+            if focus is not None:
+                if tuple(focus.shape) != (B, Lq):
+                    raise ValueError(
+                        f"Monitor.step: focus must be a bool (B, Lq) = ({B}, {Lq}) mask of the queries to "
+                        f"describe (layer {name}), got shape {tuple(focus.shape)}"
+                    )
+                valid = valid & focus.to(valid.device, torch.bool)[:, None, :]  # (B, H, Lq)
             weight = valid.to(near.dtype)
-            count = weight.sum((0, 2))  # (H,): rows with an allowed key
-            near_mean = ((near * weight).sum((0, 2)) / count.clamp(min=1)).tolist()
-            far_mean = ((far * weight).sum((0, 2)) / count.clamp(min=1)).tolist()
-            for h, scored in enumerate(labelled):
-                empty = float(count[h]) == 0
-                n_h, f_h = (math.nan, math.nan) if empty else (near_mean[h], far_mean[h])
+            count = weight.sum((0, 2))  # (H,): described rows
+            means = {key: ((x.to(near.dtype) * weight).sum((0, 2)) / count.clamp(min=1)).tolist()
+                     for key, x in per_row.items()}  # fmt: skip
+            for h, scored in enumerate(roles):
+                figures = {key: math.nan if count[h] == 0 else m[h] for key, m in means.items()}
                 rows.append(
                     {
                         "step": step, "layer": name, "head": h, "role": scored["role"],
-                        "reach": "none" if empty else reach(n_h, f_h), "entropy": scored["entropy"],
-                        "mean_distance": scored["mean_distance"], "near_share": n_h, "far_share": f_h,
-                        "sink_share": scored["first_token"],
+                        "reach": "none" if count[h] == 0 else reach(figures["near_share"], figures["far_share"]),
+                        **figures,
                     }
                 )  # fmt: skip
         return rows
