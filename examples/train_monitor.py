@@ -15,10 +15,10 @@ hold random tokens the loss never reads, and averaged over them every head looks
 figure drawn by ``attnkit monitor-report`` shows which heads became local and which
 long-range, and when.
 
-Here ``far`` is 24 tokens, since these sequences hold ``2 (d + 8)`` = 64 tokens at the default
-``d = 24``, and the answer sits ``2d = 48`` tokens back (the default, 256, suits long contexts).
-One distance for the whole run keeps the monitored batches alike, so the figures move with
-training, not with the batch's length.
+Each batch draws its distance ``d`` from ``--distances`` (default 12 to 36): with one fixed
+``d`` the model could find the answer at a fixed offset without reading the key. Sequences hold
+``2 (d + 8)`` tokens and the answer sits ``2d`` tokens back, so here ``far`` is 16 tokens (the
+default, 256, suits long contexts) and ``near`` stays 8.
 
 Run (a few minutes on a CPU)::
 
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=50, help="monitor every N steps (default 50)")
     parser.add_argument("--logdir", default="runs/train_monitor", help="the monitor's log folder")
     parser.add_argument("--png", default=None, help="figure path (default LOGDIR/monitor-report.png)")
-    parser.add_argument("--distance", type=int, default=24, help="the retrieval distance d (default 24)")
+    parser.add_argument("--distances", type=int, nargs=2, default=(12, 36), help="range of d (default 12 36)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -78,12 +78,13 @@ def main() -> None:
     vocab = task.vocab_sizes[0] + task.vocab_sizes[1]
     model = LanguageModel(vocab, 64, 4, 2, positions="rope", ff_dim=128)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    monitor = Monitor(model, every=args.every, logdir=args.logdir, near=8, far=24)
+    monitor = Monitor(model, every=args.every, logdir=args.logdir, near=8, far=16)
     deadline = time.monotonic() + 60 * args.minutes
     correct, seen, step = 0, 0, 0
     with monitor:
         while time.monotonic() < deadline:
-            tokens, where, answer = batch_of(task, 32, args.distance, g)
+            d = int(torch.randint(args.distances[0], args.distances[1] + 1, (1,), generator=g))
+            tokens, where, answer = batch_of(task, 32, d, g)
             logits = model(tokens)  # (B, 2L, V)
             picked = logits[torch.arange(len(where)), where, : task.n_values]  # (B, values): the answer's logits
             loss = F.cross_entropy(picked, answer)

@@ -293,8 +293,13 @@ class Monitor:
         row = None
         if self._window is None and not self._attached and batch is not None and self.due():
             self.begin_step()
-            with torch.no_grad():
-                self.model(**batch) if isinstance(batch, dict) else self.model(batch)
+            try:
+                with torch.no_grad():
+                    self.model(**batch) if isinstance(batch, dict) else self.model(batch)
+            except BaseException:
+                self._window.stack.close()  # remove the hooks before the error goes up
+                self._window = None
+                raise
         window, self._window = self._window, None
         if window is not None:
             row = self._finish(window, _tokens_of(batch), focus)

@@ -98,7 +98,7 @@ POSITIVE = int_at_least(1)
 
 # option -> (default, help) of the measured model and its training
 SIZES = {
-    "steps": (200, "training steps per block"),
+    "steps": (100, "training steps per block"),
     "rounds": (3, "unmonitored/monitored block pairs"),
     "every": (100, "Monitor(every=...)"),
     "vocab": (256, "vocabulary size"),
