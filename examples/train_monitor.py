@@ -3,22 +3,21 @@
 The data is `attnkit compare`'s retrieval task (`attnkit.apps.compare.tasks.Retrieval`):
 facts ``(key, value)`` among distractor facts and noise, and a query naming one key ``d``
 positions later; the answer is the key's value. For a decoder-only language model each
-position ``(symbol, role)`` becomes two tokens, ``symbol role``: a fact reads ``k v``, a query
-``k QUERY``, noise ``n NONE``. Answering at the ``QUERY`` token then needs the two steps of an
-induction circuit (Olsson et al., 2022): a head that reads the previous token (so the query
-token learns its key, and each value token its own), then a head that reaches back ``2d``
-tokens to the value whose key matches.
+position ``(symbol, role)`` becomes two tokens, ``role symbol``: a fact reads ``v k``, noise
+``NONE n``, the query ``QUERY k``, and the model answers at the query's last token ``k``. It can
+find the earlier ``k`` by its content, but the value sits one token before it: the two steps of
+an induction circuit (Olsson et al., 2022), a head that copies the previous token into each
+position (local), then a head that reaches back ``2d`` tokens to the matching key (long range).
 
-`attnkit.inspect.Monitor` logs every head every ``--every`` steps, describing the heads at the
-position the task scores (``focus``: the ``QUERY`` token of each sequence; the other positions
-hold random tokens the loss never reads, and averaged over them every head looks alike); the
-figure drawn by ``attnkit monitor-report`` shows which heads became local and which
-long-range, and when.
-
-Each batch draws its distance ``d`` from ``--distances`` (default 12 to 36): with one fixed
-``d`` the model could find the answer at a fixed offset without reading the key. Sequences hold
-``2 (d + 8)`` tokens and the answer sits ``2d`` tokens back, so here ``far`` is 16 tokens (the
-default, 256, suits long contexts) and ``near`` stays 8.
+`attnkit.inspect.Monitor` describes every head every ``--every`` steps, as a probe: on one fixed
+batch (``d = 24``, all positions), run without gradients, so that the figures move with
+training and not with the batch drawn; the figure drawn by ``attnkit monitor-report`` shows
+which heads became local and which long-range, and when (the time and memory it shows are
+those of that no-grad forward). Each batch draws its distance ``d`` from ``--distances`` (default 12 to
+36; one fixed ``d`` would let the model find the answer at a fixed offset), and sequences are
+left-padded with noise to one length, ``2 (36 + 8) = 88`` tokens, so that the facts do not sit
+at fixed positions and every monitored batch is alike. Here ``far`` is 16 tokens (the default,
+256, suits long contexts) and ``near`` stays 8.
 
 Run (a few minutes on a CPU)::
 
@@ -28,6 +27,7 @@ Run (a few minutes on a CPU)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
@@ -41,21 +41,31 @@ from attnkit.nn import LanguageModel
 
 
 def as_tokens(task: Retrieval, inputs: torch.Tensor) -> torch.Tensor:
-    """``(B, L, 2)`` (symbol, role) channels -> ``(B, 2L)`` tokens ``symbol_0 role_0 symbol_1 role_1 ...``.
+    """``(B, L, 2)`` (symbol, role) channels -> ``(B, 2L)`` tokens ``role_0 symbol_0 role_1 symbol_1 ...``.
 
     Symbols keep their ids ``[0, S)``; roles (values, QUERY, NONE) follow as ``S + role``.
     """
     symbols = task.vocab_sizes[0]
-    pairs = torch.stack([inputs[..., 0], symbols + inputs[..., 1]], dim=-1)  # (B, L, 2)
+    pairs = torch.stack([symbols + inputs[..., 1], inputs[..., 0]], dim=-1)  # (B, L, 2)
     return pairs.flatten(1)  # (B, 2L)
 
 
-def batch_of(task: Retrieval, size: int, d: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``tokens (B, 2L)``, the answer's position ``(B,)`` (the QUERY token) and the answer ``(B,)``."""
+def batch_of(
+    task: Retrieval, size: int, d: int, longest: int, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``tokens (B, 2L)``, the answer's position ``(B,)`` (the query's key token) and the answer ``(B,)``.
+
+    Each sequence is left-padded with ``longest - d`` noise positions, so every batch has the same
+    length ``L = longest + slack`` and the facts do not sit at fixed positions.
+    """
     b = task.sample(size, d, generator=g)
-    tokens = as_tokens(task, b.inputs)
-    query = b.loss_mask.float().argmax(-1)  # (B,): the query's position in the task's layout
-    answer = b.targets[torch.arange(size), query]  # (B,) value ids
+    pad = longest - d
+    noise = torch.stack(
+        [torch.randint(0, task.n_noise, (size, pad), generator=g), torch.full((size, pad), task.none_role)], dim=-1
+    )  # (B, pad, 2): (noise symbol, NONE)
+    tokens = as_tokens(task, torch.cat([noise, b.inputs], dim=1))  # (B, 2L)
+    query = pad + b.loss_mask.float().argmax(-1)  # (B,): the query's position
+    answer = b.targets[torch.arange(size), query - pad]  # (B,) value ids
     return tokens, 2 * query + 1, answer
 
 
@@ -79,12 +89,13 @@ def main() -> None:
     model = LanguageModel(vocab, 64, 4, 2, positions="rope", ff_dim=128)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     monitor = Monitor(model, every=args.every, logdir=args.logdir, near=8, far=16)
+    probe, _, _ = batch_of(task, 32, 24, args.distances[1], torch.Generator().manual_seed(args.seed + 1))
     deadline = time.monotonic() + 60 * args.minutes
     correct, seen, step = 0, 0, 0
-    with monitor:
+    with contextlib.closing(monitor):
         while time.monotonic() < deadline:
             d = int(torch.randint(args.distances[0], args.distances[1] + 1, (1,), generator=g))
-            tokens, where, answer = batch_of(task, 32, d, g)
+            tokens, where, answer = batch_of(task, 32, d, args.distances[1], g)
             logits = model(tokens)  # (B, 2L, V)
             picked = logits[torch.arange(len(where)), where, : task.n_values]  # (B, values): the answer's logits
             loss = F.cross_entropy(picked, answer)
@@ -93,12 +104,10 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
             correct += int((picked.argmax(-1) == answer).sum())
             seen += len(answer)
-            focus = torch.zeros(tokens.shape, dtype=torch.bool)
-            focus[torch.arange(len(where)), where] = True  # (B, 2L): the QUERY tokens
-            row = monitor.step(tokens, focus=focus)
+            row = monitor.step(probe)  # every `every` steps: one no-grad forward on the probe batch
             if row is not None:
                 heads = [r for r in monitor.history if r["step"] == step]
-                labels = " ".join(f"{r['layer'][7]}.{r['head']}:{r['reach'][:4]}" for r in heads)
+                labels = " ".join(f"{r['layer'][7]}.{r['head']}:{r['reach'][:4]}/{r['role'][:4]}" for r in heads)
                 print(f"step {step:5d}  loss {loss.item():.3f}  accuracy {correct / max(seen, 1):.2f}  {labels}")
                 correct = seen = 0
             step += 1
