@@ -10,8 +10,10 @@ an induction circuit (Olsson et al., 2022), a head that copies the previous toke
 position (local), then a head that reaches back ``2d`` tokens to the matching key (long range).
 
 `attnkit.inspect.Monitor` describes every head every ``--every`` steps, as a probe: on one fixed
-batch (``d = 24``, all positions), run without gradients, so that the figures move with
-training and not with the batch drawn; the figure drawn by ``attnkit monitor-report`` shows
+batch (``d = 24``), run without gradients, so that the figures move with training and not
+with the batch drawn, and at the symbol tokens (``focus``), where the circuit runs: the role
+tokens between them (mostly ``NONE``) carry nothing to look up, and averaging over both kinds
+would blur the two patterns into one; the figure drawn by ``attnkit monitor-report`` shows
 which heads became local and which long-range, and when (the time and memory it shows are
 those of that no-grad forward). Each batch draws its distance ``d`` from ``--distances`` (default 12 to
 36; one fixed ``d`` would let the model find the answer at a fixed offset), and sequences are
@@ -90,6 +92,8 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     monitor = Monitor(model, every=args.every, logdir=args.logdir, near=8, far=16)
     probe, _, _ = batch_of(task, 32, 24, args.distances[1], torch.Generator().manual_seed(args.seed + 1))
+    symbols = torch.zeros(probe.shape, dtype=torch.bool)
+    symbols[:, 1::2] = True  # (B, 2L): the symbol tokens (odd positions)
     deadline = time.monotonic() + 60 * args.minutes
     correct, seen, step = 0, 0, 0
     with contextlib.closing(monitor):
@@ -104,7 +108,7 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
             correct += int((picked.argmax(-1) == answer).sum())
             seen += len(answer)
-            row = monitor.step(probe)  # every `every` steps: one no-grad forward on the probe batch
+            row = monitor.step(probe, focus=symbols)  # every `every` steps: one no-grad forward on the probe
             if row is not None:
                 heads = [r for r in monitor.history if r["step"] == step]
                 labels = " ".join(f"{r['layer'][7]}.{r['head']}:{r['reach'][:4]}/{r['role'][:4]}" for r in heads)
