@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--png", default=None, help="figure path (default LOGDIR/monitor-report.png)")
     parser.add_argument("--distances", type=int, nargs=2, default=(12, 36), help="range of d (default 12 36)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.threads:
@@ -89,7 +90,7 @@ def main() -> None:
     task = Retrieval()
     vocab = task.vocab_sizes[0] + task.vocab_sizes[1]
     model = LanguageModel(vocab, 64, 4, 2, positions="rope", ff_dim=128)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     monitor = Monitor(model, every=args.every, logdir=args.logdir, near=8, far=16)
     probe, _, _ = batch_of(task, 32, 24, args.distances[1], torch.Generator().manual_seed(args.seed + 1))
     symbols = torch.zeros(probe.shape, dtype=torch.bool)
