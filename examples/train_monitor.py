@@ -10,20 +10,22 @@ an induction circuit (Olsson et al., 2022), a head that copies the previous toke
 position (local), then a head that reaches back ``2d`` tokens to the matching key (long range).
 
 `attnkit.inspect.Monitor` describes every head every ``--every`` steps, as a probe: on one fixed
-batch (``d = 24``), run without gradients, so that the figures move with training and not
-with the batch drawn, and at the symbol tokens (``focus``), where the circuit runs: the role
-tokens between them (mostly ``NONE``) carry nothing to look up, and averaging over both kinds
-would blur the two patterns into one; the figure drawn by ``attnkit monitor-report`` shows
-which heads became local and which long-range, and when (the time and memory it shows are
-those of that no-grad forward). Each batch draws its distance ``d`` from ``--distances`` (default 12 to
-36; one fixed ``d`` would let the model find the answer at a fixed offset), and sequences are
-left-padded with noise to one length, ``2 (36 + 8) = 88`` tokens, so that the facts do not sit
-at fixed positions and every monitored batch is alike. Here ``far`` is 16 tokens (the default,
-256, suits long contexts) and ``near`` stays 8.
+batch (``d = 24``), run without gradients, so that the figures move with training and not with
+the batch drawn, and at the position the loss scores (``focus``: the query's key token), where
+the answer is looked up; averaged over every position (mostly noise the loss never reads) the
+heads stay alike. The figure drawn by ``attnkit monitor-report`` shows which heads became
+local and which long-range, and when (the time and memory it shows are those of the probe's
+no-grad forward).
+
+Each batch draws its distance ``d`` from ``--distances`` (default 12 to 36; one fixed ``d``
+would let the model find the answer at a fixed offset), and sequences are left-padded with
+noise to one length, ``2 (36 + 8) = 88`` tokens, so that the facts do not sit at fixed
+positions. Here ``far`` is 16 tokens (the default, 256, suits long contexts) and ``near`` stays 8.
 
 Run (a few minutes on a CPU)::
 
-    python examples/train_monitor.py --minutes 4 --logdir runs/train_monitor --png docs/results/train_monitor.png
+    python examples/train_monitor.py --minutes 6 --threads 1 --logdir runs/train_monitor \
+        --png docs/results/train_monitor.png
 """
 
 from __future__ import annotations
@@ -73,13 +75,13 @@ def batch_of(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=4.0, help="training time budget (default 4)")
+    parser.add_argument("--minutes", type=float, default=6.0, help="training time budget (default 6)")
     parser.add_argument("--every", type=int, default=50, help="monitor every N steps (default 50)")
     parser.add_argument("--logdir", default="runs/train_monitor", help="the monitor's log folder")
     parser.add_argument("--png", default=None, help="figure path (default LOGDIR/monitor-report.png)")
     parser.add_argument("--distances", type=int, nargs=2, default=(12, 36), help="range of d (default 12 36)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.threads:
@@ -92,9 +94,9 @@ def main() -> None:
     model = LanguageModel(vocab, 64, 4, 2, positions="rope", ff_dim=128)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     monitor = Monitor(model, every=args.every, logdir=args.logdir, near=8, far=16)
-    probe, _, _ = batch_of(task, 32, 24, args.distances[1], torch.Generator().manual_seed(args.seed + 1))
-    symbols = torch.zeros(probe.shape, dtype=torch.bool)
-    symbols[:, 1::2] = True  # (B, 2L): the symbol tokens (odd positions)
+    probe, probe_where, _ = batch_of(task, 32, 24, args.distances[1], torch.Generator().manual_seed(args.seed + 1))
+    scored = torch.zeros(probe.shape, dtype=torch.bool)
+    scored[torch.arange(len(probe_where)), probe_where] = True  # (B, 2L): the query's key token of each sequence
     deadline = time.monotonic() + 60 * args.minutes
     correct, seen, step = 0, 0, 0
     with contextlib.closing(monitor):
@@ -109,7 +111,7 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
             correct += int((picked.argmax(-1) == answer).sum())
             seen += len(answer)
-            row = monitor.step(probe, focus=symbols)  # every `every` steps: one no-grad forward on the probe
+            row = monitor.step(probe, focus=scored)  # every `every` steps: one no-grad forward on the probe
             if row is not None:
                 heads = [r for r in monitor.history if r["step"] == step]
                 labels = " ".join(f"{r['layer'][7]}.{r['head']}:{r['reach'][:4]}/{r['role'][:4]}" for r in heads)

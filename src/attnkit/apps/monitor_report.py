@@ -7,7 +7,7 @@ table):
 * reach over training: one row per head, one column per monitored step, coloured local /
   middle / long-range (``near_share >= 0.5`` / ``far_share >= 0.5``);
 * role over training: the same grid with the head role of `attnkit.inspect.head_roles`;
-* the near and far shares of every head against the step;
+* the near and far shares, the entropy and the mean distance of every head against the step;
 * the speed vs memory the engineer watches: attention time, step time and peak memory.
 
 The text lists when each head settled: the first monitored step from which its reach (and
@@ -101,7 +101,7 @@ def draw(heads: list[dict[str, Any]], steps: list[dict[str, Any]], png: Path) ->
     names, columns, _ = _grid(heads, "reach")
     n_heads = len(names)
     fig, axes = plt.subplots(
-        3, 2, figsize=(13, 4.5 + 0.45 * n_heads), gridspec_kw={"height_ratios": [max(n_heads, 3) / 3, 1, 1]}
+        4, 2, figsize=(13, 6.5 + 0.45 * n_heads), gridspec_kw={"height_ratios": [max(n_heads, 3) / 3, 1, 1, 1]}
     )
     for ax, key, colours, title in (
         (axes[0, 0], "reach", REACH_COLOURS, "reach over training (local: near_share >= 0.5; long-range: far >= 0.5)"),
@@ -121,20 +121,22 @@ def draw(heads: list[dict[str, Any]], steps: list[dict[str, Any]], png: Path) ->
         ax.set_title(title, fontsize=9)
         ax.legend(handles=[Patch(color=colours[c], label=c) for c in seen], fontsize=7, loc="upper left",
                   bbox_to_anchor=(1.0, 1.0))  # fmt: skip
-    series: dict[str, dict[str, list[tuple[int, float]]]] = {"near_share": {}, "far_share": {}}
+    panels = {"near_share": axes[1, 0], "far_share": axes[1, 1], "entropy": axes[2, 0], "mean_distance": axes[2, 1]}
+    series: dict[str, dict[str, list[tuple[int, float]]]] = {key: {} for key in panels}
     for r in heads:
         for key in series:
             series[key].setdefault(f"{r['layer']} h{r['head']}", []).append((r["step"], r[key]))
-    for ax, key in ((axes[1, 0], "near_share"), (axes[1, 1], "far_share")):
+    for key, ax in panels.items():
         for name, points in series[key].items():
             points.sort()
             ax.plot([p[0] for p in points], [p[1] for p in points], lw=1, marker=".", ms=3, label=name)
-        ax.set_ylim(-0.02, 1.02)
+        if key.endswith("_share"):
+            ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("step")
-        ax.set_title(f"{key} per head", fontsize=9)
+        ax.set_title(f"{key} per head" + (" (nats)" if key == "entropy" else ""), fontsize=9)
     if n_heads <= 16:
         axes[1, 1].legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax_time, ax_mem = axes[2, 0], axes[2, 1]
+    ax_time, ax_mem = axes[3, 0], axes[3, 1]
     if steps:
         x = [s["step"] for s in steps]
         for key in ("step_ms", "attention_ms", "attention_forward_ms", "attention_backward_ms"):
