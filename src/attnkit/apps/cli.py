@@ -37,6 +37,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "attnkit.apps.compare.command",
         "measure self-attention against an LSTM, and cross-attention, on tasks",
     ),
+    "monitor-report": (
+        "attnkit.apps.monitor_report",
+        "draw how the heads' roles evolved over training, from a Monitor log",
+    ),
 }
 
 

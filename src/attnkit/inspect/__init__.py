@@ -9,9 +9,13 @@
   `faithfulness`: how much removing each explanation's top tokens moves the output, versus random.
 * `sections`: split a document into clauses, messages, articles, domains or paragraphs
   (`Section` spans); `token_boundaries` maps them onto token edges for ``pool=``.
+* `Monitor`: every N training steps, per head: entropy, mean distance, near/far band shares
+  (`band_shares`), sink share and role, with attention time and peak memory; CSV + TensorBoard.
 """
 
+from attnkit.inspect.bands import band_shares
 from attnkit.inspect.explain import Faithfulness, explain, faithfulness, gradient_weighted, raw_attention, rollout
+from attnkit.inspect.monitor import Monitor
 from attnkit.inspect.record import LayerRecord, Recording, UnsupportedModelError, record
 from attnkit.inspect.roles import (
     ROLE_DESCRIPTIONS,
@@ -32,9 +36,11 @@ __all__ = [
     "Faithfulness",
     "HeadRoles",
     "LayerRecord",
+    "Monitor",
     "Recording",
     "Section",
     "UnsupportedModelError",
+    "band_shares",
     "detect_kind",
     "explain",
     "faithfulness",
