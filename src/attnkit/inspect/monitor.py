@@ -186,7 +186,8 @@ class Monitor:
         logdir: folder for ``heads.csv``, ``steps.csv`` and TensorBoard events; None keeps the rows
             in `history` only.
         tensorboard: also write TensorBoard events (needs ``pip install attnkit[monitor]``).
-        near, far: the distance bands (``|i' - j| <= near`` and ``> far``) of ``near_share`` / ``far_share``.
+        near: ``near_share`` is the attention within ``|i' - j| <= near``.
+        far: ``far_share`` is the attention beyond ``|i' - j| > far``.
         roles: overrides of `attnkit.inspect.THRESHOLDS` for the ``role`` label.
 
     Attributes:
