@@ -21,7 +21,7 @@ import os
 import sys
 from typing import Any
 
-from attnkit.apps.checks import check_output_dir, int_at_least, main_for, positive_float
+from attnkit.apps.checks import DefaultsHelpFormatter, check_output_dir, int_at_least, main_for, positive_float
 
 NAME = "compile"
 HELP = "training step of a small attnkit.nn LanguageModel: torch.compile (Inductor) vs eager, alternated"
@@ -93,6 +93,7 @@ POSITIVE = int_at_least(1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = DefaultsHelpFormatter
     parser.add_argument(
         "--cases", nargs="+", choices=sorted(CASES), default=sorted(CASES), help="attention kinds (default: all)"
     )
@@ -109,7 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--timeout", type=positive_float, default=900.0, help="seconds allowed per case (default 900)")
     parser.add_argument(
-        "--out", default="docs/results", help="directory for compile.json and compile.md (default docs/results)"
+        "--out", default=".", help="directory for compile.json and compile.md (default: the current directory)"
     )
 
 

@@ -20,7 +20,14 @@ import sys
 import tempfile
 from typing import Any
 
-from attnkit.apps.checks import UsageError, check_output_dir, int_at_least, main_for, positive_float
+from attnkit.apps.checks import (
+    DefaultsHelpFormatter,
+    UsageError,
+    check_output_dir,
+    int_at_least,
+    main_for,
+    positive_float,
+)
 
 NAME = "monitor"
 HELP = "training with attnkit.inspect.Monitor(every=N) vs without: time ratio on a small language model (CPU)"
@@ -119,13 +126,18 @@ SIZES = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = DefaultsHelpFormatter
     for name, (default, text) in SIZES.items():
         parser.add_argument(f"--{name}", type=POSITIVE, default=default, help=f"{text} (default {default})")
     parser.add_argument("--threads", type=POSITIVE, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model and the batches")
     parser.add_argument("--timeout", type=positive_float, default=3600.0, help="seconds allowed for the run")
-    parser.add_argument("--note", default=None, help="a line added to the results' notes (e.g. the machine's load)")
-    parser.add_argument("--out", default="docs/results", help="directory for monitor.json and monitor.md")
+    parser.add_argument(
+        "--note", default=None, help="a line added to the results' notes, e.g. the machine's load (default: none)"
+    )
+    parser.add_argument(
+        "--out", default=".", help="directory for monitor.json and monitor.md (default: the current directory)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
