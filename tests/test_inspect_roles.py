@@ -10,7 +10,16 @@ import pytest
 import torch
 
 import attnkit
-from attnkit.inspect.roles import ROLE_DESCRIPTIONS, HeadRoles, classify, head_roles, rare_by_counts, rare_by_rank
+from attnkit.inspect import THRESHOLDS, section_roles
+from attnkit.inspect.roles import (
+    ROLE_DESCRIPTIONS,
+    SECTION_THRESHOLDS,
+    HeadRoles,
+    classify,
+    head_roles,
+    rare_by_counts,
+    rare_by_rank,
+)
 
 L, HALF = 64, 32
 ROLES = ["previous-token", "local", "broad", "sink", "rare-token", "induction", "mixed", "duplicate"]
@@ -69,6 +78,8 @@ def test_scores_equal_their_definitions_on_the_maps():
     from_stats = head_roles(st, tokens=tokens, rare=rare)
     assert from_maps.rows[0]["source"] == "maps"
     i = torch.arange(L)
+    # From the top-8 keys, a query misses at most the mass outside its top 8: a two-sided bound.
+    missed = 1 - p[0].topk(8, dim=-1).values.sum(-1).amin(-1)  # (H,) the largest mass outside any row's top 8
     for h in range(p.shape[1]):
         ph = p[0, h]
         want = {
@@ -83,8 +94,15 @@ def test_scores_equal_their_definitions_on_the_maps():
         }
         for key, value in want.items():
             assert from_maps.rows[h][key] == pytest.approx(float(value), abs=1e-5), (h, key)
-            # from statistics: exact or a lower bound (exact for the heads where the score is large)
-            assert from_stats.rows[h][key] <= from_maps.rows[h][key] + 1e-5 or key in {"entropy", "mean_distance"}
+            # from statistics: exact, or a lower bound within the mass outside the top 8
+            got = from_stats.rows[h][key]
+            if key in {"entropy", "mean_distance", "first_token", "rare_token"}:  # exact passes, from every key
+                assert got == pytest.approx(float(value), abs=1e-6), (h, key)
+            else:
+                assert float(value) - float(missed[h]) - 1e-6 <= got <= float(value) + 1e-6, (h, key, got)
+        own = {0: "previous_token", 1: "locality", 5: "induction", 7: "duplicate_token"}.get(h)
+        if own is not None:  # the score that gives the head its role is exact: its mass is in the top 8
+            assert from_stats.rows[h][own] == pytest.approx(from_maps.rows[h][own], abs=1e-6), (h, own)
         assert from_maps.rows[h]["role"] == from_stats.rows[h]["role"]
 
 
@@ -139,3 +157,113 @@ def test_roles_from_a_recorded_model():
     assert len(roles.rows) == 8 and {r["layer"] for r in roles.rows} == {"h.0.attn", "h.1.attn"}
     assert all(r["role"] in ROLE_DESCRIPTIONS for r in roles.rows)
     assert not math.isnan(roles.rows[0]["induction"])
+
+
+# ------------------------------------------------------------------ the rules at their thresholds
+def test_thresholds_are_the_documented_ones():
+    """Pinned: moving a threshold changes every role reported, so it must be a deliberate edit here too."""
+    assert THRESHOLDS == {
+        "induction": 0.4, "previous_token": 0.5, "sink": 0.5, "rare_token": 0.5, "rare_ratio": 2.0, "local": 0.7,
+        "broad": 0.75,
+    }  # fmt: skip
+    assert SECTION_THRESHOLDS == {"cross_section": 0.4, "within_section": 0.7}
+    assert attnkit.inspect.THRESHOLDS is THRESHOLDS
+    rules = HeadRoles([], 2).rules()
+    for line in ("induction >= 0.4", "previous_token >= 0.5", "sink >= 0.5", "rare_token >= 0.5 and rare_token >= 2.0",
+                 "locality >= 0.7", "entropy_norm >= 0.75"):  # fmt: skip
+        assert line in rules, rules
+
+
+def below(x: float) -> float:
+    """The largest float under ``x``."""
+    return math.nextafter(x, -math.inf)
+
+
+# (scores, role): each rule exactly at its threshold fires, one float below it does not.
+BOUNDARY_TABLE = [
+    ({"induction": 0.4}, "induction"),
+    ({"induction": below(0.4)}, "mixed"),
+    ({"previous_token": 0.5}, "previous-token"),
+    ({"previous_token": below(0.5)}, "mixed"),
+    ({"sink": 0.5}, "sink"),
+    ({"sink": below(0.5)}, "mixed"),
+    ({"rare_token": 0.5, "rare_share": 0.25}, "rare-token"),  # 0.5 >= 2.0 x 0.25: both halves hold, exactly
+    ({"rare_token": below(0.5), "rare_share": 0.1}, "mixed"),  # the mass half fails
+    ({"rare_token": 0.5, "rare_share": math.nextafter(0.25, 1.0)}, "mixed"),  # the ratio half fails
+    ({"rare_token": 0.9, "rare_share": 0.45}, "rare-token"),
+    ({"locality": 0.7}, "local"),
+    ({"locality": below(0.7)}, "mixed"),
+    ({"entropy_norm": 0.75}, "broad"),
+    ({"entropy_norm": below(0.75)}, "mixed"),
+    ({"locality": below(0.7), "entropy_norm": 0.75}, "broad"),
+    ({}, "mixed"),
+]
+
+
+@pytest.mark.parametrize(("scores", "role"), BOUNDARY_TABLE)
+def test_each_rule_fires_at_its_threshold_and_not_below(scores, role):
+    full = dict.fromkeys(HeadRoles.SCORE_KEYS, 0.0) | {"rare_share": 0.0} | scores
+    assert classify(full) == role, scores
+    # and the rules read the thresholds given, not constants: moving the threshold above the score flips it
+    if role != "mixed":
+        key = {"induction": "induction", "previous-token": "previous_token", "sink": "sink",
+               "rare-token": "rare_token", "local": "local", "broad": "broad"}[role]  # fmt: skip
+        score = {"local": "locality", "broad": "entropy_norm"}.get(key, key)
+        assert classify(full, {key: math.nextafter(full[score], 2.0)}) == "mixed", scores
+
+
+# Every rule holds; turning them off one at a time, in order, walks down the precedence.
+PRECEDENCE = [
+    ("induction", "induction"), ("previous_token", "previous-token"), ("sink", "sink"),
+    ("rare_token", "rare-token"), ("locality", "local"), ("entropy_norm", "broad"),
+]  # fmt: skip
+
+
+def test_rules_apply_in_the_documented_order():
+    scores = {"induction": 1.0, "previous_token": 1.0, "sink": 1.0, "rare_token": 1.0, "rare_share": 0.1,
+              "locality": 1.0, "entropy_norm": 1.0}  # fmt: skip
+    for key, role in PRECEDENCE:
+        assert classify(scores) == role, scores
+        scores[key] = 0.0
+    assert classify(scores) == "mixed"
+
+
+@pytest.mark.parametrize(("key", "role"), PRECEDENCE)
+def test_a_nan_score_never_fires_its_rule(key, role):
+    scores = {"induction": 0.0, "previous_token": 0.0, "sink": 0.0, "rare_token": 0.0, "rare_share": 0.0,
+              "locality": 0.0, "entropy_norm": 0.0}  # fmt: skip
+    scores[key] = 1.0
+    assert classify(scores) == role
+    scores[key] = float("nan")
+    assert classify(scores) == "mixed"
+
+
+def flow(within: float, neighbour: float, far: float) -> torch.Tensor:
+    """``(1, 1, 3, 3)`` section flow whose middle section has those shares and the outer sections none."""
+    f = torch.zeros(1, 1, 3, 3, dtype=torch.float64)
+    f[0, 0, 0, 0], f[0, 0, 0, 1], f[0, 0, 0, 2] = within, neighbour, far  # section 0 reads 0, 1 and 2
+    return f
+
+
+# (within, neighbour, far, thresholds, section role), with dyadic shares so that the sums are exact
+SECTION_TABLE = [
+    (0.5, 0.125, 0.375, {"cross_section": 0.375}, "cross-section"),  # far at its threshold
+    (0.5, 0.125, 0.375, {"cross_section": 0.5}, "neighbour-section"),  # far below, within below 0.7
+    (0.75, 0.0, 0.25, {"cross_section": 0.5, "within_section": 0.75}, "within-section"),  # within at its threshold
+    (0.75, 0.0, 0.25, {"cross_section": 0.5, "within_section": 0.875}, "neighbour-section"),
+    (0.625, 0.0, 0.375, {"cross_section": 0.375, "within_section": 0.5}, "cross-section"),  # both hold: cross first
+    # the default thresholds, a hair each side
+    (0.5, 0.1, 0.4 + 1e-9, None, "cross-section"),
+    (0.5, 0.1, 0.4 - 1e-9, None, "neighbour-section"),
+    (0.7 + 1e-9, 0.3, 0.0, None, "within-section"),
+    (0.7 - 1e-9, 0.3, 0.0, None, "neighbour-section"),
+]
+
+
+@pytest.mark.parametrize(("within", "neighbour", "far", "thresholds", "role"), SECTION_TABLE)
+def test_section_rules_at_their_thresholds(within, neighbour, far, thresholds, role):
+    sizes = torch.tensor([1.0, 0.0, 0.0])  # only section 0's readers count
+    (row,) = section_roles(flow(within, neighbour, far) / (within + neighbour + far), sizes, thresholds)
+    assert row["section_role"] == role, row
+    assert row["within"] == pytest.approx(within / (within + neighbour + far), abs=1e-12)
+    assert row["far"] == pytest.approx(far / (within + neighbour + far), abs=1e-12)
