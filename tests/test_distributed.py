@@ -28,6 +28,7 @@ import torch
 
 import attnkit
 from attnkit.distributed import (
+    PeerError,
     merge_shards,
     overlap_block_length,
     padded_length,
@@ -239,6 +240,19 @@ def _run_model_case(opts: dict, rank: int, world: int) -> dict[str, float]:
     }
 
 
+def _run_sharding(rank: int, world: int) -> dict[str, bool]:
+    """shard_sequence / unshard_sequence through the group: this rank's shard, and the whole back on every rank."""
+    from attnkit.distributed import shard_sequence, unshard_sequence
+
+    out = {}
+    for layout in ("contiguous", "zigzag"):
+        x = torch.randn(2, 3, 4 * world + 1, 5, generator=torch.Generator().manual_seed(world))  # never divides
+        local = shard_sequence(x, layout=layout)
+        out[f"{layout}-shard"] = torch.equal(local, shard(x, rank, world, layout=layout))
+        out[f"{layout}-unshard"] = torch.equal(unshard_sequence(local, layout=layout, seq_len=x.shape[2]), x)
+    return out
+
+
 def _run_peer_suite(rank: int, world: int) -> dict[str, dict]:
     """Every PEER_CASES case, then a correct call (the group still works), then a late call after rank 0 gave up."""
     results: dict[str, dict] = {}
@@ -252,6 +266,7 @@ def _run_peer_suite(rank: int, world: int) -> dict[str, dict]:
             cause = e.__cause__
             return {
                 "error": f"{type(e).__name__}: {e}",
+                "peer_error": isinstance(e, PeerError),
                 "cause": None if cause is None else [c.__name__ for c in type(cause).__mro__],
                 "elapsed": time.monotonic() - start,
             }
@@ -302,6 +317,7 @@ def _worker(args: argparse.Namespace) -> int:
                 results[name] = _run_model_case(opts, args.rank, args.world)
             except Exception as e:
                 results[name] = {"error": f"{type(e).__name__}: {e}"}
+        results["sharding"] = _run_sharding(args.rank, args.world)
     elif args.suite == "peers":
         results = _run_peer_suite(args.rank, args.world)
     else:  # faults: two pairs {0, 1} and {2, 3}; ranks 1 and 3 misbehave, ranks 0 and 2 must raise PeerError
@@ -413,6 +429,15 @@ def test_bytes_sent_match_the_formula(equal_results, world, case):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("world", WORLDS)
+def test_shard_sequence_and_unshard_sequence_across_ranks(equal_results, world):
+    for rank, res in equal_results[world].items():
+        assert res["sharding"] == {f"{layout}-{step}": True for layout in ("contiguous", "zigzag")
+                                   for step in ("shard", "unshard")}, f"rank {rank} of {world}"  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("case", list(MODEL_CASES))
 def test_context_parallel_model_matches_single_process(equal_results, world, case):
     for rank, res in equal_results[world].items():
@@ -479,7 +504,7 @@ def test_mismatched_peers_all_raise_peer_error(peer_results, case):
         assert "init_error" not in res, res
         err = res[case]["error"]
         assert err is not None, f"rank {rank} computed although rank {opts['odd']} passed another {opts['field']}"
-        assert err.startswith("PeerError: "), f"rank {rank}: {err}"
+        assert err.startswith("PeerError: ") and res[case]["peer_error"], f"rank {rank}: {err}"
         assert "the ranks of the group disagree, so no rank computes" in err, f"rank {rank}: {err}"
         assert want in err, f"rank {rank}: {err!r} lacks {want!r}"
 
