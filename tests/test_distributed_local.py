@@ -8,6 +8,7 @@ A group of one runs every code path a rank runs except the messages: sharding th
 from __future__ import annotations
 
 import datetime
+import typing
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ import attnkit
 from attnkit.distributed import (
     LAYOUTS,
     ContextParallel,
+    Layout,
     PeerError,
     context_parallel,
     merge_shards,
@@ -48,6 +50,10 @@ def test_without_a_group_the_group_functions_say_so():
             fn()
     with pytest.raises(RuntimeError, match=r"context_parallel: torch\.distributed is not initialised"):
         context_parallel(LanguageModel(8, 8, 2, 1, max_len=8))
+
+
+def test_the_layout_type_names_the_layouts():
+    assert typing.get_args(Layout) == LAYOUTS == ("contiguous", "zigzag")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

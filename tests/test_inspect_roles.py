@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import attnkit
-from attnkit.inspect import THRESHOLDS, section_roles
+from attnkit.inspect import SECTION_ROLE_DESCRIPTIONS, THRESHOLDS, section_roles
 from attnkit.inspect.roles import (
     ROLE_DESCRIPTIONS,
     SECTION_THRESHOLDS,
@@ -167,6 +167,7 @@ def test_thresholds_are_the_documented_ones():
         "broad": 0.75,
     }  # fmt: skip
     assert SECTION_THRESHOLDS == {"cross_section": 0.4, "within_section": 0.7}
+    assert set(SECTION_ROLE_DESCRIPTIONS) == {"within-section", "cross-section", "neighbour-section"}
     assert attnkit.inspect.THRESHOLDS is THRESHOLDS
     rules = HeadRoles([], 2).rules()
     for line in ("induction >= 0.4", "previous_token >= 0.5", "sink >= 0.5", "rare_token >= 0.5 and rare_token >= 2.0",
@@ -264,6 +265,6 @@ SECTION_TABLE = [
 def test_section_rules_at_their_thresholds(within, neighbour, far, thresholds, role):
     sizes = torch.tensor([1.0, 0.0, 0.0])  # only section 0's readers count
     (row,) = section_roles(flow(within, neighbour, far) / (within + neighbour + far), sizes, thresholds)
-    assert row["section_role"] == role, row
+    assert row["section_role"] == role and role in SECTION_ROLE_DESCRIPTIONS, row
     assert row["within"] == pytest.approx(within / (within + neighbour + far), abs=1e-12)
     assert row["far"] == pytest.approx(far / (within + neighbour + far), abs=1e-12)
