@@ -268,3 +268,57 @@ def test_section_rules_at_their_thresholds(within, neighbour, far, thresholds, r
     assert row["section_role"] == role and role in SECTION_ROLE_DESCRIPTIONS, row
     assert row["within"] == pytest.approx(within / (within + neighbour + far), abs=1e-12)
     assert row["far"] == pytest.approx(far / (within + neighbour + far), abs=1e-12)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_section_shares_equal_their_definition(weighted):
+    """within / neighbour / far of random flows, recomputed with explicit loops over the sections."""
+    g = torch.Generator().manual_seed(3)
+    N, H, S = 2, 3, 5
+    content = torch.rand(N, H, S, S, generator=g, dtype=torch.float64)
+    sizes = torch.tensor([3.0, 1.0, 4.0, 1.0, 5.0]) if weighted else None
+    rows = section_roles(content, sizes)
+    assert [(r["layer"], r["head"]) for r in rows] == [(n, h) for n in range(N) for h in range(H)]
+    for r in rows:
+        f = content[r["layer"], r["head"]]
+        w = [1.0] * S if sizes is None else sizes.tolist()
+        share = {"within": 0.0, "neighbour": 0.0, "far": 0.0}
+        for a in range(S):
+            for b in range(S):
+                share["within" if a == b else "neighbour" if abs(a - b) == 1 else "far"] += w[a] * float(f[a, b])
+        total = sum(share.values())
+        for key, value in share.items():
+            assert r[key] == pytest.approx(value / total, rel=1e-12), (r, key)
+        want = ("cross-section" if r["far"] >= 0.4 else "within-section" if r["within"] >= 0.7
+                else "neighbour-section")  # fmt: skip
+        assert r["section_role"] == want
+
+
+def test_two_sections_are_never_cross_section():
+    """With two sections nothing lies two sections away, whatever the thresholds."""
+    content = torch.tensor([[[[0.5, 0.5], [0.5, 0.5]]]], dtype=torch.float64)
+    (row,) = section_roles(content, thresholds={"cross_section": 0.0})
+    assert row["far"] == 0.0 and row["section_role"] == "neighbour-section"
+
+
+def test_rare_by_counts_and_rank_at_their_limits():
+    counts = {"the": 900, "five": 5, "six": 6, "one": 1}
+    assert rare_by_counts(["the", "five", "six", "one", "unseen"], counts).tolist() == [False, True, False, True, True]
+    assert rare_by_counts(["six", "five"], counts, max_count=6).tolist() == [True, True]
+    batch = rare_by_counts([["the", "one"], ["six", "five"]], counts)  # (B, L)
+    assert batch.dtype == torch.bool and batch.tolist() == [[False, True], [False, True]]
+    ids = torch.tensor([[0, 49, 50, 99]])
+    assert rare_by_rank(ids, 100).tolist() == [[False, False, True, True]]  # the top half of the ids
+    assert rare_by_rank(ids, 100, rarest=0.01).tolist() == [[False, False, False, True]]
+
+
+def test_markdown_table_exactly():
+    row = {"layer": "h.0", "head": 1, "role": "local", "entropy": 1.234, "mean_distance": 0.5, "locality": 0.875,
+           "previous_token": float("nan"), "sink": 0.0, "duplicate_token": float("nan"), "induction": 0.1,
+           "rare_token": 2.0}  # fmt: skip
+    assert HeadRoles([row], 2).to_markdown().splitlines() == [
+        "| layer | head | role | entropy | mean_distance | locality | previous_token | sink | duplicate_token | "
+        "induction | rare_token |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| h.0 | 1 | local | 1.23 | 0.50 | 0.88 | - | 0.00 | - | 0.10 | 2.00 |",
+    ]
