@@ -322,3 +322,38 @@ def test_markdown_table_exactly():
         "|---|---|---|---|---|---|---|---|---|---|---|",
         "| h.0 | 1 | local | 1.23 | 0.50 | 0.88 | - | 0.00 | - | 0.10 | 2.00 |",
     ]
+
+
+def test_punctuation_after_the_tokenizers_space_marks():
+    from attnkit.inspect.roles import is_punctuation
+
+    assert all(is_punctuation(t) for t in (",", "##.", "Ġ!", "▁?", "Ċ;", "...", "—"))
+    assert not any(is_punctuation(t) for t in ("a", "##a", "Ġ", "", "1", ",a"))
+
+
+def test_json_counts_and_grid_of_two_layers():
+    heads = (("a", 0, "sink", 0.5), ("a", 1, "sink", float("nan")), ("b", 0, "local", 1.0))
+    rows = [{"layer": name, "head": h, "role": role, "entropy": value} for name, h, role, value in heads]
+    roles = HeadRoles(rows, 3, {"local": 0.9})
+    payload = json.loads(roles.to_json())
+    assert payload["local_window"] == 3 and payload["thresholds"] == {"local": 0.9}
+    assert [r["entropy"] for r in payload["rows"]] == [0.5, None, 1.0]  # only NaN becomes null
+    assert roles.to_json(indent=2).count("\n") > 10  # keyword arguments reach json.dumps
+    assert roles.counts() == {**dict.fromkeys(ROLE_DESCRIPTIONS, 0), "sink": 2, "local": 1}
+    assert roles.grid() == [["sink", "sink"], ["local"]]
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_token_ids_as_a_tensor_give_the_same_scores_as_strings(batched):
+    p, tokens, ids, rare = synthetic_layer()
+    p2 = torch.cat([p, p.flip(1)])  # (2, H, L, L): a batch of two, the heads in another order in the second
+    q = torch.zeros(2, p.shape[1], L, 4, dtype=torch.float64)
+    st = attnkit.attention_stats(q, q, q, mask=torch.log(p2), topk=8, pool=16)
+    strings = head_roles(st, tokens=tokens, rare=rare)
+    tensor_ids = ids.expand(2, L) if batched else ids  # (B, L) or (L,)
+    from_ids = head_roles(st, tokens=tensor_ids, rare=rare)
+    for a, b in zip(strings.rows, from_ids.rows, strict=True):
+        for key in ("induction", "duplicate_token"):
+            assert a[key] == pytest.approx(b[key], abs=1e-12) and not math.isnan(a[key]), (key, a, b)
+    with pytest.raises(ValueError, match=r"tokens must cover the 64 keys of each of the 2 sequences, got \(2, 63\)"):
+        head_roles(st, tokens=ids[None, :63].expand(2, 63))
