@@ -307,6 +307,8 @@ def test_rare_by_counts_and_rank_at_their_limits():
     assert rare_by_counts(["six", "five"], counts, max_count=6).tolist() == [True, True]
     batch = rare_by_counts([["the", "one"], ["six", "five"]], counts)  # (B, L)
     assert batch.dtype == torch.bool and batch.tolist() == [[False, True], [False, True]]
+    assert rare_by_counts([["six"], ["the"]], counts, max_count=6).tolist() == [[True], [False]]  # reaches each row
+    assert rare_by_counts(["unseen", "one"], counts, max_count=0).tolist() == [True, False]  # unseen: count 0
     ids = torch.tensor([[0, 49, 50, 99]])
     assert rare_by_rank(ids, 100).tolist() == [[False, False, True, True]]  # the top half of the ids
     assert rare_by_rank(ids, 100, rarest=0.01).tolist() == [[False, False, False, True]]
@@ -357,3 +359,17 @@ def test_token_ids_as_a_tensor_give_the_same_scores_as_strings(batched):
             assert a[key] == pytest.approx(b[key], abs=1e-12) and not math.isnan(a[key]), (key, a, b)
     with pytest.raises(ValueError, match=r"tokens must cover the 64 keys of each of the 2 sequences, got \(2, 63\)"):
         head_roles(st, tokens=ids[None, :63].expand(2, 63))
+
+
+def test_a_batch_of_token_lists_scores_each_sequence_with_its_own_tokens():
+    """``tokens`` as one list per sequence: the second sequence's tokens are another (shifted) sequence."""
+    p, tokens, _, rare = synthetic_layer()
+    q = torch.zeros(2, p.shape[1], L, 4, dtype=torch.float64)
+    st = attnkit.attention_stats(q, q, q, mask=torch.log(torch.cat([p, p])), topk=8, pool=16)
+    other = [f"u{n}" for n in range(L)]  # no repeats: no query has an earlier occurrence
+    other[0], other[5] = "[CLS]", ","
+    both = head_roles(st, tokens=[tokens, other], rare=rare)
+    first = head_roles(st, tokens=[tokens, tokens], rare=rare)
+    ind = both.rows[5]  # induction: only the first sequence has repeats, so its score is the first's alone
+    assert ind["induction"] == pytest.approx(first.rows[5]["induction"], abs=1e-12) == pytest.approx(1.0)
+    assert both.rows[3]["punctuation"] > 0 and first.rows[3]["punctuation"] == 0  # "," only in the second
