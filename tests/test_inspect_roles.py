@@ -373,3 +373,34 @@ def test_a_batch_of_token_lists_scores_each_sequence_with_its_own_tokens():
     ind = both.rows[5]  # induction: only the first sequence has repeats, so its score is the first's alone
     assert ind["induction"] == pytest.approx(first.rows[5]["induction"], abs=1e-12) == pytest.approx(1.0)
     assert both.rows[3]["punctuation"] > 0 and first.rows[3]["punctuation"] == 0  # "," only in the second
+
+
+def stats_from(p: torch.Tensor, topk: int = 3):
+    """Statistics of attention whose weights are exactly ``p (1, H, Lq, Lk)`` (zero scores + the mask log p)."""
+    _, H, Lq, Lk = p.shape
+    q, k = torch.zeros(1, H, Lq, 4, dtype=torch.float64), torch.zeros(1, H, Lk, 4, dtype=torch.float64)
+    return attnkit.attention_stats(q, k, k, mask=torch.log(p), topk=topk, pool=1)
+
+
+def test_scores_of_one_query_over_five_keys():
+    """Lq = 1 < Lk = 5: the query sits at position 4 (bottom-right aligned), the only valid row."""
+    p = torch.tensor([[0.1, 0.1, 0.1, 0.6, 0.1], [0.6, 0.1, 0.1, 0.1, 0.1]], dtype=torch.float64).view(1, 2, 1, 5)
+    rows = head_roles(stats_from(p)).rows
+    assert [r["source"] for r in rows] == ["top-3", "top-3"]
+    assert rows[0]["previous_token"] == pytest.approx(0.6) and rows[0]["first_token"] == pytest.approx(0.1)
+    assert rows[1]["first_token"] == pytest.approx(0.6) and rows[1]["sink"] == pytest.approx(0.6)
+    assert rows[0]["locality"] == pytest.approx(0.8)  # keys 2..4 of the top 3 (0.6, 0.1, 0.1) within +-2 of 4
+    assert rows[0]["mean_distance"] == pytest.approx(0.4 + 0.3 + 0.2 + 0.6)
+    assert rows[0]["role"] == "previous-token" and rows[1]["role"] == "sink"
+
+
+def test_scores_of_tiny_maps_and_the_rows_they_average():
+    one = head_roles(stats_from(torch.ones(1, 1, 1, 1, dtype=torch.float64), topk=1)).rows[0]
+    assert math.isnan(one["previous_token"])  # no query has a previous token: undefined, not 0
+    assert one["first_token"] == 1.0 and one["locality"] == 1.0 and one["entropy_norm"] == 0.0
+    two = torch.tensor([[[[1.0, 0.0], [0.25, 0.75]]]], dtype=torch.float64)
+    row = head_roles(stats_from(two, topk=2), tokens=["a", "b"]).rows[0]
+    assert row["previous_token"] == pytest.approx(0.25)  # one valid query: its own mass
+    assert math.isnan(row["induction"]) and math.isnan(row["duplicate_token"])  # no token repeats
+    uniform = torch.full((1, 1, 2, 2), 0.5, dtype=torch.float64)
+    assert head_roles(stats_from(uniform, topk=2)).rows[0]["entropy_norm"] == pytest.approx(1.0)  # log 2 < 1
