@@ -404,3 +404,37 @@ def test_scores_of_tiny_maps_and_the_rows_they_average():
     assert math.isnan(row["induction"]) and math.isnan(row["duplicate_token"])  # no token repeats
     uniform = torch.full((1, 1, 2, 2), 0.5, dtype=torch.float64)
     assert head_roles(stats_from(uniform, topk=2)).rows[0]["entropy_norm"] == pytest.approx(1.0)  # log 2 < 1
+
+
+def test_without_tokens_every_token_score_is_present_and_nan():
+    p, *_ = synthetic_layer()
+    for row in head_roles(stats_of(p)).rows:
+        assert set(HeadRoles.SCORE_KEYS) <= set(row)
+        for key in ("cls", "sep", "punctuation", "duplicate_token", "induction", "rare_token", "rare_share"):
+            assert math.isnan(row[key]), key
+
+
+def test_induction_may_point_at_the_query_itself():
+    """ "x x": query 1's token occurred at 0, so the induction key is 0 + 1 = 1, the query's own position."""
+    p = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]], dtype=torch.float64)
+    row = head_roles(stats_from(p, topk=2), tokens=["x", "x"]).rows[0]
+    assert row["induction"] == pytest.approx(1.0) and row["duplicate_token"] == pytest.approx(0.0)
+
+
+def test_rare_keys_that_are_sinks_count_as_sinks_only_with_tokens():
+    """A rare [CLS] or punctuation key is a sink key: with tokens it leaves the rare mass; without, it stays."""
+    p = torch.tensor([[[[0.7, 0.1, 0.1, 0.1]] * 4]], dtype=torch.float64)  # (1, 1, 4, 4): 0.7 on key 0
+    rare = torch.tensor([True, True, False, False])
+    with_tokens = head_roles(stats_from(p, topk=2), tokens=["[CLS]", "w", "x", "y"], rare=rare).rows[0]
+    without = head_roles(stats_from(p, topk=2), rare=rare).rows[0]
+    assert with_tokens["rare_token"] == pytest.approx(0.1) and with_tokens["rare_share"] == pytest.approx(0.25)
+    assert without["rare_token"] == pytest.approx(0.8) and without["rare_share"] == pytest.approx(0.5)
+
+
+def test_token_and_rare_shapes_are_checked():
+    p, tokens, _, rare = synthetic_layer()
+    st = stats_of(p)
+    with pytest.raises(ValueError, match=r"tokens must have one entry per key \(Lk = 64\)"):
+        head_roles(st, tokens=tokens[:-1])
+    with pytest.raises(ValueError, match=r"rare must be \(Lk,\) or \(B, Lk\) = \(1, 64\), got \(1, 63\)"):
+        head_roles(st, rare=rare[None, :63])
