@@ -438,3 +438,31 @@ def test_token_and_rare_shapes_are_checked():
         head_roles(st, tokens=tokens[:-1])
     with pytest.raises(ValueError, match=r"rare must be \(Lk,\) or \(B, Lk\) = \(1, 64\), got \(1, 63\)"):
         head_roles(st, rare=rare[None, :63])
+
+
+class Recorded(list):
+    """A recording's shape: a list of layers and the tokens of the run."""
+
+    tokens = ("x", "y", "x", "y")
+
+
+def test_sources_layer_names_thresholds_and_the_recordings_tokens():
+    p = torch.tensor([[[[1.0, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]]]], dtype=torch.float64)
+    st = stats_from(p.clamp(min=1e-9) / p.clamp(min=1e-9).sum(-1, keepdim=True), topk=2)  # (1, 1, 4, 4)
+    assert [r["layer"] for r in head_roles(st).rows] == ["0"]
+    assert [r["layer"] for r in head_roles([st, st]).rows] == ["0", "1"]
+    bare = SimpleNamespace(name="enc.0", stats=st, maps=None)  # no tokens attribute at all
+    roles = head_roles(Recorded([bare]), local_window=3, thresholds={"induction": 0.99})
+    assert roles.local_window == 3 and roles.thresholds == {**THRESHOLDS, "induction": 0.99}
+    row = roles.rows[0]
+    assert row["layer"] == "enc.0" and row["induction"] == pytest.approx(1.0)  # from the recording's tokens
+    assert row["role"] == "induction"  # 1.0 >= 0.99: the given threshold is the one applied ...
+    assert head_roles(Recorded([bare]), thresholds={"induction": 1.5}).rows[0]["role"] != "induction"  # ... always
+    with pytest.raises(ValueError, match=r"layer 'enc\.1' was recorded without statistics"):
+        head_roles([SimpleNamespace(name="enc.1", stats=None, maps=None)])
+
+
+def test_rare_share_is_the_exact_fraction():
+    p = torch.full((1, 1, 3, 3), 1 / 3, dtype=torch.float64)
+    row = head_roles(stats_from(p, topk=1), rare=torch.tensor([True, False, False])).rows[0]
+    assert row["rare_share"] == 1 / 3  # float64, not a float32 rounding of it
