@@ -295,3 +295,88 @@ def test_large_logits_stay_exact(seed, dtype):
     p = attnkit.attention_weights(q.double(), k.double(), mask=mask if mask is None or not mask.is_floating_point()
                                   else mask.double(), **cfg["options"])  # fmt: skip
     torch.testing.assert_close(st.received.double(), p.sum(-2), rtol=1e-3, atol=1e-3, msg=f"seed={seed} stats")
+
+
+# ------------------------------------------------------------------ large logits beyond the dense backends
+# Scores of magnitude 1e2-1e3 overflow exp() in fp32 (beyond ~88) unless the row maximum is subtracted
+# first. Every path that exponentiates scores is held to the fp64 reference at such magnitudes: the dense
+# backends above, and here the statistics pass, the packed varlen path and gradients (ring attention:
+# the "ring-*-large-logits" cases of tests/test_distributed.py).
+LARGE = (150.0, 400.0, 900.0)  # the largest |score| of the drawn inputs
+
+
+def large_logit_inputs(seed: int, target: float, *, B=2, Hq=4, Hk=2, Lq=19, Lk=23, D=8):
+    """fp64 ``q, k, v`` whose largest ``|q.k| / sqrt(D)`` is exactly ``target``."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, D, generator=g, dtype=f64)
+    k = torch.randn(B, Hk, Lk, D, generator=g, dtype=f64)
+    v = torch.randn(B, Hk, Lk, D, generator=g, dtype=f64)
+    s = q @ k.repeat_interleave(Hq // Hk, dim=1).mT / D**0.5  # (B, Hq, Lq, Lk)
+    return q * (target / s.abs().max()), k, v
+
+
+@pytest.mark.parametrize("target", LARGE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("options", [{}, {"causal": True}, {"window": (4, None), "alibi": True}])
+def test_large_logits_statistics_pass_matches_fp64(target, dtype, options):
+    q64, k64, v64 = large_logit_inputs(int(target), target)
+    q, k, v = (t.to(dtype) for t in (q64, k64, v64))
+    p = attnkit.attention_weights(q.double(), k.double(), **options)  # (B, Hq, Lq, Lk), same rounded inputs
+    want_out, want_lse = reference(q, k, v, None, options, return_lse=True)
+    st = attnkit.attention_stats(q, k, v, topk=3, pool=4, return_output=True, **options)
+    ctx = f"|s|max={target} {dtype} {options}"
+    assert want_lse.abs().max() > 0.5 * target, ctx  # the scores really are that large
+    for name in ("lse", "entropy", "received", "mean_distance", "pooled", "topk_weight", "output"):
+        assert torch.isfinite(getattr(st, name)).all(), f"{ctx}: {name} is not finite"
+    torch.testing.assert_close(st.lse.double(), want_lse, rtol=1e-6, atol=1e-3, msg=ctx)
+    torch.testing.assert_close(st.received.double(), p.sum(-2), rtol=0, atol=2e-3, msg=ctx)
+    torch.testing.assert_close(st.entropy.double(), -torch.special.xlogy(p, p).sum(-1), rtol=0, atol=2e-3, msg=ctx)
+    torch.testing.assert_close(st.topk_weight.double(), p.topk(3, dim=-1).values, rtol=0, atol=2e-3, msg=ctx)
+    torch.testing.assert_close(st.output.double(), want_out, rtol=0, atol=ATOL[dtype] * 4, msg=ctx)
+
+
+@pytest.mark.parametrize("target", LARGE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["auto", "tiled", "sdpa", "reference", "tiled-tiny-torch"])
+def test_large_logits_varlen_matches_fp64(target, dtype, backend):
+    lens_k = [7, 3, 13]
+    lens_q = lens_k if backend == "sdpa" else [5, 1, 13]  # SDPA refuses bottom-right causal with Lq != Lk
+    g = torch.Generator().manual_seed(int(target))
+    q, k, v = (torch.randn(sum(n), 2, 8, generator=g, dtype=f64) for n in (lens_q, lens_k, lens_k))
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()])
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()])
+    biggest = max(
+        (q[cu_q[b] : cu_q[b + 1]].transpose(0, 1) @ k[cu_k[b] : cu_k[b + 1]].permute(1, 2, 0)).abs().max()
+        for b in range(3)
+    )
+    q = q * (target * 8**0.5 / biggest)  # largest |score| = target
+    out = attnkit.attention_varlen(q.to(dtype), k.to(dtype), v.to(dtype), cu_q, cu_k, causal=True, backend=backend)
+    assert torch.isfinite(out).all(), f"{backend} {dtype} |s|max={target}"
+    for b in range(3):
+        qs, ks, vs = (x[c[b] : c[b + 1]].to(dtype).double().transpose(0, 1)[None] for x, c in
+                      ((q, cu_q), (k, cu_k), (v, cu_k)))  # fmt: skip
+        want = attnkit.attention(qs, ks, vs, backend="reference", causal=True)[0].transpose(0, 1)
+        got = out[cu_q[b] : cu_q[b + 1]].double()
+        torch.testing.assert_close(got, want, rtol=0, atol=ATOL[dtype] * 4, msg=f"{backend} {dtype} sequence {b}")
+
+
+@pytest.mark.parametrize("target", LARGE)
+@pytest.mark.parametrize("backend", ["auto", "tiled", "tiled-tiny-torch", "tiled-tiny-fused", "sdpa"])
+def test_large_logits_gradients_match_fp64(target, backend):
+    """fp32 gradients at |s| up to 1e3, against fp64; the backward recomputes p = exp(s - lse)."""
+    q64, k64, v64 = large_logit_inputs(7, target, Lq=23)  # Lq == Lk: SDPA aligns causal as attnkit then
+    dout = torch.randn(q64.shape[:-1] + v64.shape[-1:], generator=torch.Generator().manual_seed(1), dtype=f64)
+
+    def grads(dtype, name):
+        q, k, v = (t.to(dtype).requires_grad_() for t in (q64, k64, v64))
+        out = attnkit.attention(q, k, v, causal=True, backend=name)
+        return out, torch.autograd.grad((out * dout.to(dtype)).sum(), (q, k, v))
+
+    want, want_g = grads(f64, "reference")
+    got, got_g = grads(torch.float32, backend)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4, msg=backend)
+    for name, g, w in zip("qkv", got_g, want_g, strict=True):
+        assert torch.isfinite(g).all(), f"{backend} d{name} not finite at |s|max={target}"
+        # dk, dq scale with |q|, |k|: relative to the largest entry
+        torch.testing.assert_close(g.double(), w, rtol=0, atol=1e-4 * max(1.0, float(w.abs().max())),
+                                   msg=f"{backend} d{name}")  # fmt: skip

@@ -28,6 +28,7 @@ import torch
 
 import attnkit
 from attnkit.distributed import (
+    PeerError,
     merge_shards,
     overlap_block_length,
     padded_length,
@@ -57,6 +58,10 @@ CASES: dict[str, dict] = {
     "ring-contiguous-causal-padded": dict(fn="ring", layout="contiguous", hk=2, causal=True, short=3),
     "ring-zigzag-full-padded": dict(fn="ring", layout="zigzag", hk=2, short=5),
     "ring-zigzag-causal-gqa-bf16": dict(fn="ring", layout="zigzag", hk=2, causal=True, dtype="bfloat16"),
+    # Scores of magnitude ~1e2-1e3 (``logits``: the largest |q.k| * scale): exp() overflows unless every block
+    # subtracts its row maximum. A softcap sends the blocks through the tiled kernel's torch engine.
+    "ring-zigzag-causal-large-logits": dict(fn="ring", layout="zigzag", hk=2, causal=True, logits=600.0),
+    "ring-contiguous-softcap-large-logits": dict(fn="ring", layout="contiguous", hk=4, softcap=800.0, logits=2000.0),
     "ulysses-contiguous-causal-gqa": dict(fn="ulysses", layout="contiguous", hq=12, hk=6, causal=True),
     "ulysses-zigzag-causal-alibi-mqa": dict(fn="ulysses", layout="zigzag", hq=12, hk=1, causal=True, alibi=True),
     "ulysses-contiguous-window-padded": dict(fn="ulysses", layout="contiguous", hq=12, hk=3, window=(3, 2), short=3),
@@ -122,6 +127,9 @@ def _run_case(opts: dict, rank: int, world: int) -> dict[str, float]:
     v = torch.randn(B, Hk, L, Dv, generator=gen, dtype=torch.float64)
     dout = torch.randn(B, Hq, L, Dv, generator=gen, dtype=torch.float64)
     kw = {name: opts[name] for name in ("causal", "window", "alibi", "softcap", "scale") if name in opts}
+    if "logits" in opts:  # scale q so that the largest |score| before any softcap is opts["logits"]
+        s = q @ k.repeat_interleave(Hq // Hk, dim=1).mT * kw.get("scale", D**-0.5)  # (B, Hq, L, L)
+        q = q * (opts["logits"] / s.abs().max())
 
     # The single-process truth, in float64.
     qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
@@ -134,7 +142,7 @@ def _run_case(opts: dict, rank: int, world: int) -> dict[str, float]:
 
     dtype = getattr(torch, opts.get("dtype", "float32"))
     base = {}
-    if dtype != torch.float32:  # low precision: the error of one-process attention in that dtype is the yardstick
+    if dtype != torch.float32 or "logits" in opts:  # the error of one-process attention in that dtype: the yardstick
         qb, kb, vb = (x.to(dtype).requires_grad_() for x in (q, k, v))
         out_b = attnkit.attention(qb, kb, vb, **kw)
         out_b.backward(dout.to(dtype))
@@ -160,6 +168,10 @@ def _run_case(opts: dict, rank: int, world: int) -> dict[str, float]:
         "dq": (qs.grad.double() - sh(qr.grad)).abs().max().item(),
         "dk": (ks.grad.double() - sh(kr.grad)).abs().max().item(),
         "dv": (vs.grad.double() - sh(vr.grad)).abs().max().item(),
+        **{
+            f"size_{name}": t.abs().max().item()
+            for name, t in zip(("out", "dq", "dk", "dv"), (ref, qr.grad, kr.grad, vr.grad))
+        },
         "sent_bytes": sent.bytes,
         "shape": [B, Hq, Hk, L, D, Dv],
         "itemsize": qs.element_size(),
@@ -228,6 +240,19 @@ def _run_model_case(opts: dict, rank: int, world: int) -> dict[str, float]:
     }
 
 
+def _run_sharding(rank: int, world: int) -> dict[str, bool]:
+    """shard_sequence / unshard_sequence through the group: this rank's shard, and the whole back on every rank."""
+    from attnkit.distributed import shard_sequence, unshard_sequence
+
+    out = {}
+    for layout in ("contiguous", "zigzag"):
+        x = torch.randn(2, 3, 4 * world + 1, 5, generator=torch.Generator().manual_seed(world))  # never divides
+        local = shard_sequence(x, layout=layout)
+        out[f"{layout}-shard"] = torch.equal(local, shard(x, rank, world, layout=layout))
+        out[f"{layout}-unshard"] = torch.equal(unshard_sequence(local, layout=layout, seq_len=x.shape[2]), x)
+    return out
+
+
 def _run_peer_suite(rank: int, world: int) -> dict[str, dict]:
     """Every PEER_CASES case, then a correct call (the group still works), then a late call after rank 0 gave up."""
     results: dict[str, dict] = {}
@@ -241,6 +266,7 @@ def _run_peer_suite(rank: int, world: int) -> dict[str, dict]:
             cause = e.__cause__
             return {
                 "error": f"{type(e).__name__}: {e}",
+                "peer_error": isinstance(e, PeerError),
                 "cause": None if cause is None else [c.__name__ for c in type(cause).__mro__],
                 "elapsed": time.monotonic() - start,
             }
@@ -291,6 +317,7 @@ def _worker(args: argparse.Namespace) -> int:
                 results[name] = _run_model_case(opts, args.rank, args.world)
             except Exception as e:
                 results[name] = {"error": f"{type(e).__name__}: {e}"}
+        results["sharding"] = _run_sharding(args.rank, args.world)
     elif args.suite == "peers":
         results = _run_peer_suite(args.rank, args.world)
     else:  # faults: two pairs {0, 1} and {2, 3}; ranks 1 and 3 misbehave, ranks 0 and 2 must raise PeerError
@@ -373,6 +400,12 @@ def test_matches_single_process(equal_results, world, case):
             # fp32: within TOL of float64. Low precision: FlashAttention's rule, at most twice the error of
             # single-process attnkit.attention in the same dtype.
             tol = TOL if "dtype" not in CASES[case] else 2 * errs[f"base_{name}"]
+            if "logits" in CASES[case]:
+                # fp32 rounds a score of magnitude S by up to S * 2**-24, which moves each weight by that
+                # fraction, so each result by that times its own size (x4 for the sums): rounding that no
+                # order of summation avoids. (A block without its row maximum gives inf/NaN.)
+                top = min(CASES[case]["logits"], CASES[case].get("softcap", math.inf))
+                tol = max(TOL, 2 * errs[f"base_{name}"], top * 2**-22 * max(1.0, errs[f"size_{name}"]))
             assert errs[name] <= tol, f"rank {rank} of {world}: {name} differs by {errs[name]:.2e} (> {tol:.2e})"
 
 
@@ -391,6 +424,15 @@ def test_bytes_sent_match_the_formula(equal_results, world, case):
     )
     for rank, res in equal_results[world].items():
         assert res[case]["sent_bytes"] == want, f"rank {rank}: sent {res[case]['sent_bytes']} bytes, formula {want}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world", WORLDS)
+def test_shard_sequence_and_unshard_sequence_across_ranks(equal_results, world):
+    for rank, res in equal_results[world].items():
+        assert res["sharding"] == {f"{layout}-{step}": True for layout in ("contiguous", "zigzag")
+                                   for step in ("shard", "unshard")}, f"rank {rank} of {world}"  # fmt: skip
 
 
 @pytest.mark.slow
@@ -462,7 +504,7 @@ def test_mismatched_peers_all_raise_peer_error(peer_results, case):
         assert "init_error" not in res, res
         err = res[case]["error"]
         assert err is not None, f"rank {rank} computed although rank {opts['odd']} passed another {opts['field']}"
-        assert err.startswith("PeerError: "), f"rank {rank}: {err}"
+        assert err.startswith("PeerError: ") and res[case]["peer_error"], f"rank {rank}: {err}"
         assert "the ranks of the group disagree, so no rank computes" in err, f"rank {rank}: {err}"
         assert want in err, f"rank {rank}: {err!r} lacks {want!r}"
 

@@ -121,3 +121,33 @@ def test_attention_stats_uses_the_registered_statistics_kernel():
         torch.testing.assert_close(st.received, p.sum(-2))
     finally:
         unregister_backend("counting")
+
+
+@pytest.mark.parametrize("Lq, Lk", [(5, 5), (3, 8), (8, 3), (1, 6)])
+@pytest.mark.parametrize(
+    "options", [{}, {"causal": True}, {"window": (1, 0)}, {"window": (None, 2)}, {"window": (0, 0), "causal": True}]
+)
+def test_rows_without_keys_are_the_rows_causal_and_window_leave_empty(Lq, Lk, options):
+    """`AttentionSpec.rows_without_keys` against the allowed set, row by row, for every query block."""
+    q, k = torch.randn(1, 1, Lq, 4), torch.randn(1, 1, Lk, 4)
+    spec = build_spec(q, k, k, **options)
+    assert isinstance(spec, attnkit.AttentionSpec) and (spec.q_len, spec.kv_len, spec.offset) == (Lq, Lk, Lk - Lq)
+    allowed = spec.allowed_tile(0, Lq, 0, Lk, q.device)  # None: every pair
+    want = torch.zeros(Lq, dtype=torch.bool) if allowed is None else ~allowed.reshape(Lq, Lk).any(-1)
+    assert torch.equal(spec.rows_without_keys(0, Lq, q.device), want)
+    for i0 in range(Lq):  # any block [i0, i1) gives its own rows
+        assert torch.equal(spec.rows_without_keys(i0, Lq, q.device), want[i0:])
+    if options.get("causal") and Lq > Lk:  # bottom-right causal: the first Lq - Lk rows see nothing
+        assert want[: Lq - Lk].all() and not want[Lq - Lk :].any()
+
+
+def test_backend_choice_names_the_backend_and_every_refusal():
+    q = torch.randn(1, 2, 3, 4)
+    k = torch.randn(1, 2, 5, 4)
+    choice = attnkit.explain_backend(q, k, k, causal=True, backend="sdpa")  # SDPA aligns causal top-left
+    assert isinstance(choice, attnkit.BackendChoice)
+    assert choice.backend is None and choice.requested == "sdpa" and "top-left" in choice.reasons["sdpa"]
+    assert str(choice).splitlines()[0] == "backend: None (requested 'sdpa')"
+    auto = attnkit.explain_backend(q, k, k, causal=True)
+    assert isinstance(auto, attnkit.BackendChoice) and auto.backend in attnkit.available_backends()
+    assert auto.requested == "auto" and "sdpa" in auto.reasons  # passed over, with its reason
