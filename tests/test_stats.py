@@ -330,8 +330,11 @@ def test_one_pass_never_holds_more_than_a_strip(monkeypatch, heads_per_strip):
     q, k, v = make_qkv(2, 4, 4, 640, 640, 8, dtype=torch.float32)
     spec = attnkit.functional.build_spec(q, k, v)
     monkeypatch.setattr(stats_kernel, "STRIP_BYTES", heads_per_strip * 32 * 640 * 4)  # heads bundled up to it
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: the dispatch mode that watches is thread-local (a worker holds one strip)
     with largest_tensor() as biggest:
         got = stats_kernel.strip_forward(q, k, v, spec, topk=4, pool=pool_segments(64, 640, 640, q.device), block_q=32)
+    torch.set_num_threads(threads)
     # one strip, or the inputs/outputs; far below 4 * 640 * 640
     assert biggest[0] <= max(heads_per_strip * 32 * 640, 2 * 4 * 640 * 8)
     if heads_per_strip > 1:  # small groups are bundled: whole batch elements with all their heads

@@ -157,3 +157,19 @@ def test_built_once_per_source_into_the_cache(monkeypatch, tmp_path):
         assert native.available() and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
     finally:
         native._library.cache_clear()
+
+
+def test_units_run_on_worker_threads_with_the_same_results_and_thread_count_restored():
+    """Several (batch, head) units are spread over torch's thread count; the count is restored after."""
+    q, k, v = torch.randn(3, 4, 90, 8), torch.randn(3, 2, 90, 8), torch.randn(3, 2, 90, 8)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        many = one_pass(q, k, v, {"causal": True}, topk=3)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        one = one_pass(q, k, v, {"causal": True}, topk=3)
+    finally:
+        torch.set_num_threads(before)
+    for name in STATS:
+        torch.testing.assert_close(many[name], one[name], rtol=1e-6, atol=1e-6, msg=name)

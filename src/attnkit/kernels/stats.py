@@ -30,6 +30,12 @@ Memory: ``O(B * H * ((Lq + Lk) * (D + K) + P_q * P_k))`` plus one tile of
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import functools
+import threading
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -300,6 +306,26 @@ def _strip_weights(s: Tensor, K: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return p, lse, top_w, top_i
 
 
+_THREADS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """PyTorch's intra-op thread count set to ``n`` for the block (process-wide; calls are serialised)."""
+    with _THREADS_LOCK:
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+
+@functools.lru_cache(maxsize=4)
+def _unit_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="attnkit-stats")
+
+
 def _units(B: int, Hk: int, group_bytes: int) -> list[tuple[int, int, int, int]]:
     """``(b0, b1, kv0, kv1)`` pieces of the batch and key/value heads scored together in one strip.
 
@@ -363,8 +389,10 @@ def strip_forward(
     A strip of query rows is scored against all the keys it may see (causal/window ranges
     only), normalised exactly by one ``softmax`` (`_strip_weights`), reduced into the
     statistics and mixed with ``v``, then dropped. Strips are sized to ``STRIP_BYTES`` per
-    GQA group, so memory is ``O(L)`` plus one strip, and a strip stays in cache while it is
-    read several times. Dropout is not applied (the caller uses the two-pass path for it).
+    GQA group (small groups bundled), so memory is ``O(L)`` plus one strip per worker thread
+    (units of batch elements and heads run on PyTorch's thread count, each on one thread), and a
+    strip stays in cache while it is read several times. Dropout is not applied (the caller uses
+    the two-pass path for it).
 
     Entropy is ``lse - sum_j p_ij s_ij`` (``log p = s - lse``), one contraction over the strip;
     the ``-inf`` of masked scores (where ``p = 0``) are first set to 0, only in the columns that
@@ -406,21 +434,22 @@ def strip_forward(
     fused_rows = native_rows and acc == torch.float32 and dev.type == "cpu" and K <= native.MAX_TOPK
     fused_rows = fused_rows and native.available()
 
-    for i0 in range(0, Lq, block_q):
-        i1 = min(i0 + block_q, Lq)
-        lo, hi = spec.key_range(i0, i1)
-        if hi <= lo:
-            continue  # no key visible to any row of the strip: zeros and lse = -inf
-        dist = _DistanceSplit(i0, i1, lo, hi, spec.offset, acc, dev)  # shared by the units
-        # Masked scores are -inf; where only causal/window mask, they lie outside the open columns [a, z).
-        a, z = (lo, hi) if spec.mask is not None else spec.open_columns(i0, i1, lo, hi)
-        row_segments = query_segment[i0:i1]  # (bq,)
-        r_first = int(row_segments[0])
-        row_segments = row_segments - r_first
-        nr = int(row_segments[-1]) + 1
-        segments = key_segment[lo:hi]  # (W,)
-        c_first, c_last = int(segments[0]), int(segments[-1]) + 1
-        for b0, b1, kv0, kv1, uspec in units:
+    def run_unit(b0: int, b1: int, kv0: int, kv1: int, uspec: AttentionSpec) -> None:
+        """Every strip of one unit: its (batch, head) slices of the outputs are its own."""
+        for i0 in range(0, Lq, block_q):
+            i1 = min(i0 + block_q, Lq)
+            lo, hi = spec.key_range(i0, i1)
+            if hi <= lo:
+                continue  # no key visible to any row of the strip: zeros and lse = -inf
+            dist = _DistanceSplit(i0, i1, lo, hi, spec.offset, acc, dev) if not fused_rows else None
+            # Masked scores are -inf; where only causal/window mask, they lie outside the open columns [a, z).
+            a, z = (lo, hi) if spec.mask is not None else spec.open_columns(i0, i1, lo, hi)
+            row_segments = query_segment[i0:i1]  # (bq,)
+            r_first = int(row_segments[0])
+            row_segments = row_segments - r_first
+            nr = int(row_segments[-1]) + 1
+            segments = key_segment[lo:hi]  # (W,)
+            c_first, c_last = int(segments[0]), int(segments[-1]) + 1
             nb, h0, h1 = b1 - b0, kv0 * G, kv1 * G
             q_s = q[b0:b1, h0:h1, i0:i1]  # (nb, nh, bq, D)
             s, _ = uspec.scores(q_s, k[b0:b1, kv0:kv1, lo:hi], i0, lo)  # (nb, nh, bq, W), -inf where masked
@@ -466,6 +495,15 @@ def strip_forward(
                 if kk < K:  # fewer visible keys than K: weight-0 keys outside the range fill the rest
                     outside = torch.cat([torch.arange(0, lo, device=dev), torch.arange(hi, Lk, device=dev)])
                     top_i[b0:b1, h0:h1, i0:i1, kk:] = outside[: K - kk]
+
+    workers = min(torch.get_num_threads(), len(units))
+    if workers > 1:  # units write disjoint slices: one per thread, each op on one thread (better than
+        with _torch_threads(1):  # the ops' own threads, which leave the skinny p @ v matmul on one)
+            list(_unit_pool(workers).map(lambda unit: run_unit(*unit), units))
+    else:
+        for unit in units:
+            run_unit(*unit)
+
     return {
         "output": output,
         "lse": lse,
