@@ -38,12 +38,8 @@ def window_allowed(
     """``(i1 - i0, j1 - j0)`` bool: query ``i`` may see key ``j`` iff ``i' - left <= j <= i' + right``.
 
     ``i' = i + offset`` is the aligned position; ``None`` leaves a side unbounded. Causal is
-    ``(left, right) = (None, 0)``. The result is shared with later calls: do not modify it.
+    ``(left, right) = (None, 0)``.
     """
-    key = (i0, i1, j0, j1, offset, left, right, torch.device(device))
-    compiling = torch.compiler.is_compiling()
-    if not compiling and key in _WINDOW_TILES:
-        return _WINDOW_TILES[key]
     i = torch.arange(i0, i1, device=device)[:, None] + offset  # (bq, 1) aligned positions
     j = torch.arange(j0, j1, device=device)[None, :]  # (1, bk)
     allowed = torch.ones(i1 - i0, j1 - j0, dtype=torch.bool, device=device)
@@ -51,17 +47,7 @@ def window_allowed(
         allowed &= j >= i - left
     if right is not None:
         allowed &= j <= i + right
-    if not compiling and not torch.is_inference_mode_enabled():  # an inference tensor could not be saved later
-        if len(_WINDOW_TILES) >= _WINDOW_TILES_KEPT:
-            _WINDOW_TILES.pop(next(iter(_WINDOW_TILES)))
-        _WINDOW_TILES[key] = allowed
     return allowed
-
-
-# The last few tiles, read-only for callers: a strip's diagonal tile is the same for every head and
-# batch element the kernels score separately (the one-pass statistics ask for it once per piece).
-_WINDOW_TILES: dict[tuple, Tensor] = {}
-_WINDOW_TILES_KEPT = 8
 
 
 def aligned_distance(

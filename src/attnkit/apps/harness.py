@@ -92,6 +92,23 @@ def time_fn(fn: Callable[[], Any], *, warmup: int = 1, repeat: int = 3, max_seco
     return {"median_s": statistics.median(times), "min_s": min(times), "runs": len(times)}
 
 
+def time_alternating(functions: dict[str, Callable[[], Any]], repeat: int) -> dict[str, float]:
+    """Median wall time of each function, run in turn ``repeat`` times after one warm-up each.
+
+    Alternating in one process makes a change in the machine's load hit every function alike, so
+    their ratios hold even when the absolute times do not.
+    """
+    for fn in functions.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(repeat):
+        for name, fn in functions.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 # ------------------------------------------------------------------ threads
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 

@@ -53,33 +53,19 @@ def _functions(q, k, v, causal: bool, topk: int, pool: int) -> dict:
     }
 
 
-def _alternate(functions: dict, repeat: int) -> dict[str, float]:
-    """Median wall time of each function, the functions run in turn ``repeat`` times after one warm-up each."""
-    import statistics
-    import time
-
-    for fn in functions.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(repeat):
-        for name, fn in functions.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def time_case(
     n: int, batch: int, heads: int, dim: int, topk: int, pool: int, repeat: int, threads: int | None, causal: bool
 ) -> dict:
     """SDPA forward and attention_stats alternated in this (fresh) process: median seconds of each."""
     import torch
 
+    from attnkit.apps.harness import time_alternating
+
     if threads:
         torch.set_num_threads(threads)
     q, k, v = _inputs(n, batch, heads, dim)
     with torch.no_grad():
-        medians = _alternate(_functions(q, k, v, causal, topk, pool), repeat)
+        medians = time_alternating(_functions(q, k, v, causal, topk, pool), repeat)
     return {"sdpa_s": medians["sdpa"], "stats_s": medians["stats"], "threads": torch.get_num_threads()}
 
 
@@ -110,6 +96,7 @@ def model_case(batch: int, length: int, repeat: int, threads: int | None) -> dic
     import torch
     import transformers
 
+    from attnkit.apps.harness import time_alternating
     from attnkit.inspect import record
     from attnkit.integrations.huggingface import register
 
@@ -131,8 +118,8 @@ def model_case(batch: int, length: int, repeat: int, threads: int | None) -> dic
         return rec
 
     with torch.no_grad():
-        medians = _alternate({"sdpa": lambda: models["sdpa"](input_ids=ids, attention_mask=mask), "record": recorded},
-                             repeat)  # fmt: skip
+        plain = lambda: models["sdpa"](input_ids=ids, attention_mask=mask)
+        medians = time_alternating({"sdpa": plain, "record": recorded}, repeat)
     return {"sdpa_s": medians["sdpa"], "record_s": medians["record"], "threads": torch.get_num_threads()}
 
 
