@@ -208,6 +208,28 @@ def test_packed_op_without_any_query_or_any_key():
     assert bool((out == 0).all()) and bool(torch.isneginf(lse).all())
 
 
+@pytest.mark.parametrize(
+    ("lens_q", "lens_k"), [([0, 0], [2, 3]), ([2, 3], [0, 0])], ids=["no_query_anywhere", "no_key_anywhere"]
+)
+def test_per_sequence_makes_its_outputs_on_q_device_when_no_sequence_runs(lens_q, lens_k):
+    """``out`` and ``lse`` follow ``q``'s device and dtype, not torch's defaults (meta stands in for a GPU here)."""
+    spec = build_spec(*_dense(*_packed([3], [3])[:3]))  # Hq 4, Dv 12, fp64 accumulation
+
+    def never(*args):
+        raise AssertionError("no sequence has both queries and keys: nothing may run")
+
+    cu_q, cu_k = (torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()]) for lens in (lens_q, lens_k))
+    meta = dict(dtype=torch.float64, device="meta")
+    q, k, v = (
+        torch.empty(sum(lens_q), 4, 16, **meta),
+        torch.empty(sum(lens_k), 2, 16, **meta),
+        torch.empty(sum(lens_k), 2, 12, **meta),
+    )
+    out, lse = packed.per_sequence(never, never, q, k, v, cu_q, cu_k, spec, True)
+    assert (out.shape, out.dtype, out.device) == ((sum(lens_q), 4, 12), torch.float64, q.device)
+    assert (lse.shape, lse.dtype, lse.device) == ((4, sum(lens_q)), torch.float64, q.device)
+
+
 @pytest.mark.parametrize("with_lse", [False, True], ids=["out", "out_and_lse"])
 @pytest.mark.parametrize(
     "opts", [dict(causal=True, alibi=True), dict(window=(2, 1), dropout_p=0.3)], ids=["causal_alibi", "window_dropout"]
