@@ -106,6 +106,8 @@ _CU_VALUES = "must start at 0, never decrease and end at the packed length 7, go
         (dict(mask=torch.ones(7, 5, dtype=torch.bool)), "mask is not supported (got a mask)"),
         (dict(q=torch.randn(1, 7, 4, 16)), "q must be 3-D (total_q, Hq, D) (packed), got shape (1, 7, 4, 16)"),
     ],
+    ids=["decreasing", "past_the_end", "not_from_0", "12_values_in_full", "13_values_cut", "counts", "float_dtype",
+         "2d", "list", "device", "max_seqlen", "mask", "4d_q"],
 )  # fmt: skip
 def test_errors_name_the_argument(change, message):
     """Each message names the argument, what it must be and what arrived (the values, counts, dtype or type)."""
