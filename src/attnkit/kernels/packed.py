@@ -106,7 +106,7 @@ def per_sequence(
         why = refusal(qb, spec_b, return_lse)
         if why is not None:
             raise ValueError(f"attention_varlen: the backend cannot run sequence {b}: {why}")
-        out_b, lse_b = run(qb, kb, vb, spec_b, True)
+        out_b, lse_b = run(qb, kb, vb, spec_b, return_lse)  # asked for what the refusal approved
         outs.append(out_b[0].transpose(0, 1))  # (Lq, Hq, Dv)
         lses.append(lse_b[0] if lse_b is not None else None)  # (Hq, Lq)
     if not outs:
