@@ -183,6 +183,20 @@ def test_argument_errors_name_the_argument_and_what_arrived(kwargs, exc, match):
         attention_stats(q, k, v, **kwargs)
 
 
+def test_the_two_passes_keep_the_output_autograd_and_the_backend_asked_for():
+    q, k, v = make_qkv(1, 2, 2, 6, 6, 4, grad=True)
+    st = attention_stats(q, k, v, causal=True, topk=2, pool=2, backend="tiled", return_output=True)
+    assert not any(getattr(st, name).requires_grad for name in PER_HEAD if name != "output")
+    got = torch.autograd.grad(st.output.sum(), (q, k, v))
+    want = torch.autograd.grad(attnkit.attention(q, k, v, causal=True, backend="reference").sum(), (q, k, v))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+    with pytest.raises(ValueError, match=r"backend='sdpa' cannot compute this request: SDPA's dropout"):
+        attention_stats(q, k, v, dropout_p=0.5, backend="sdpa")  # the backend asked for, not auto's choice
+    with pytest.raises(ValueError, match=r"backend must be 'auto' or one of \[.*\], got 'nope'"):
+        attention_stats(q, k, v, backend="nope")
+
+
 def test_v_is_validated_with_q_and_k():
     q, k, _ = make_qkv(1, 2, 2, 6, 6, 4, dtype=torch.float32)
     v = torch.randn(1, 2, 5, 4)  # one key short
@@ -384,8 +398,9 @@ def test_traced_edges_are_moved_and_returned_unread(monkeypatch):
     eq, _ = pool_segments(good, 12, 12, CPU)
     assert eq.dtype == torch.int64 and eq.tolist() == [0, 1, 5, 12]
     assert pool_segments(torch.tensor([0, 12]), 12, 12, CPU)[0].tolist() == [0, 12]
-    eq, ek = pool_segments(good, 12, 12, torch.device("meta"))  # on the device asked for (values unread)
-    assert eq.device.type == ek.device.type == "meta" and eq.dtype == torch.int64
+    meta = torch.device("meta")  # on the device asked for (values unread)
+    for eq, ek in (pool_segments(good, 12, 12, meta), pool_segments((good, torch.tensor([0, 3, 12])), 12, 12, meta)):
+        assert eq.device.type == ek.device.type == "meta" and eq.dtype == ek.dtype == torch.int64
 
 
 @pytest.mark.parametrize(
