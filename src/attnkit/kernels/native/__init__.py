@@ -99,9 +99,10 @@ def strip_rows(s: Tensor, row_pos0: int, k: int) -> tuple[Tensor, Tensor, Tensor
     """
     G, bq, W = s.shape
     R = G * bq
-    lse, entropy, distance = (torch.empty(G, bq, dtype=torch.float32) for _ in range(3))
-    top_w = torch.empty(G, bq, k, dtype=torch.float32)
-    top_i = torch.empty(G, bq, k, dtype=torch.int64)
+    # on s's device (the CPU), never torch's default device: the C helper writes through these pointers
+    lse, entropy, distance = (torch.empty(G, bq, dtype=torch.float32, device=s.device) for _ in range(3))
+    top_w = torch.empty(G, bq, k, dtype=torch.float32, device=s.device)
+    top_i = torch.empty(G, bq, k, dtype=torch.int64, device=s.device)
     fn = _library().strip_rows_f32
     pointers = (lse.data_ptr(), entropy.data_ptr(), distance.data_ptr(), top_w.data_ptr(), top_i.data_ptr())
 
