@@ -74,3 +74,18 @@ def test_dropout_mixer_is_a_bijection_on_a_sample():
     x = torch.arange(0, 2**20, dtype=torch.int64) * 4093
     x = x & 0xFFFFFFFF
     assert torch.unique(dropout.mix32(x)).numel() == x.numel()
+
+
+def test_dropout_seed_is_drawn_on_the_cpu_under_any_default_device():
+    """CPU tensors under ``torch.device("meta")`` draw the same pattern (a seed drawn on meta has no value)."""
+    q, k, v = make_qkv(B=1, Hq=2, Hk=2, Lq=16, Lk=16, D=8)
+    torch.manual_seed(3)
+    expected = attnkit.attention(q, k, v, dropout_p=0.5)
+    stats_expected = attnkit.attention_stats(q, k, v, dropout_p=0.5, return_output=True).output
+    torch.manual_seed(3)
+    with torch.device("meta"):
+        out = attnkit.attention(q, k, v, dropout_p=0.5)
+        stats_out = attnkit.attention_stats(q, k, v, dropout_p=0.5, return_output=True).output
+    assert out.device.type == "cpu"
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(stats_out, stats_expected, rtol=0, atol=0)

@@ -61,8 +61,10 @@ def new_seed() -> int | Tensor:
     draws it with its own generator unless ``torch._inductor.config.fallback_random`` is set,
     so a compiled call drops other weights than an eager one, with the same probability.
     """
-    seed = torch.randint(0, 2**32, (1,), dtype=torch.int64)
-    return seed[0] if torch.compiler.is_compiling() else int(seed.item())
+    if torch.compiler.is_compiling():
+        return torch.randint(0, 2**32, (1,), dtype=torch.int64)[0]
+    # On the CPU whatever the default device: under `torch.device("meta")` a seed drawn there has no value.
+    return int(torch.randint(0, 2**32, (1,), dtype=torch.int64, device="cpu").item())
 
 
 # Packed (varlen) sequence ``b`` draws its pattern with seed ``seed + b * VARLEN_SEED_STEP``
