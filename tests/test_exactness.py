@@ -178,7 +178,7 @@ def test_rows_that_read_a_bad_key_are_nan_and_only_those(case):
 
 
 def test_finding_poisoned_rows_visits_each_block_of_keys_once(monkeypatch):
-    """One allowed-tile per block of `BLOCK_K` keys holding a bad key, from the first bad key on."""
+    """One allowed tile per block of `BLOCK_K` keys holding a bad key, from the first bad key on, on q's device."""
     from attnkit.functional import build_spec
     from attnkit.kernels import nonfinite
     from attnkit.spec import AttentionSpec
@@ -187,10 +187,11 @@ def test_finding_poisoned_rows_visits_each_block_of_keys_once(monkeypatch):
     spec = build_spec(q, k, v, **options)
     tiles = []
     real = AttentionSpec.allowed_tile
-    monkeypatch.setattr(AttentionSpec, "allowed_tile", lambda self, *a: tiles.append(a[:4]) or real(self, *a))
+    monkeypatch.setattr(AttentionSpec, "allowed_tile", lambda self, *a: tiles.append(a) or real(self, *a))
     nonfinite.poisoned_rows(spec, nonfinite.find(q, k, v))
     assert nonfinite.BLOCK_K == 512
-    assert tiles == [(0, 6, 5, 517), (0, 6, 1029, 1300)]  # keys 5 and 1299; the block [517, 1029) holds none
+    # keys 5 and 1299 (the block [517, 1029) holds none), each tile made on the inputs' device (not torch's default)
+    assert tiles == [(0, 6, 5, 517, q.device), (0, 6, 1029, 1300, q.device)]
 
 
 # ------------------------------------------------------------ PyTorch's fused CPU kernel, called directly
