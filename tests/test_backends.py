@@ -255,3 +255,86 @@ def test_tiled_with_explicit_alignment_matches_reference(align):
         out, lse = tiled.forward(q, k, v, spec, block_q=16, block_k=32, engine=engine)
         torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
         assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+
+
+# ------------------------------------------------------------------- sdpa: what it refuses, and why
+def sdpa_refusal(shape=None, *, return_lse=False, grad=False, align=None, device="cpu", **options):
+    """``sdpa.refusal`` of a request on ``make_qkv(**shape)`` inputs (``align`` replaced in the spec)."""
+    import dataclasses
+
+    q, k, v = (x.to(device) for x in make_qkv(**(shape or dict(Lq=4, Lk=8)), grad=grad))
+    spec = build_spec(q, k, v, **options)
+    if align is not None:
+        spec = dataclasses.replace(spec, align=align)
+    return attnkit.backends.sdpa.refusal(q, spec, return_lse)
+
+
+SQUARE = dict(Lq=8, Lk=8)
+TOP_LEFT = "SDPA aligns causal top-left; attnkit aligns bottom-right and Lq != Lk"
+NOT_BOTH = "SDPA takes is_causal or a mask, not both"
+DV = "its fused kernels need Dv == D (its fallback would materialise Lq x Lk)"
+
+
+@pytest.mark.parametrize(
+    ("request_", "why"),
+    [
+        (dict(alibi=True), "ALiBi would need an Lq x Lk float mask"),
+        (dict(softcap=2.0), "SDPA has no softcap"),
+        (dict(window=(3, 0)), "a window would need an Lq x Lk mask"),
+        (dict(dropout_p=0.1), "SDPA's dropout pattern differs from attnkit's counter-based one"),
+        (dict(align=5), "custom query/key alignment (spec.align) is computed by the tiled kernel"),
+        (dict(align=4), None),  # Lk - Lq: attnkit's own alignment, stated explicitly
+        (dict(causal=True, shape=dict(Lq=2, Lk=5)), TOP_LEFT),
+        (dict(causal=True, shape=dict(Lq=1, Lk=5)), None),  # one query: causal masks nothing
+        (dict(causal=True, shape=SQUARE), None),
+        (dict(causal=True, mask=torch.ones(2, 2, dtype=torch.bool), shape=dict(Lq=2, Lk=2)), NOT_BOTH),
+        (dict(causal=True, mask=torch.ones(1, 5, dtype=torch.bool), shape=dict(Lq=1, Lk=5)), None),
+        (dict(mask=torch.zeros(4, 8, dtype=f64, requires_grad=True)), "the float mask needs a gradient"),
+        (dict(mask=torch.zeros(4, 8, dtype=f64)), None),
+        (dict(mask=torch.ones(4, 8, dtype=torch.bool)), None),
+        (dict(scale=0.0), "its kernels mask before they scale, so a scale <= 0 turns masked scores into NaN"),
+        (dict(scale=-0.5), "its kernels mask before they scale, so a scale <= 0 turns masked scores into NaN"),
+        (dict(scale=1e-3), None),
+        (dict(shape=dict(Lq=4, Lk=8, D=8, Dv=4)), DV),
+        (dict(return_lse=True, device="meta"), "the log-sum-exp is only reachable through its CPU kernel"),
+        (dict(return_lse=True, grad=True), "its log-sum-exp output carries no gradient"),
+        (dict(return_lse=True), None),
+        (dict(grad=True), None),
+    ],
+)
+def test_sdpa_refuses_exactly_what_it_cannot_compute_and_says_why(request_, why):
+    """The reasons are what `explain_backend` and the error of ``backend="sdpa"`` show: checked word for word."""
+    assert sdpa_refusal(**request_) == why
+
+
+def test_sdpa_lse_with_gradients_off_is_its_cpu_kernel():
+    with torch.no_grad():
+        assert sdpa_refusal(return_lse=True, grad=True) is None
+
+
+def test_sdpa_kernel_returns_no_lse_unless_asked():
+    q, k, v = make_qkv(Lq=6, Lk=6)
+    spec = build_spec(q, k, v, causal=True)
+    out, lse = attnkit.backends.sdpa.attention(q, k, v, spec)
+    assert lse is None
+    torch.testing.assert_close(out, attnkit.attention(q, k, v, causal=True, backend="reference"), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mask", [None, "bool"])
+def test_sdpa_without_enable_gqa_copies_the_key_value_heads(monkeypatch, mask):
+    """PyTorch before 2.5 has no ``enable_gqa``: the kernel copies each key/value head to its query heads."""
+    from attnkit.kernels import sdpa
+
+    monkeypatch.setattr(sdpa, "_HAS_GQA", False)
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((k.shape[1], v.shape[1], "enable_gqa" in kwargs))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    q, k, v = make_qkv(B=2, Hq=6, Hk=2, Lq=9, Lk=9, grad=True)
+    m = None if mask is None else torch.rand(2, 1, 9, 9) > 0.3
+    assert_matches_reference(q, k, v, {"causal": mask is None}, "sdpa", mask=m)
+    assert seen == [(6, 6, False)]

@@ -42,6 +42,15 @@ def test_same_pattern_in_tiled_and_reference_any_tiling():
             torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
 
 
+def test_reference_draws_its_keep_mask_on_the_inputs_device():
+    """On meta tensors (standing in for a GPU): a keep mask made on torch's default device would not mix."""
+    from attnkit.kernels import reference
+
+    q, k, v = (torch.empty(1, 2, 8, 4, device="meta") for _ in range(3))
+    out, lse = reference.forward(q, k, v, build_spec(q, k, v, dropout_p=0.3))
+    assert (out.device.type, out.shape, lse.device.type, lse.shape) == ("meta", (1, 2, 8, 4), "meta", (1, 2, 8))
+
+
 def test_auto_with_dropout_never_uses_sdpa():
     q, k, v = make_qkv(Lq=40, Lk=50, D=8)
     choice = attnkit.explain_backend(q, k, v, dropout_p=0.1)

@@ -83,6 +83,7 @@ def backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``dq, dk, dv`` of one fused call, from its ``out`` and ``lse``.
 
+    ``lse (B, H, Lq)`` in any float dtype: the kernel takes it only in the accumulation dtype, cast here.
     A row with no allowed key must carry ``lse = +inf`` (so every ``exp(s - lse)`` is 0).
     """
     lse = lse.to(acc_dtype(q))
