@@ -119,7 +119,11 @@ def test_minilm_bert_equals_eager(minilm):
             ours = model(**batch).last_hidden_state
         eager = run(model, "eager", **batch)
         model.set_attn_implementation("attnkit")
-    torch.testing.assert_close(ours, eager.last_hidden_state, **TOL)
+    real = batch["attention_mask"].bool()  # (B, L): the tokens, not the padding
+    torch.testing.assert_close(ours[real], eager.last_hidden_state[real], **TOL)
+    # A padding position's state is ill-conditioned: eager itself lies 2.2e-5 from an fp64 run there
+    # (1.6e-6 at the tokens), and any change of rounding moves it by as much.
+    torch.testing.assert_close(ours[~real], eager.last_hidden_state[~real], rtol=1e-4, atol=1e-4)
     assert len(rec) == 6 and rec[0].name == "encoder.layer.0.attention.self"
     for layer, want in zip(rec, eager.attentions):
         torch.testing.assert_close(layer.maps, want, **TOL)

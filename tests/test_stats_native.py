@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import pytest
@@ -97,10 +98,20 @@ def test_native_top_k_screen_is_exact(W, k):
     s = torch.randn(3, 5, W) * 4
     s[0, 0] = 0.0  # a uniform row: every weight tied
     s[1, 1, W // 2 :] = -torch.inf
+    s[2, 3] = -torch.inf  # a row with no allowed key: weights 0, scale 0, lse -inf
     scores = s.clone()
-    p_want = torch.softmax(scores, dim=-1)
-    lse, ent, dist, w, i = native.strip_rows(s, 0, k)  # s now holds the weights
-    torch.testing.assert_close(s, p_want, rtol=1e-6, atol=1e-7)
+    # fp64 reference: fp32 softmax itself errs by 2e-6 on the largest weight of a peaked row
+    p_want = torch.softmax(scores.double(), dim=-1).float().nan_to_num(0.0)
+    row_segment = torch.tensor([0, 0, 1, 1, 2])  # query segments of the 5 rows
+    key_edges = torch.tensor([0, 1, W // 3, W - 1, W])  # key segments of 1, many and 1 keys
+    lse, scale, ent, dist, w, i, colsum, cells = native.strip_rows(s, 0, k, row_segment, 3, key_edges)
+    # s now holds e = exp(s - max), the weights times z
+    torch.testing.assert_close(s * scale[..., None], p_want, rtol=3e-6, atol=1e-7)  # fp32 s - m: 2e-6 at |s - m| ~ 40
+    assert scale[2, 3] == 0 and lse[2, 3] == -torch.inf and ent[2, 3] == 0 and dist[2, 3] == 0
+    torch.testing.assert_close(colsum, p_want.sum(1), rtol=1e-5, atol=1e-6)
+    bands = torch.stack([p_want[:, :2].sum(1), p_want[:, 2:4].sum(1), p_want[:, 4]], dim=1)  # (3, 3, W)
+    want_cells = torch.stack([bands[..., a:b].sum(-1) for a, b in itertools.pairwise(key_edges)], dim=-1)
+    torch.testing.assert_close(cells, want_cells, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w, p_want.topk(k, dim=-1).values, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(torch.gather(p_want, -1, i), w, rtol=1e-6, atol=1e-7)
     assert torch.equal(i[0, 0], torch.arange(k))
@@ -108,6 +119,29 @@ def test_native_top_k_screen_is_exact(W, k):
     torch.testing.assert_close(ent, -torch.special.xlogy(p_want, p_want).sum(-1), rtol=1e-5, atol=1e-5)
     pos = (torch.arange(5, dtype=torch.float32)[:, None] - torch.arange(W, dtype=torch.float32)).abs()
     torch.testing.assert_close(dist, (p_want * pos).sum(-1), rtol=1e-5, atol=1e-3)
+
+
+@needs_native
+@pytest.mark.parametrize("W", [40, 700])
+def test_native_row_ranges_equal_masking(W):
+    """Keys outside a row's [lo, hi) count as masked whatever the strip holds there (causal/window rows)."""
+    torch.manual_seed(W)
+    s = torch.randn(2, 6, W) * 3
+    lo = torch.tensor([0, 0, 5, 9, 3, 7])
+    hi = torch.tensor([W, 1, W - 4, 9, 20, W])  # full, one key, a window, none, short, a left edge
+    inside = (torch.arange(W) >= lo[:, None]) & (torch.arange(W) < hi[:, None])  # (6, W)
+    masked = s.masked_fill(~inside, -torch.inf)
+    rows, edges = torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([0, W // 2, W])
+    got = native.strip_rows(s.clone(), 2, 3, rows, 2, edges, (lo, hi))
+    want = native.strip_rows(masked.clone(), 2, 3, rows, 2, edges)
+    for name, a, b in zip(("lse", "scale", "entropy", "distance", "top_w", "top_i", "colsum", "cells"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    p_want = torch.softmax(masked.double(), dim=-1).nan_to_num(0.0)
+    s_out = s.clone()
+    native.strip_rows(s_out, 2, 3, rows, 2, edges, (lo, hi))
+    torch.testing.assert_close((s_out * got[1][..., None]).double(), p_want, rtol=3e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="out of range"):
+        native.strip_rows(s.clone(), 2, 3, rows, 2, edges, (lo, hi + W))  # a range past the strip
 
 
 @needs_native

@@ -215,22 +215,35 @@ class AttentionSpec:
         out = torch.where(allowed, base, float("-inf"))
         return out.view((1,) * (4 - out.dim()) + tuple(out.shape))
 
-    def raw_scores(self, q: Tensor, k: Tensor) -> Tensor:
+    def raw_scores(self, q: Tensor, k: Tensor, out: Tensor | None = None) -> Tensor:
         """``(B, Hq, bq, bk)`` scaled scores ``(q * scale) k^T`` in the accumulation dtype.
 
-        ``q (B, Hq, bq, D)``, ``k (B, Hk, bk, D)``; GQA is a broadcast over the group axis,
-        so key heads are never copied.
+        ``q (B, Hq, bq, D)``, ``k (B, Hk, bk, D)``; a GQA group's query rows are stacked
+        (``(B, Hk, G * bq, D)``, the same memory), so one matmul per key head serves the whole
+        group and key heads are never copied. ``out``: a contiguous ``(B, Hq, bq, bk)`` buffer
+        to write into (untracked calls only), saving a fresh allocation per tile.
         """
         B, Hq, bq, D = q.shape
         bk = k.shape[-2]
         # The scale goes on q (bq x D numbers), not on the (bq x bk) scores: one pass less over the tile.
-        q5 = (q.to(self.acc_dtype) * self.scale).reshape(B, self.kv_heads, self.group, bq, D)  # (B, Hk, G, bq, D)
-        k5 = k.to(self.acc_dtype).unsqueeze(2)  # (B, Hk, 1, bk, D)
-        s = torch.matmul(q5, k5.transpose(-1, -2))  # (B, Hk, G, bq, bk)
-        return s.reshape(B, Hq, bq, bk)
+        q4 = (q.to(self.acc_dtype) * self.scale).reshape(B, self.kv_heads, self.group * bq, D)  # (B, Hk, G*bq, D)
+        kt = k.to(self.acc_dtype).transpose(-1, -2)  # (B, Hk, D, bk)
+        if out is None:
+            s = torch.matmul(q4, kt)  # (B, Hk, G*bq, bk)
+        else:
+            s = torch.matmul(q4, kt, out=out.view(B, self.kv_heads, self.group * bq, bk))
+        return s.view(B, Hq, bq, bk)
 
     def scores(
-        self, q: Tensor, k: Tensor, i0: int, j0: int, *, need_softcap_grad: bool = False
+        self,
+        q: Tensor,
+        k: Tensor,
+        i0: int,
+        j0: int,
+        *,
+        need_softcap_grad: bool = False,
+        out: Tensor | None = None,
+        structure: bool = True,
     ) -> tuple[Tensor, Tensor | None]:
         """Scores of one tile with every modifier and mask applied (masked entries are ``-inf``).
 
@@ -238,6 +251,10 @@ class AttentionSpec:
             q: ``(B, Hq, bq, D)`` queries ``i0 .. i0 + bq``.
             k: ``(B, Hk, bk, D)`` keys ``j0 .. j0 + bk``.
             need_softcap_grad: also return ``d softcap(s) / d s = 1 - tanh^2``.
+            out: a contiguous ``(B, Hq, bq, bk)`` buffer for the scores, untracked calls only
+                (`raw_scores`); ``s`` is then a view of it.
+            structure: False leaves the pairs causal/window disallow unmasked (untracked calls
+                without a bool mask only): for a caller that skips them by row ranges.
 
         Returns:
             ``s (B, Hq, bq, bk)`` in the accumulation dtype, and the softcap derivative
@@ -249,7 +266,11 @@ class AttentionSpec:
         tracked = torch.is_grad_enabled() and (
             q.requires_grad or k.requires_grad or (m is not None and m.requires_grad)
         )
-        s = self.raw_scores(q, k)
+        if not structure and (tracked or self.mask_is_bool):
+            raise ValueError("structure=False: for untracked calls without a bool mask")
+        if out is not None and tracked:
+            raise ValueError("out: scores into a buffer are for untracked calls; got inputs that require grad")
+        s = self.raw_scores(q, k, out)
         dcap = None
         if self.softcap is not None:
             t = torch.tanh(s / self.softcap) if tracked else s.div_(self.softcap).tanh_()
@@ -258,7 +279,8 @@ class AttentionSpec:
             s = t * self.softcap if tracked else t.mul_(self.softcap)
         s = self.add_bias(s, i0, j0, inplace=not tracked)
         if not tracked and not self.mask_is_bool:
-            self._mask_structure_edges_(s, i0, j0)
+            if structure:
+                self._mask_structure_edges_(s, i0, j0)
             return s, dcap
         allowed = self.allowed_tile(i0, i1, j0, j1, q.device)
         if allowed is not None:

@@ -1,9 +1,9 @@
 """A native CPU helper for the one-pass statistics, compiled on first use with the system's C compiler.
 
-`strip_rows` normalises a scored strip in place and reduces each row into its log-sum-exp,
-entropy, mean distance and top-k in one call (``strip_rows.c``: three passes over each row
-while it is in cache, vectorised; row ranges in parallel on PyTorch's
-thread count, as ctypes releases the GIL during the call). PyTorch's eager operations
+`strip_rows` exponentiates a scored strip in place and reduces each row into its log-sum-exp,
+entropy, mean distance and top-k, and the strip into its column sums and pooled cells, in one
+call (``strip_rows.c``: three passes over each row while it is in cache, vectorised; row ranges
+in parallel on PyTorch's thread count, as ctypes releases the GIL during the call). PyTorch's eager operations
 need a dozen passes over the strip for the same work; this is what brings `attention_stats`
 near the cost of a forward (docs/results/stats.md).
 
@@ -69,8 +69,31 @@ def _library() -> ctypes.CDLL | None:
         return None
     fn = lib.strip_rows_f32
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr]
-    fn.restype = None
+    fn.argtypes = [
+        ptr,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        ptr,
+        ptr,
+        i64,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        i64,
+        ptr,
+        i64,
+        ptr,
+        ptr,
+        ptr,
+    ]
+    fn.restype = ctypes.c_int
     return lib
 
 
@@ -84,38 +107,84 @@ def usable(s: Tensor, k: int) -> bool:
     return s.dtype == torch.float32 and s.device.type == "cpu" and s.is_contiguous() and k <= MAX_TOPK and available()
 
 
-def strip_rows(s: Tensor, row_pos0: int, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Normalise a scored strip in place and reduce each row (see ``strip_rows.c``).
+def strip_rows(
+    s: Tensor,
+    row_pos0: int,
+    k: int,
+    row_segment: Tensor,
+    nr: int,
+    key_edges: Tensor,
+    key_range: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Exponentiate a scored strip in place and reduce it (see ``strip_rows.c``).
 
     Args:
         s: ``(G, bq, W)`` fp32 contiguous scores of ``bq`` query rows of ``G`` heads against ``W``
-            consecutive keys, ``-inf`` where masked. Overwritten by the weights ``p``.
+            consecutive keys, ``-inf`` where masked. Overwritten by ``e = exp(s - max)``, the
+            weights times each row's normaliser: ``p = e * scale``.
         row_pos0: aligned position of the strip's first query row, counted from the first key.
         k: top-k size, ``0 <= k <= min(W, MAX_TOPK)``.
+        row_segment: ``(bq,)`` int64 contiguous CPU: the pooled-map row of each query row, in ``[0, nr)``.
+        nr: number of query segments the strip's rows fall in.
+        key_edges: ``(nc + 1,)`` int64 contiguous CPU: strip-local key segment edges,
+            ``0 = e_0 < ... < e_nc = W``.
+        key_range: ``(lo, hi)``, each ``(bq,)`` int64: row ``i`` sees the strip's keys
+            ``[lo[i], hi[i])`` (causal/window, ``0 <= lo <= hi <= W``); the others count as masked
+            whatever ``s`` holds there. None: every key.
 
     Returns:
-        ``lse, entropy, mean_distance (G, bq)`` and ``top_w (G, bq, k)``, ``top_i (G, bq, k)``
-        (int64, key index relative to the strip's first key).
+        ``lse, scale, entropy, mean_distance (G, bq)`` (``scale``: 0 for a row with no allowed key),
+        ``top_w (G, bq, k)``, ``top_i (G, bq, k)``
+        (int64, key index relative to the strip's first key), ``colsum (G, W)`` (``sum_i p_ij``)
+        and ``cells (G, nr, nc)`` (``p`` summed over each query segment x key segment block).
+
+    Raises:
+        ValueError: when the helper rejects an argument (a segment or edge out of range).
     """
     G, bq, W = s.shape
-    R = G * bq
+    R, nc, dev = G * bq, key_edges.numel() - 1, s.device
+    if row_segment.shape != (bq,):
+        raise ValueError(f"row_segment: expected shape ({bq},), got {tuple(row_segment.shape)}")
+    row_segment = row_segment.to(device=dev, dtype=torch.int64).contiguous()  # no copy when already so
+    if key_range is None:
+        key_range = (
+            torch.zeros(bq, dtype=torch.int64, device=dev),
+            torch.full((bq,), W, dtype=torch.int64, device=dev),
+        )
+    key_lo, key_hi = (t.to(device=dev, dtype=torch.int64).contiguous() for t in key_range)
+    if key_lo.shape != (bq,) or key_hi.shape != (bq,):
+        raise ValueError(f"key_range: expected two ({bq},) tensors, got {tuple(key_lo.shape)}, {tuple(key_hi.shape)}")
+    key_edges = key_edges.to(device=dev, dtype=torch.int64).contiguous()
     # on s's device (the CPU), never torch's default device: the C helper writes through these pointers
-    lse, entropy, distance = (torch.empty(G, bq, dtype=torch.float32, device=s.device) for _ in range(3))
-    top_w = torch.empty(G, bq, k, dtype=torch.float32, device=s.device)
-    top_i = torch.empty(G, bq, k, dtype=torch.int64, device=s.device)
+    rowwise = torch.empty(4, G, bq, dtype=torch.float32, device=dev)  # lse, scale, entropy, distance
+    top_w = torch.empty(G, bq, k, dtype=torch.float32, device=dev)
+    top_i = torch.empty(G, bq, k, dtype=torch.int64, device=dev)
+    threads = max(1, min(torch.get_num_threads(), R // MIN_ROWS_PER_THREAD))
+    # each thread sums into buffers of its own (zeros outside the strips its rows touch), added after
+    new = torch.empty if threads == 1 else torch.zeros
+    band = torch.empty(threads, G, nr, W, dtype=torch.float32, device=dev)
+    colsum = new(threads, G, W, dtype=torch.float32, device=dev)
+    cells = new(threads, G, nr, nc, dtype=torch.float32, device=dev)
     fn = _library().strip_rows_f32
-    pointers = (lse.data_ptr(), entropy.data_ptr(), distance.data_ptr(), top_w.data_ptr(), top_i.data_ptr())
+    head = (W, bq, row_pos0, key_lo.data_ptr(), key_hi.data_ptr(), k)
+    pointers = (*(row.data_ptr() for row in rowwise), top_w.data_ptr(), top_i.data_ptr(), row_segment.data_ptr(), nr,
+                key_edges.data_ptr(), nc)  # fmt: skip
 
-    def rows(r0: int, r1: int) -> None:
-        fn(s.data_ptr(), r0, r1, W, bq, row_pos0, k, *pointers)
+    def rows(t: int, r0: int, r1: int) -> int:
+        return fn(s.data_ptr(), r0, r1, *head, *pointers, band[t].data_ptr(), colsum[t].data_ptr(), cells[t].data_ptr())
 
-    threads = min(torch.get_num_threads(), R // MIN_ROWS_PER_THREAD)
-    if threads <= 1:
-        rows(0, R)
+    if threads == 1:
+        codes = [rows(0, 0, R)]
     else:
         edges = [R * t // threads for t in range(threads + 1)]
-        list(_pool(threads).map(rows, edges[:-1], edges[1:]))
-    return lse, entropy, distance, top_w, top_i
+        codes = list(_pool(threads).map(rows, range(threads), edges[:-1], edges[1:]))
+    if any(codes):
+        raise ValueError(
+            f"strip_rows: arguments out of range (W={W}, k={k}, nr={nr}, row_segment={row_segment.tolist()}, "
+            f"key_edges={key_edges.tolist()}, key_range={key_lo.tolist()}, {key_hi.tolist()})"
+        )
+    colsum, cells = (colsum[0], cells[0]) if threads == 1 else (colsum.sum(0), cells.sum(0))
+    return rowwise[0], rowwise[1], rowwise[2], rowwise[3], top_w, top_i, colsum, cells
 
 
 @functools.lru_cache(maxsize=4)
