@@ -326,10 +326,10 @@ def test_one_pass_output_has_the_attention_gradient():
 
 @pytest.mark.parametrize("heads_per_strip", [1, 4, 8])  # one group; a batch element; two
 def test_one_pass_never_holds_more_than_a_strip(monkeypatch, heads_per_strip):
-    """Memory: the largest tensor of the one-pass kernel is one strip of STRIP_BYTES (rows x visible keys)."""
+    """Memory: the one-pass kernel holds at most one strip (rows x visible keys; bundles up to BUNDLE_BYTES)."""
     q, k, v = make_qkv(2, 4, 4, 640, 640, 8, dtype=torch.float32)
     spec = attnkit.functional.build_spec(q, k, v)
-    monkeypatch.setattr(stats_kernel, "STRIP_BYTES", heads_per_strip * 32 * 640 * 4)  # heads bundled up to it
+    monkeypatch.setattr(stats_kernel, "BUNDLE_BYTES", heads_per_strip * 32 * 640 * 4)  # heads bundled up to it
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: the dispatch mode that watches is thread-local (a worker holds one strip)
     with largest_tensor() as biggest:

@@ -145,6 +145,26 @@ def test_native_row_ranges_equal_masking(W):
 
 
 @needs_native
+def test_native_full_resolution_pool_is_the_weights():
+    """A segment per query and per key (the pooled map at full resolution): the cells are the weights."""
+    torch.manual_seed(3)
+    s = torch.randn(2, 5, 33) * 2
+    s[1, 2, 10:] = -torch.inf
+    p_want = torch.softmax(s.double(), dim=-1)
+    *_, w, i, colsum, cells = native.strip_rows(s.clone(), 0, 4, torch.arange(5), 5, torch.arange(34))
+    torch.testing.assert_close(cells.double(), p_want, rtol=3e-6, atol=1e-7)
+    torch.testing.assert_close(colsum.double(), p_want.sum(1), rtol=1e-5, atol=1e-6)
+    # without the sums the weights themselves stay in the strip (scale 1), with the same top-k
+    stored = s.clone()
+    _, scale, *_, w2, i2, no_sum, no_cells = native.strip_rows(
+        stored, 0, 4, torch.arange(5), 5, torch.arange(34), sums=False
+    )
+    assert no_sum is None and no_cells is None and bool((scale == 1).all())
+    torch.testing.assert_close(stored.double(), p_want, rtol=3e-6, atol=1e-7)
+    assert torch.equal(w2, w) and torch.equal(i2, i)
+
+
+@needs_native
 def test_top_k_above_the_native_limit_uses_pytorch():
     q, k, v = torch.randn(1, 1, 20, 8), torch.randn(1, 1, 200, 8), torch.randn(1, 1, 200, 8)
     got = one_pass(q, k, v, {}, topk=native.MAX_TOPK + 6)

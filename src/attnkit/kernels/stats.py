@@ -233,6 +233,8 @@ def stats_forward(
 # ------------------------------------------------------------------ one pass: output and statistics
 STRIP_BYTES = 16 * 2**20  # scores per strip (query rows x visible keys, one GQA group): 128 rows at 32K keys, a
 # quarter of L3 here; measured on CPU at 32K: 1.4x the SDPA forward, against 1.55x with 8 MiB (64 rows)
+BUNDLE_BYTES = 4 * 2**20  # short sequences: batch elements bundled into one strip up to this (measured on MiniLM,
+# 32 x 256 tokens: 4 MiB strips score 1.35x faster than 16 MiB ones, whose matmul output leaves the cache)
 
 
 TOPK_CHUNK = 64  # keys per chunk when screening a long row for its top-k (measured best of 32/64/128 at 4K-16K)
@@ -333,12 +335,12 @@ def _units(B: int, Hk: int, group_bytes: int) -> list[tuple[int, int, int, int]]
 
     One GQA group (``group_bytes`` of scores per strip) at a time when groups are large; small
     ones (short sequences: a BERT layer over many sentences) are bundled, whole batch elements
-    with all their heads, up to ``STRIP_BYTES``, so a strip is a few large operations rather
+    with all their heads, up to ``BUNDLE_BYTES``, so a strip is a few large operations rather
     than many tiny ones.
     """
-    if Hk * group_bytes > STRIP_BYTES:
+    if Hk * group_bytes > BUNDLE_BYTES:
         return [(b, b + 1, hk, hk + 1) for b in range(B) for hk in range(Hk)]
-    per = max(1, STRIP_BYTES // (Hk * group_bytes))  # batch elements per piece
+    per = max(1, BUNDLE_BYTES // (Hk * group_bytes))  # batch elements per piece
     return [(b, min(B, b + per), 0, Hk) for b in range(0, B, per)]
 
 
@@ -390,7 +392,7 @@ class _StripPlan:
     c_last: int  # one past the last
     key_edges: Tensor | None  # (nc + 1,) strip-local key segment edges (native helper)
     key_range: tuple[Tensor, Tensor] | None  # (bq,) each: the strip-local keys [lo, hi) a row sees (native helper)
-    key_segment: Tensor | None  # (W,) each key's segment, minus c_first (PyTorch path)
+    key_segment: Tensor  # (W,) each key's segment, minus c_first
     distance: _DistanceSplit | None  # mean distance without a table (PyTorch path)
 
 
@@ -426,7 +428,7 @@ def _plan_strips(
                 i0, i1, lo, hi, rows - r_first, r_first, int(rows[-1]) - r_first + 1, c_first, c_last,
                 key_edges=(k_edges[c_first : c_last + 1] - lo).clamp_(0, hi - lo) if native else None,
                 key_range=_row_key_ranges(spec, i0, i1, lo, hi, dev) if native else None,
-                key_segment=None if native else segments - c_first,
+                key_segment=segments - c_first,
                 distance=None if native else _DistanceSplit(i0, i1, lo, hi, spec.offset, dtype, dev),
             )
         )  # fmt: skip
@@ -534,11 +536,14 @@ def strip_forward(
             s = s.view(-1, i1 - i0, hi - lo)  # (R, bq, W), R = nb * nh strips of rows
             kk = min(K, hi - lo)
             rows = (nb, h1 - h0, i1 - i0)  # the unit's (batch, head, row) axes
-            if fused_rows:  # the native helper: weights in place of s, every statistic in one call
+            # a query segment per row (pool >= Lq): the row bands are the strip, summed from p below
+            own_bands = nr == i1 - i0
+            if fused_rows:  # the native helper: e in place of s, every statistic in one call
                 lse_s, row_scale, ent_s, dist_s, w, idx, colsum, cells = native.strip_rows(
-                    s, i0 + spec.offset - lo, kk, plan.row_segment, nr, plan.key_edges, plan.key_range
-                )
-                p = s  # e = p / scale: the output is (e @ v) * scale
+                    s, i0 + spec.offset - lo, kk, plan.row_segment, nr, plan.key_edges, plan.key_range,
+                    sums=not own_bands,
+                )  # fmt: skip
+                p = s  # e = p / scale: the output is (e @ v) * scale (p itself without the sums)
             else:
                 p, lse_s, w, idx = _strip_weights(s, kk)
                 # entropy = lse - sum_j p s: the -inf of masked scores (p = 0 there) become 0 first
@@ -558,8 +563,10 @@ def strip_forward(
             distance[b0:b1, h0:h1, i0:i1] = dist_s.view(rows)
             p5 = p.view(nb, kv1 - kv0, G, i1 - i0, hi - lo)  # (nb, nkv, G, bq, W)
             out = torch.matmul(p5, v_acc[b0:b1, kv0:kv1, None, lo:hi]).view(*rows, Dv)  # (nb, nh, bq, Dv)
-            if fused_rows:
+            if fused_rows and not own_bands:
                 out.mul_(row_scale.view(*rows, 1))
+            elif fused_rows:
+                colsum, cells = _strip_sums(p, plan.row_segment, nr, plan.key_segment, c_last - c_first)
             output[b0:b1, h0:h1, i0:i1] = out
             received[b0:b1, h0:h1, lo:hi] += colsum.view(nb, h1 - h0, hi - lo)
             pooled[b0:b1, h0:h1, r_first : r_first + nr, c_first:c_last] += cells.view(nb, h1 - h0, nr, -1)

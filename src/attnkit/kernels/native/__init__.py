@@ -115,6 +115,7 @@ def strip_rows(
     nr: int,
     key_edges: Tensor,
     key_range: tuple[Tensor, Tensor] | None = None,
+    sums: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Exponentiate a scored strip in place and reduce it (see ``strip_rows.c``).
 
@@ -131,12 +132,16 @@ def strip_rows(
         key_range: ``(lo, hi)``, each ``(bq,)`` int64: row ``i`` sees the strip's keys
             ``[lo[i], hi[i])`` (causal/window, ``0 <= lo <= hi <= W``); the others count as masked
             whatever ``s`` holds there. None: every key.
+        sums: False skips the column sums and cells (returned as None) and leaves the weights
+            ``p`` themselves in ``s`` (``scale`` is then 1), for a caller that sums them (a query
+            segment per row: the bands would be the strip).
 
     Returns:
         ``lse, scale, entropy, mean_distance (G, bq)`` (``scale``: 0 for a row with no allowed key),
         ``top_w (G, bq, k)``, ``top_i (G, bq, k)``
         (int64, key index relative to the strip's first key), ``colsum (G, W)`` (``sum_i p_ij``)
-        and ``cells (G, nr, nc)`` (``p`` summed over each query segment x key segment block).
+        and ``cells (G, nr, nc)`` (``p`` summed over each query segment x key segment block), or
+        None for both without ``sums``.
 
     Raises:
         ValueError: when the helper rejects an argument (a segment or edge out of range).
@@ -162,16 +167,21 @@ def strip_rows(
     threads = max(1, min(torch.get_num_threads(), R // MIN_ROWS_PER_THREAD))
     # each thread sums into buffers of its own (zeros outside the strips its rows touch), added after
     new = torch.empty if threads == 1 else torch.zeros
-    band = torch.empty(threads, G, nr, W, dtype=torch.float32, device=dev)
-    colsum = new(threads, G, W, dtype=torch.float32, device=dev)
-    cells = new(threads, G, nr, nc, dtype=torch.float32, device=dev)
+    if sums:
+        band = torch.empty(threads, G, nr, W if nc < W else 0, dtype=torch.float32, device=dev)  # nc = W: the cells
+        colsum = new(threads, G, W, dtype=torch.float32, device=dev)
+        cells = new(threads, G, nr, nc, dtype=torch.float32, device=dev)
+    else:
+        band = torch.empty(threads, W, dtype=torch.float32, device=dev)  # a scratch row per thread
+        colsum = cells = None
     fn = _library().strip_rows_f32
     head = (W, bq, row_pos0, key_lo.data_ptr(), key_hi.data_ptr(), k)
     pointers = (*(row.data_ptr() for row in rowwise), top_w.data_ptr(), top_i.data_ptr(), row_segment.data_ptr(), nr,
                 key_edges.data_ptr(), nc)  # fmt: skip
 
     def rows(t: int, r0: int, r1: int) -> int:
-        return fn(s.data_ptr(), r0, r1, *head, *pointers, band[t].data_ptr(), colsum[t].data_ptr(), cells[t].data_ptr())
+        sinks = (colsum[t].data_ptr(), cells[t].data_ptr()) if sums else (None, None)
+        return fn(s.data_ptr(), r0, r1, *head, *pointers, band[t].data_ptr(), *sinks)
 
     if threads == 1:
         codes = [rows(0, 0, R)]
@@ -183,7 +193,8 @@ def strip_rows(
             f"strip_rows: arguments out of range (W={W}, k={k}, nr={nr}, row_segment={row_segment.tolist()}, "
             f"key_edges={key_edges.tolist()}, key_range={key_lo.tolist()}, {key_hi.tolist()})"
         )
-    colsum, cells = (colsum[0], cells[0]) if threads == 1 else (colsum.sum(0), cells.sum(0))
+    if sums:
+        colsum, cells = (colsum[0], cells[0]) if threads == 1 else (colsum.sum(0), cells.sum(0))
     return rowwise[0], rowwise[1], rowwise[2], rowwise[3], top_w, top_i, colsum, cells
 
 

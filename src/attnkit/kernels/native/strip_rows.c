@@ -128,11 +128,12 @@ static void topk_finish(const float *e, float inv, int64_t W, int64_t k, float *
 
 #define MAX_HITS 256  /* vectors of 8 holding a top-k candidate, noted in pass 3; more: a rescan */
 
-/* One row: e = exp(s - m) in place of s, its statistics, and its weights added to its band row.
+/* One row: e = exp(s - m) in place of s (p with store), its statistics, and its weights added to
+ * its band row.
  * The row sees keys [a, b) only (causal/window, 0 <= a, b <= W): entries outside are ignored
  * (whatever they hold) and set to e = 0, which is what masking them to -inf would give. */
 static void one_row(float *row, int64_t W, int64_t a, int64_t b, float row_pos, int64_t k, float *lse, float *scale,
-                    float *entropy, float *distance, float *top_w, int64_t *top_i, float *band) {
+                    float *entropy, float *distance, float *top_w, int64_t *top_i, float *band, int store) {
     if (b < a) b = a;
     memset(row, 0, (size_t)a * sizeof(float));
     memset(row + b, 0, (size_t)(W - b) * sizeof(float));
@@ -205,6 +206,7 @@ static void one_row(float *row, int64_t W, int64_t a, int64_t b, float row_pos, 
         __m256 vj = _mm256_setr_ps(0.0f, 1.0f, 2.0f, 3.0f, 4.0f, 5.0f, 6.0f, 7.0f), vd = zero;
         for (; j + 8 <= W; j += 8) {
             __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s + j), vinv);
+            if (store) _mm256_storeu_ps(s + j, x);
             _mm256_storeu_ps(band + j, _mm256_add_ps(_mm256_loadu_ps(band + j), x));
             __m256 dist = _mm256_andnot_ps(sign, _mm256_sub_ps(vpos, vj));  /* |i' - j|, exact below 2^24 */
             vd = _mm256_add_ps(vd, _mm256_mul_ps(x, dist));
@@ -226,6 +228,7 @@ static void one_row(float *row, int64_t W, int64_t a, int64_t b, float row_pos, 
 #endif
     for (; j < W; j++) {  /* the tail (all of the row without AVX2) */
         float p = s[j] * inv;
+        if (store) s[j] = p;
         band[j] += p;
         d += p * fabsf(row_pos - (float)j);
         if (p >= tau && p > 0.0f) {
@@ -238,7 +241,8 @@ static void one_row(float *row, int64_t W, int64_t a, int64_t b, float row_pos, 
     }
     float log_z = logf(z);
     *lse = m + log_z;
-    *scale = inv;
+    *scale = store ? 1.0f : inv;  /* s holds p itself when stored */
+    float to_p = store ? 1.0f : inv;  /* p_j = s_j * to_p from here on */
     float h = log_z - u * inv;
     *entropy = h > 0.0f ? h : 0.0f;
     *distance = d;
@@ -246,17 +250,17 @@ static void one_row(float *row, int64_t W, int64_t a, int64_t b, float row_pos, 
     topk_start(k, top_w, top_i);
     if (hits > MAX_HITS) {  /* a flat row: many candidates, scanned again */
         for (int64_t jj = 0; jj < W; jj++) {
-            float p = s[jj] * inv;
+            float p = s[jj] * to_p;
             if (p >= tau && p > 0.0f) topk_insert(p, a + jj, top_w, top_i, k);
         }
     } else {
         for (int64_t h_ = 0; h_ < hits; h_++)  /* in key order, as the scan would take them */
             for (unsigned bits = hit_bits[h_]; bits; bits &= bits - 1) {
                 int64_t jj = hit_at[h_] + __builtin_ctz(bits);
-                topk_insert(s[jj] * inv, a + jj, top_w, top_i, k);
+                topk_insert(s[jj] * to_p, a + jj, top_w, top_i, k);
             }
     }
-    topk_finish(row, inv, full_w, k, top_w, top_i);  /* zeros from the whole row, masked keys included */
+    topk_finish(row, to_p, full_w, k, top_w, top_i);  /* zeros from the whole row, masked keys included */
 }
 
 /* Rows [r_begin, r_end) of s (R x W, row-major), overwritten by e = exp(s - m) (the weights
@@ -268,7 +272,9 @@ static void one_row(float *row, int64_t W, int64_t a, int64_t b, float row_pos, 
  * For the strips g the rows touch: colsum[g * W + j] = sum over those rows of p_j, and
  * cells[(g * nr + a) * nc + c] = sum of p over those rows in query segment a and keys in
  * [key_edges[c], key_edges[c + 1]) (0 = key_edges[0] < ... < key_edges[nc] = W); band
- * (G x nr x W) is scratch. Requires 0 <= k <= min(MAX_K, W). Returns 0, or -1 (writing nothing)
+ * (G x nr x W) is scratch, unused when nc = W. With cells NULL no sums are taken (colsum unused)
+ * and band needs only W floats; s then gets the weights p themselves (normalised in place,
+ * scale = 1), for a caller that sums them. Requires 0 <= k <= min(MAX_K, W). Returns 0, or -1 (writing nothing)
  * when an argument is out of range. The caller runs disjoint row ranges on several threads, each
  * with its own band, colsum and cells (no lock, no global state). */
 int strip_rows_f32(float *s, int64_t r_begin, int64_t r_end, int64_t W, int64_t rows_per_head, int64_t row_pos0,
@@ -285,19 +291,30 @@ int strip_rows_f32(float *s, int64_t r_begin, int64_t r_end, int64_t W, int64_t 
         if (row_seg[i] < 0 || row_seg[i] >= nr || key_lo[i] < 0 || key_hi[i] > W || key_hi[i] < key_lo[i]) return -1;
     if (r_end == r_begin) return 0;
     int64_t g0 = r_begin / rows_per_head, g1 = (r_end - 1) / rows_per_head + 1;  /* strips touched */
-    memset(band + g0 * nr * W, 0, (size_t)((g1 - g0) * nr * W) * sizeof(float));
+    if (cells == NULL) {  /* no sums: every row adds into one scratch row of band (W floats) */
+        for (int64_t r = r_begin; r < r_end; r++) {
+            int64_t i = r % rows_per_head;
+            one_row(s + r * W, W, key_lo[i], key_hi[i], (float)(row_pos0 + i), k, lse + r, scale + r, entropy + r,
+                    distance + r, top_w + r * k, top_i + r * k, band, 1);
+        }
+        return 0;
+    }
+    /* A segment per key (nc = W): the bands are the cells, summed in place. */
+    float *bands = nc == W ? cells : band;
+    memset(bands + g0 * nr * W, 0, (size_t)((g1 - g0) * nr * W) * sizeof(float));
     for (int64_t r = r_begin; r < r_end; r++) {
         int64_t g = r / rows_per_head, i = r % rows_per_head;
-        one_row(s + r * W, W, key_lo[i], key_hi[i], (float)(row_pos0 + i), k, lse + r, scale + r, entropy + r, distance + r, top_w + r * k,
-                top_i + r * k, band + (g * nr + row_seg[i]) * W);
+        one_row(s + r * W, W, key_lo[i], key_hi[i], (float)(row_pos0 + i), k, lse + r, scale + r, entropy + r,
+                distance + r, top_w + r * k, top_i + r * k, bands + (g * nr + row_seg[i]) * W, 0);
     }
     for (int64_t g = g0; g < g1; g++) {
         float *col = colsum + g * W;
         memset(col, 0, (size_t)W * sizeof(float));
         for (int64_t a = 0; a < nr; a++) {
-            const float *b = band + (g * nr + a) * W;
+            const float *b = bands + (g * nr + a) * W;
 #pragma omp simd
             for (int64_t j = 0; j < W; j++) col[j] += b[j];
+            if (nc == W) continue;
             for (int64_t c = 0; c < nc; c++) {
                 float cs = 0.0f;
 #pragma omp simd reduction(+ : cs)
