@@ -470,16 +470,19 @@ def strip_forward(
     """The attention output, its log-sum-exp and every statistic in one pass over the scores.
 
     A strip of query rows is scored against all the keys it may see (causal/window ranges
-    only), normalised exactly by one ``softmax`` (`_strip_weights`), reduced into the
+    only) into a buffer reused for every strip of a unit, normalised exactly, reduced into the
     statistics and mixed with ``v``, then dropped. Strips are sized to ``STRIP_BYTES`` per
-    GQA group (small groups bundled), so memory is ``O(L)`` plus one strip per worker thread
-    (units of batch elements and heads run on PyTorch's thread count, each on one thread), and a
-    strip stays in cache while it is read several times. Dropout is not applied (the caller uses
-    the two-pass path for it).
+    GQA group (small groups bundled up to ``BUNDLE_BYTES``), so memory is ``O(L)`` plus one strip
+    per worker thread (units of batch elements and heads run on PyTorch's thread count, each on
+    one thread), and a strip stays in cache while it is read several times. Dropout is not
+    applied (the caller uses the two-pass path for it).
 
-    Entropy is ``lse - sum_j p_ij s_ij`` (``log p = s - lse``), one contraction over the strip;
-    the ``-inf`` of masked scores (where ``p = 0``) are first set to 0, only in the columns that
-    hold them when causal/window are the only masks.
+    fp32 on CPU: the native helper (`attnkit.kernels.native.strip_rows`) takes a whole strip in
+    one call, with causal/window as per-row key ranges (never masked in memory). Otherwise,
+    PyTorch operations: one ``softmax`` (`_strip_weights`); entropy is ``lse - sum_j p_ij s_ij``
+    (``log p = s - lse``), one contraction over the strip, the ``-inf`` of masked scores (where
+    ``p = 0``) first set to 0, only in the columns that hold them when causal/window are the
+    only masks.
 
     Args:
         q: ``(B, Hq, Lq, D)``; k: ``(B, Hk, Lk, D)``; v: ``(B, Hk, Lk, Dv)``.
