@@ -90,6 +90,23 @@ def test_mask_errors_name_the_axis_and_what_arrived(case):
     raises_exactly(exc, message, attnkit.attention, *make_qkv(**SMALL), mask=mask)
 
 
+def test_window_sides_must_be_ints_not_floats_or_bools():
+    for window in ((1.5, 2), (True, 2)):
+        message = f"attention: window sides must be non-negative ints or None, got {window!r}"
+        raises_exactly(ValueError, message, attnkit.attention, *make_qkv(**SMALL), window=window)
+
+
+def test_alibi_slopes_are_constants_made_on_q_device_in_the_accumulation_dtype():
+    """The spec's slopes are on ``q``'s device (a Triton kernel reads them there) in ``acc_dtype``."""
+    for dtype in (torch.float64, torch.float16):
+        q, k, v = (torch.empty(1, 12, 3, 4, dtype=dtype, device="meta") for _ in range(3))
+        for alibi in (True, [0.5] * 12):
+            slopes = build_spec(q, k, v, alibi=alibi).alibi_slopes
+            assert slopes.device.type == "meta" and slopes.dtype == build_spec(q, k, v).acc_dtype
+    message = "attention: alibi slopes are constants; pass a tensor that does not require grad"
+    raises_exactly(ValueError, message, attnkit.attention, *make_qkv(**SMALL), alibi=torch.ones(4, requires_grad=True))
+
+
 def test_return_lse_must_be_a_bool_and_reaches_the_refusal():
     q, k, v = make_qkv(**SMALL)
     raises_exactly(TypeError, "attention: return_lse must be a bool, got 1", attnkit.attention, q, k, v, return_lse=1)
@@ -165,7 +182,8 @@ def test_blhd_passes_every_argument_to_the_bhld_call():
     caller = torch.nn.Identity()
     with hooks.attention_hook(watch):
         attnkit.attention(*blhd, layout="blhd", backend="tiled", caller=caller)
-    assert seen == [(caller, "tiled", False, (2, 4, 5, 8))]
+        attnkit.attention(*blhd, layout="blhd", return_lse=True)
+    assert seen == [(caller, "tiled", False, (2, 4, 5, 8)), (None, "auto", True, (2, 4, 5, 8))]
     message = (
         "attention: backend='sdpa' cannot compute this request: SDPA has no softcap. "
         "Use backend='auto', or 'tiled', which supports every feature."
