@@ -90,6 +90,24 @@ def test_mask_errors_name_the_axis_and_what_arrived(case):
     raises_exactly(exc, message, attnkit.attention, *make_qkv(**SMALL), mask=mask)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "message"),
+    [
+        ({"softcap": "5"}, TypeError, "attention: softcap must be a float or None, got '5'"),
+        ({"scale": True}, TypeError, "attention: scale must be a float or None, got True"),
+        ({"scale": float("nan")}, ValueError, "attention: scale must be a finite number (None turns it off), got nan"),
+    ],
+)
+def test_numbers_name_the_option_and_what_arrived(kwargs, exc, message):
+    raises_exactly(exc, message, attnkit.attention, *make_qkv(**SMALL), **kwargs)
+
+
+def test_q_k_v_that_are_not_tensors_are_named_with_their_type():
+    q, k, v = make_qkv(**SMALL)
+    raises_exactly(TypeError, "attention: q must be a torch.Tensor, got list", attnkit.attention, [1.0], k, v)
+    raises_exactly(TypeError, "attention: k must be a torch.Tensor, got NoneType", attnkit.attention, q, None, v)
+
+
 def test_window_sides_must_be_ints_not_floats_or_bools():
     for window in ((1.5, 2), (True, 2)):
         message = f"attention: window sides must be non-negative ints or None, got {window!r}"
