@@ -102,10 +102,13 @@ def test_numbers_name_the_option_and_what_arrived(kwargs, exc, message):
     raises_exactly(exc, message, attnkit.attention, *make_qkv(**SMALL), **kwargs)
 
 
-def test_q_k_v_that_are_not_tensors_are_named_with_their_type():
+def test_q_k_v_that_are_not_4d_tensors_are_named_with_what_arrived():
     q, k, v = make_qkv(**SMALL)
     raises_exactly(TypeError, "attention: q must be a torch.Tensor, got list", attnkit.attention, [1.0], k, v)
     raises_exactly(TypeError, "attention: k must be a torch.Tensor, got NoneType", attnkit.attention, q, None, v)
+    for name, bad, layout in (("k", (q, k[0], v), "(B, Hk, Lk, D)"), ("v", (q, k, v[0]), "(B, Hk, Lk, Dv)")):
+        message = f"attention: {name} must be 4-D {layout}, got shape (2, 6, 8)"
+        raises_exactly(ValueError, message, attnkit.attention, *bad)
 
 
 def test_window_sides_must_be_ints_not_floats_or_bools():
