@@ -109,6 +109,8 @@ def test_q_k_v_that_are_not_4d_tensors_are_named_with_what_arrived():
     for name, bad, layout in (("k", (q, k[0], v), "(B, Hk, Lk, D)"), ("v", (q, k, v[0]), "(B, Hk, Lk, Dv)")):
         message = f"attention: {name} must be 4-D {layout}, got shape (2, 6, 8)"
         raises_exactly(ValueError, message, attnkit.attention, *bad)
+    message = "attention: every dimension of q must be >= 1, got shape (2, 4, 0, 8)"
+    raises_exactly(ValueError, message, attnkit.attention, q[:, :, :0], k, v)
 
 
 def test_window_sides_must_be_ints_not_floats_or_bools():
