@@ -231,3 +231,22 @@ def test_flash_cpu_backward_takes_the_lse_in_any_float_dtype(dtype, lse_dtype):
     for g, w in zip(got, want, strict=True):
         assert g.dtype == dtype
         torch.testing.assert_close(g.double(), w, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("alibi", ["standard", "list"])
+def test_fp64_alibi_slopes_are_not_rounded_to_fp32(alibi):
+    """fp64 attention uses fp64 slopes: the standard ones for 12 heads, and Python floats passed as a list."""
+    torch.manual_seed(0)
+    H, L = 12, 64
+    q, k, v = (torch.randn(1, H, L, 8, dtype=torch.float64) for _ in range(3))
+    if alibi == "standard":
+        # Press et al.: 8 slopes 2^-1 .. 2^-8, then every other one of 16 heads' (2^-0.5, 2^-1.5, ...)
+        arg, exact = True, [2.0 ** -(h + 1) for h in range(8)] + [2.0 ** (-(2 * h + 1) / 2) for h in range(4)]
+    else:
+        arg = exact = [1 / (h + 3) for h in range(H)]
+    slopes = torch.tensor(exact, dtype=torch.float64)
+    i = torch.arange(L, dtype=torch.float64)
+    bias = -slopes.view(H, 1, 1) * (i[:, None] - i[None, :]).abs()  # (H, L, L)
+    want = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5 + bias, dim=-1) @ v
+    got = attnkit.attention(q, k, v, alibi=arg, backend="reference")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)  # fp32 slopes: off by ~1e-8

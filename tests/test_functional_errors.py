@@ -383,3 +383,14 @@ def test_the_end_of_the_hook_chain_computes_the_call_as_the_last_hook_passed_it(
     )
     with hooks.attention_hook(softcap_on_sdpa):
         raises_exactly(ValueError, message, attnkit.attention, q, k, v)
+
+
+def test_batch_mismatch_names_v_only_when_given():
+    """The batch error lists every tensor it was given: v's shape with v, no v without it (attention_weights)."""
+    q, k, v = make_qkv(**SMALL)
+    with pytest.raises(
+        ValueError, match=r"^attention: batch sizes differ: q \(2, 4, 5, 8\), k \(2, 2, 6, 8\), v \(1, 2, 6, 8\)$"
+    ):
+        attnkit.attention(q, k, v[:1])
+    with pytest.raises(ValueError, match=r"^attention: batch sizes differ: q \(2, 4, 5, 8\), k \(1, 2, 6, 8\)$"):
+        attnkit.attention_weights(q, k[:1])

@@ -122,7 +122,7 @@ def _check_alibi(alibi: Alibi, q_heads: int, device: torch.device, acc: torch.dt
     if alibi is None or alibi is False:
         return None
     if alibi is True:
-        return alibi_slopes(q_heads).to(device=device, dtype=acc)
+        return alibi_slopes(q_heads, dtype=acc).to(device=device)
     if not isinstance(alibi, Tensor | Sequence) or isinstance(alibi, str | bytes):
         raise TypeError(
             f"attention: alibi must be True, False/None, or float slopes of shape (Hq,) = ({q_heads},), "
@@ -130,6 +130,8 @@ def _check_alibi(alibi: Alibi, q_heads: int, device: torch.device, acc: torch.dt
         )
     try:
         slopes = torch.as_tensor(alibi)
+        if not isinstance(alibi, Tensor) and slopes.is_floating_point():
+            slopes = torch.as_tensor(alibi, dtype=torch.float64)  # Python floats, not rounded to fp32 on the way
     except (TypeError, ValueError) as e:
         raise TypeError(f"attention: alibi slopes must be numbers of shape (Hq,) = ({q_heads},), got {alibi!r}") from e
     if slopes.requires_grad:

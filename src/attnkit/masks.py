@@ -59,8 +59,11 @@ def aligned_distance(
     return (i - j).abs_()
 
 
-def alibi_slopes(num_heads: int) -> Tensor:
-    """The standard ALiBi slopes ``(num_heads,)`` of Press et al. (2022).
+def alibi_slopes(num_heads: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The standard ALiBi slopes ``(num_heads,)`` of Press et al. (2022), in ``dtype``.
+
+    The values are computed in Python floats and rounded once to ``dtype``: attention in fp64
+    asks for fp64 slopes rather than fp32 ones cast up.
 
     For ``n`` a power of two the slopes are the geometric sequence starting at
     ``2 ** (-8 / n)`` with that ratio. Otherwise the paper takes the slopes of
@@ -78,7 +81,7 @@ def alibi_slopes(num_heads: int) -> Tensor:
     slopes = power_of_two(closest)
     if closest < num_heads:
         slopes += power_of_two(2 * closest)[0::2][: num_heads - closest]
-    return torch.tensor(slopes, dtype=torch.float32)
+    return torch.tensor(slopes, dtype=dtype)
 
 
 def key_padding_mask(lengths: Tensor, max_len: int) -> Tensor:
