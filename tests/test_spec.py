@@ -151,3 +151,17 @@ def test_backend_choice_names_the_backend_and_every_refusal():
     auto = attnkit.explain_backend(q, k, k, causal=True)
     assert isinstance(auto, attnkit.BackendChoice) and auto.backend in attnkit.available_backends()
     assert auto.requested == "auto" and "sdpa" in auto.reasons  # passed over, with its reason
+
+
+@pytest.mark.parametrize(
+    "causal, window", [(False, None), (True, None), (False, (3, 2)), (True, (4, None)), (False, (None, 1))]
+)
+def test_row_key_ranges_are_the_rows_of_the_structure_mask(causal, window):
+    """Per row, ``[a, b)`` holds exactly the keys `structure_tile` allows (Lq != Lk, a tile inside the keys)."""
+    q, k = torch.zeros(1, 2, 7, 4), torch.zeros(1, 2, 12, 4)
+    spec = build_spec(q, k, k, causal=causal, window=window)
+    a, b = spec.row_key_ranges(1, 6, 2, 11, q.device)
+    allowed = spec.structure_tile(1, 6, 2, 11, q.device)
+    allowed = torch.ones(5, 9, dtype=torch.bool) if allowed is None else allowed
+    cols = torch.arange(9)
+    assert torch.equal((cols >= a[:, None]) & (cols < b[:, None]), allowed)

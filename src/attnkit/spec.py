@@ -120,6 +120,18 @@ class AttentionSpec:
         z = j1 if right is None else max(a, min(j1, i0 + self.offset + right + 1))
         return a, z
 
+    def row_key_ranges(self, i0: int, i1: int, j0: int, j1: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``(i1 - i0,)`` int64 each: the keys ``[a_i, b_i)`` of ``[j0, j1)`` causal/window let query ``i`` see.
+
+        Counted from ``j0`` (``0 <= a_i <= b_i <= j1 - j0``); the per-row form of `open_columns`,
+        for a kernel that skips masked keys instead of masking them. The user mask is not considered.
+        """
+        left, right = self.bounds
+        i = torch.arange(i0, i1, device=device, dtype=torch.int64) + self.offset  # (bq,) aligned positions
+        a = (i - left - j0).clamp_(0, j1 - j0) if left is not None else torch.zeros_like(i)
+        b = (i + right + 1 - j0).clamp_(0, j1 - j0) if right is not None else torch.full_like(i, j1 - j0)
+        return a, torch.maximum(a, b)
+
     def rows_without_keys(self, i0: int, i1: int, device: torch.device) -> Tensor:
         """``(i1 - i0,)`` bool: rows whose causal/window range holds no key at all."""
         i = torch.arange(i0, i1, device=device) + self.offset

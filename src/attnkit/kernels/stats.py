@@ -396,17 +396,6 @@ class _StripPlan:
     distance: _DistanceSplit | None  # mean distance without a table (PyTorch path)
 
 
-def _row_key_ranges(
-    spec: AttentionSpec, i0: int, i1: int, lo: int, hi: int, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """``(bq,)`` int64 each: the keys ``[a_i, b_i)`` of ``[lo, hi)`` causal/window let row ``i`` see, strip-local."""
-    left, right = spec.bounds
-    i = torch.arange(i0, i1, device=device, dtype=torch.int64) + spec.offset  # (bq,) aligned positions
-    a = (i - left - lo).clamp_(0, hi - lo) if left is not None else torch.zeros_like(i)
-    b = (i + right + 1 - lo).clamp_(0, hi - lo) if right is not None else torch.full_like(i, hi - lo)
-    return a, torch.maximum(a, b)
-
-
 def _plan_strips(
     spec: AttentionSpec, Lq: int, block_q: int, q_edges: Tensor, k_edges: Tensor, *, native: bool, dtype: torch.dtype
 ) -> list[_StripPlan]:
@@ -427,7 +416,7 @@ def _plan_strips(
             _StripPlan(
                 i0, i1, lo, hi, rows - r_first, r_first, int(rows[-1]) - r_first + 1, c_first, c_last,
                 key_edges=(k_edges[c_first : c_last + 1] - lo).clamp_(0, hi - lo) if native else None,
-                key_range=_row_key_ranges(spec, i0, i1, lo, hi, dev) if native else None,
+                key_range=spec.row_key_ranges(i0, i1, lo, hi, dev) if native else None,
                 key_segment=segments - c_first,
                 distance=None if native else _DistanceSplit(i0, i1, lo, hi, spec.offset, dtype, dev),
             )
