@@ -235,6 +235,19 @@ def test_tiled_forward_op_takes_the_out_gradient_alone_and_the_lse_gradient_alon
             torch.testing.assert_close(g, torch.zeros_like(x) if w is None else w)
 
 
+def test_tiled_forward_op_drops_the_same_weights_for_a_seed_given_as_int_or_0d_tensor():
+    """A traced spec carries its dropout seed as a 0-d int64 tensor (`attnkit.dropout.new_seed`): same weights."""
+    q, k, v = (x.detach() for x in _qkv())
+    spec = dataclasses.replace(build_spec(q, k, v, dropout_p=0.4), dropout_seed=2**32 - 3)
+    outs = [
+        torch.ops.attnkit.tiled_forward(q, k, v, **_op_args(s), block_q=4, block_k=4, engine=None)[0]
+        for s in (spec, dataclasses.replace(spec, dropout_seed=torch.tensor(2**32 - 3)),
+                  dataclasses.replace(spec, dropout_seed=2**32 - 4))
+    ]  # fmt: skip
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+    torch.testing.assert_close(outs[0], reference.attention(q, k, v, spec)[0])
+
+
 def test_float_mask_gets_a_gradient_only_when_it_requires_one():
     """A float mask without ``requires_grad`` gets none (``None`` from ``allow_unused``), q still gets its own."""
     q, k, v = _qkv()
