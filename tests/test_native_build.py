@@ -139,6 +139,26 @@ def test_outputs_are_made_on_the_strip_device_under_a_meta_default_device():
     assert all(t.device.type == "cpu" for t in scratch[:6])
 
 
+@needs_native
+def test_outputs_are_fp32_and_int64_whatever_torch_default_dtype():
+    """The helper writes fp32 and int64 through raw pointers: buffers made in torch's default dtype
+    (fp64 here) would be read back wrong."""
+    s, rows, edges = _strip(), torch.tensor([0, 0, 1, 1, 1]), torch.tensor([0, 20, 39, 40])
+    want = native.strip_rows(s.clone(), 0, 3, rows, 2, edges)
+    want_scratch = native.strip_rows(s.clone(), 0, 3, rows, 2, edges, sums=False)
+    before = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        got = native.strip_rows(s.clone(), 0, 3, rows, 2, edges)
+        scratch = native.strip_rows(s.clone(), 0, 3, rows, 2, edges, sums=False)
+    finally:
+        torch.set_default_dtype(before)
+    for name, a, b in zip(OUTPUTS, got, want, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    for name, a, b in zip(OUTPUTS[:6], scratch[:6], want_scratch[:6], strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
 def _reference(s, row_pos0, k, rows, nr, edges):
     """fp64 softmax rows of a strip and their reductions, by their definitions in ``strip_rows``."""
     p = torch.softmax(s.double(), dim=-1).nan_to_num(0.0)  # (G, bq, W)

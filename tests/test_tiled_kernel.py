@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from attnkit.functional import build_spec
-from attnkit.kernels import reference, tiled
+from attnkit.kernels import flash_cpu, reference, tiled
+from attnkit.spec import AttentionSpec
 from attnkit.stats import pool_segments
 
 TOL = {"rtol": 1e-9, "atol": 1e-11}
@@ -282,3 +283,49 @@ def test_statistics_in_one_pass_with_a_float_mask_keep_the_output_gradient(dtype
         for which, a, b in zip("qkvm", got_grads, want, strict=True):
             assert a.dtype == dtype, which
             torch.testing.assert_close(a.double(), b, **tol, msg=f"d{which}, with_lse={with_lse}")
+
+
+@pytest.mark.parametrize("name", ["plain", "causal_lq_lt_lk", "window", "alibi_window", "full_float_mask"])
+@pytest.mark.parametrize("engine", ["torch", "fused"])
+def test_tiles_stay_within_the_blocks_asked_for(monkeypatch, name, engine):
+    """Memory is ``O(block_q * block_k)`` per head: the torch engine scores no tile larger than the
+    blocks, the fused engine builds no bias tile larger than them, and with causal/window structure
+    it runs no fused call on more than ``block_q`` rows (without structure it takes all rows at once)."""
+    seen = {"scores": [], "bias": [], "fused_rows": []}
+    scores, additive, fused_forward, fused_backward = (
+        AttentionSpec.scores, AttentionSpec.additive_tile, flash_cpu.forward, flash_cpu.backward,
+    )  # fmt: skip
+
+    def spy_scores(self, q, k, *args, **kwargs):
+        seen["scores"].append((q.shape[-2], k.shape[-2]))
+        return scores(self, q, k, *args, **kwargs)
+
+    def spy_additive(self, i0, i1, j0, j1, device):
+        tile = additive(self, i0, i1, j0, j1, device)
+        if tile is not None:
+            seen["bias"].append((i1 - i0, j1 - j0))
+        return tile
+
+    def spy_forward(q, *args, **kwargs):
+        seen["fused_rows"].append(q.shape[-2])
+        return fused_forward(q, *args, **kwargs)
+
+    def spy_backward(dout, q, *args, **kwargs):
+        seen["fused_rows"].append(q.shape[-2])
+        return fused_backward(dout, q, *args, **kwargs)
+
+    monkeypatch.setattr(AttentionSpec, "scores", spy_scores)
+    monkeypatch.setattr(AttentionSpec, "additive_tile", spy_additive)
+    monkeypatch.setattr(flash_cpu, "forward", spy_forward)
+    monkeypatch.setattr(flash_cpu, "backward", spy_backward)
+    q, k, v, opts = _case(name)
+    spec = build_spec(q, k, v, **opts)
+    out, lse = tiled.attention(q, k, v, spec, True, block_q=4, block_k=4, engine=engine)
+    _grads(out, lse, [q, k, v], with_lse=False)
+    assert all(bq <= 4 and bk <= 4 for bq, bk in seen["scores"] + seen["bias"]), seen
+    if engine == "torch":
+        assert seen["scores"] and not seen["fused_rows"]
+    elif spec.has_structure_mask:
+        assert seen["fused_rows"] and max(seen["fused_rows"]) <= 4, seen
+    elif name == "plain":
+        assert seen["fused_rows"] == [q.shape[-2]] * 2  # one call forward, one backward: every row, every key
