@@ -9,6 +9,8 @@ strip's rows over threads.
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
 
 import pytest
 import torch
@@ -27,6 +29,18 @@ def test_the_cache_is_attnkit_cache_else_dot_cache_attnkit_under_home(monkeypatc
     assert native._cache_dir() == tmp_path / ".cache" / "attnkit"
     monkeypatch.setenv("ATTNKIT_CACHE", str(tmp_path / "elsewhere"))
     assert native._cache_dir() == tmp_path / "elsewhere"
+
+
+@pytest.mark.skipif(not shutil.which(os.environ.get("CC", "cc")), reason="no C compiler on PATH")
+def test_with_a_compiler_the_helper_is_available(monkeypatch):
+    """`available` is True once the library is built and loaded (the other tests skip when it is not)."""
+    monkeypatch.delenv("ATTNKIT_NATIVE", raising=False)
+    native._library.cache_clear()
+    try:
+        assert native._library() is not None
+        assert native.available() is True
+    finally:
+        native._library.cache_clear()
 
 
 @needs_native
@@ -110,6 +124,17 @@ def test_index_arguments_of_any_integer_dtype_and_layout_give_the_int64_results(
                 assert a is None, name
             else:
                 assert a.dtype == b.dtype and torch.equal(a, b), (name, dtype)
+
+
+@needs_native
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: index tensors on another device than the strip")
+def test_index_tensors_on_another_device_are_copied_to_the_strip_device():
+    s, rows, edges = _strip(), torch.tensor([0, 0, 1, 1, 1]), torch.tensor([0, 20, 40])
+    lo, hi = torch.tensor([0, 2, 4, 6, 8]), torch.tensor([40, 30, 20, 10, 9])
+    want = native.strip_rows(s.clone(), 0, 3, rows, 2, edges, (lo, hi))
+    got = native.strip_rows(s.clone(), 0, 3, rows.cuda(), 2, edges.cuda(), (lo.cuda(), hi.cuda()))
+    for name, a, b in zip(OUTPUTS, got, want, strict=True):
+        assert a.device.type == "cpu" and torch.equal(a, b), name
 
 
 @needs_native
