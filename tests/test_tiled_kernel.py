@@ -46,6 +46,8 @@ def _case(name, dtype=torch.float64):
         opts.update(alibi=True, window=(5, 2))
     elif name == "full_float_mask":
         opts["mask"] = torch.randn(2, 4, Lq, Lk, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    elif name == "fixed_float_mask":  # a float mask that needs no gradient
+        opts["mask"] = torch.randn(2, 4, Lq, Lk, generator=g, dtype=torch.float64).to(dtype)
     elif name == "row_float_mask":
         opts["mask"] = torch.randn(2, 1, 1, Lk, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
     elif name == "bool_mask_causal":
@@ -285,12 +287,15 @@ def test_statistics_in_one_pass_with_a_float_mask_keep_the_output_gradient(dtype
             torch.testing.assert_close(a.double(), b, **tol, msg=f"d{which}, with_lse={with_lse}")
 
 
-@pytest.mark.parametrize("name", ["plain", "causal_lq_lt_lk", "window", "alibi_window", "full_float_mask"])
+@pytest.mark.parametrize(
+    "name", ["plain", "causal_lq_lt_lk", "window", "alibi_window", "full_float_mask", "fixed_float_mask"]
+)
 @pytest.mark.parametrize("engine", ["torch", "fused"])
 def test_tiles_stay_within_the_blocks_asked_for(monkeypatch, name, engine):
     """Memory is ``O(block_q * block_k)`` per head: the torch engine scores no tile larger than the
     blocks, the fused engine builds no bias tile larger than them, and with causal/window structure
-    it runs no fused call on more than ``block_q`` rows (without structure it takes all rows at once)."""
+    it runs no fused call on more than ``block_q`` rows (without structure it takes all rows at once).
+    The fused engine runs the backward too, unless the lse or a float mask needs a gradient."""
     seen = {"scores": [], "bias": [], "fused_rows": []}
     scores, additive, fused_forward, fused_backward = (
         AttentionSpec.scores, AttentionSpec.additive_tile, flash_cpu.forward, flash_cpu.backward,
@@ -325,6 +330,8 @@ def test_tiles_stay_within_the_blocks_asked_for(monkeypatch, name, engine):
     assert all(bq <= 4 and bk <= 4 for bq, bk in seen["scores"] + seen["bias"]), seen
     if engine == "torch":
         assert seen["scores"] and not seen["fused_rows"]
+    elif name != "full_float_mask":  # the lse's gradient is zero here: the fused backward runs
+        assert not seen["scores"], seen
     elif spec.has_structure_mask:
         assert seen["fused_rows"] and max(seen["fused_rows"]) <= 4, seen
     elif name == "plain":
