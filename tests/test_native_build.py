@@ -101,6 +101,12 @@ def test_shape_errors_name_the_argument_the_expected_and_the_received():
         with pytest.raises(ValueError) as err:
             native.strip_rows(s.clone(), 0, 2, rows, 1, edges, (lo, hi))
         assert str(err.value) == f"key_range: expected two (5,) tensors, got {got}", got
+    with pytest.raises(ValueError) as err:  # the helper's own check: segment 1 of nr = 1
+        native.strip_rows(s.clone(), 0, 2, torch.tensor([0, 0, 1, 0, 0]), 1, edges, (good, good + 40))
+    assert str(err.value) == (
+        "strip_rows: arguments out of range (W=40, k=2, nr=1, row_segment=[0, 0, 1, 0, 0], key_edges=[0, 20, 40], "
+        "key_range=[0, 0, 0, 0, 0], [40, 40, 40, 40, 40])"
+    )
 
 
 @needs_native

@@ -158,6 +158,7 @@ def _spec(Lq, Lk, **opts):
         # plain causal: the open keys before the block's diagonal, then the diagonal square
         (12, 12, {"causal": True}, 4, 8, True, [(0, 4, False), (4, 8, True)]),
         (12, 12, {"causal": True}, 0, 4, True, [(0, 4, True)]),  # diagonal at key 0: no open part
+        (8, 9, {"causal": True}, 0, 4, True, [(0, 1, False), (1, 5, True)]),  # one open key before it
         (8, 12, {"causal": True}, 4, 8, True, [(0, 8, False), (8, 12, True)]),  # diagonal ends at Lk
         (12, 8, {"causal": True}, 4, 8, True, [(0, 4, True)]),  # diagonal starts at key 0
         (12, 8, {"causal": True}, 0, 4, True, []),  # rows before the first key see nothing
