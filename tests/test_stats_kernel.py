@@ -158,6 +158,14 @@ def test_row_top_k_above_half_a_chunk_keeps_every_lane(tail):
     torch.testing.assert_close(torch.gather(p, -1, i), w, rtol=0, atol=0)
 
 
+def test_row_top_k_screens_the_last_axis_of_a_stack_of_strips():
+    """``p (G, bq, W)`` as `_strip_weights` passes it, ``bq`` (320) not ``W`` (300): chunks run along ``W``."""
+    p = torch.rand(2, 320, 300, dtype=torch.float64) ** 8
+    w, i = stats_kernel.row_topk(p, 1)  # 300 // 64 = 4 whole chunks: the screen, for k = 1
+    torch.testing.assert_close(w, p.amax(dim=-1, keepdim=True), rtol=0, atol=0)
+    assert torch.equal(i, p.argmax(dim=-1, keepdim=True))
+
+
 def test_update_top_k_merges_a_single_row_that_can_change():
     """One row of a tile holds a weight above its K-th best: only it is merged, the other keeps its buffer."""
     run_w = torch.tensor([[[[0.5, 0.3], [0.2, 0.1]]]], dtype=torch.float64)  # (1, 1, 2, K=2)
