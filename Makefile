@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+MUTATE_JOBS ?= $(shell nproc)
 
 .PHONY: demo test lint format bench clean browser docs mutate
 
@@ -39,9 +40,13 @@ test: $(STAMP) browser lint
 	if [ $$rc -ne 0 ]; then exit $$rc; fi; exit $$cov
 
 # Mutation testing of the kernels, functional, stats, roles and ring ([tool.mutmut]); slow, not part of
-# `make test`. MUTANTS narrows it to a glob of mutant names, e.g. MUTANTS='attnkit.kernels.merge*'.
+# `make test`. MUTANTS narrows it to globs of mutant names, e.g. MUTANTS='attnkit.kernels.merge*'.
+# mutmut keeps its first copy of non-Python sources in mutants/: refresh the C helper's, or the mutants
+# would call a stale build. One torch thread per worker: two workers share the cores without spinning,
+# and a worker's CPU time (what mutmut's timeout counts) stays its own.
 mutate: $(STAMP)
-	$(VENV)/bin/mutmut run $(MUTANTS)
+	if [ -d mutants/src ]; then cd src && find . -name '*.c' -exec cp --parents {} ../mutants/src/ \; ; fi
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS) $(MUTANTS)
 	$(VENV)/bin/mutmut results
 
 demo: $(STAMP)

@@ -58,7 +58,7 @@ def _float_mask(dtype=F64):
     return torch.randn(1, 4, 5, 7, generator=torch.Generator().manual_seed(1), dtype=dtype)
 
 
-# Each case changes the result of every kernel (the op sees the field or gives other numbers).
+# Each case changes the attention output, so a field lost between the spec and the op changes a result.
 CASES = {
     "plain": {},
     "scale": dict(scale=0.3),
@@ -235,8 +235,24 @@ def test_tiled_forward_op_takes_the_out_gradient_alone_and_the_lse_gradient_alon
             torch.testing.assert_close(g, torch.zeros_like(x) if w is None else w)
 
 
+def test_tiled_forward_op_drops_the_same_weights_for_a_seed_given_as_int_or_0d_tensor():
+    """A traced spec carries its dropout seed as a 0-d int64 tensor (`attnkit.dropout.new_seed`): same weights."""
+    q, k, v = (x.detach() for x in _qkv())
+    spec = dataclasses.replace(build_spec(q, k, v, dropout_p=0.4), dropout_seed=2**32 - 3)
+    outs = [
+        torch.ops.attnkit.tiled_forward(q, k, v, **_op_args(s), block_q=4, block_k=4, engine=None)[0]
+        for s in (spec, dataclasses.replace(spec, dropout_seed=torch.tensor(2**32 - 3)),
+                  dataclasses.replace(spec, dropout_seed=2**32 - 4))
+    ]  # fmt: skip
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+    torch.testing.assert_close(outs[0], reference.attention(q, k, v, spec)[0])
+
+
 def test_float_mask_gets_a_gradient_only_when_it_requires_one():
-    """A float mask without ``requires_grad`` gets none (``None`` from ``allow_unused``), q still gets its own."""
+    """A float mask without ``requires_grad``: the backward asks for no mask gradient, and q gets its own.
+
+    Then the mask requiring grad while ``q, k, v`` do not: the mask's gradient alone.
+    """
     q, k, v = _qkv()
     mask = _float_mask()
     spec = build_spec(q, k, v, mask=mask)
@@ -244,8 +260,6 @@ def test_float_mask_gets_a_gradient_only_when_it_requires_one():
     (dq,) = torch.autograd.grad(_loss(out, lse), (q,))
     want_out, want_lse = reference.attention(q, k, v, spec)
     torch.testing.assert_close(dq, torch.autograd.grad(_loss(want_out, want_lse), (q,))[0])
-    assert mask.grad is None
-    # The mask requiring grad while q, k, v do not: only the mask's gradient.
     q0, k0, v0 = (x.detach() for x in (q, k, v))
     mask = _float_mask().requires_grad_()
     spec = build_spec(q0, k0, v0, mask=mask)
@@ -256,12 +270,6 @@ def test_float_mask_gets_a_gradient_only_when_it_requires_one():
 
 
 # ------------------------------------------------------------------ the entry points' traced branch
-@pytest.fixture
-def traced(monkeypatch):
-    """``torch.compiler.is_compiling`` answers True: the entry points take the branch ``torch.compile`` traces."""
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-
-
 @pytest.mark.parametrize("case", ["plain", "float_mask", "dropout", "window_left_only", "align"])
 def test_tiled_attention_traced_branch_computes_what_the_eager_branch_computes(case, monkeypatch):
     """The op path and `tiled.attention` call the same kernel with the same blocks: bitwise equal, gradients too.
@@ -269,8 +277,8 @@ def test_tiled_attention_traced_branch_computes_what_the_eager_branch_computes(c
     ``Lq = 300`` and ``Lk = 520`` exceed one query block (256) and one key tile (512), so the blocks matter.
     """
     q, k, v = _qkv(B=1, Hq=2, Hk=1, Lq=300, Lk=520, D=4, Dv=3, dtype=torch.float32)
-    spec = _spec(q, k, v, {**CASES[case], "mask": None} if case != "float_mask" else {})
-    if case == "float_mask":
+    spec = _spec(q, k, v, CASES[case] if case != "float_mask" else {})
+    if case == "float_mask":  # one of (1, Hq, Lq, Lk) here
         spec = dataclasses.replace(spec, mask=torch.randn(1, 2, 300, 520, requires_grad=True))
     results = []
     for compiling in (False, True):
@@ -421,9 +429,8 @@ def test_varlen_op_matches_the_reference_sequence_by_sequence_with_gqa_and_dv():
             qb, kb, vb = (
                 packed.packed_view(x) for x in (q[cq[b] : cq[b + 1]], k[ck[b] : ck[b + 1]], v[ck[b] : ck[b + 1]])
             )
-            out_b, lse_b = reference.attention(
-                qb, kb, vb, build_spec(qb, kb, vb, **opts)
-            )  # (1, Hq, Lq, Dv), (1, Hq, Lq)
+            # out_b (1, Hq, Lq, Dv), lse_b (1, Hq, Lq)
+            out_b, lse_b = reference.attention(qb, kb, vb, build_spec(qb, kb, vb, **opts))
             outs.append(out_b[0].transpose(0, 1))
             lses.append(lse_b[0])
     want_out, want_lse = torch.cat(outs), torch.cat(lses, dim=1)
@@ -439,14 +446,14 @@ def test_varlen_op_applies_the_nonfinite_rule_per_sequence_and_passes_no_gradien
     q, k, v, cu_q, cu_k = _packed()
     with torch.no_grad():
         k[8, 1, 2] = float("nan")  # key 1 of sequence 3 (keys 7 to 12), head 1; causal offset 4: both queries see it
-    spec = build_varlen_spec(q, k, v, cu_q, cu_k, causal=True)[0]
+    spec, max_q, max_k = build_varlen_spec(q, k, v, cu_q, cu_k, causal=True)
     out, lse = torch.ops.attnkit.varlen_forward(q, k, v, cu_q, cu_k, **_varlen_args(spec))
     poisoned = torch.zeros(14, 4, dtype=torch.bool)
     poisoned[8:10, 2:4] = True  # query heads 2 and 3 share key head 1
     assert torch.equal(torch.isnan(lse).transpose(0, 1), poisoned)
     assert torch.equal(torch.isnan(out).any(-1), poisoned) and bool(torch.isnan(out[poisoned]).all())
     # Every other row as on cleaned keys and values; the poisoned rows pass no gradient (not a NaN one).
-    want_out = tiled.attention_varlen(q, nonfinite.clean(k), nonfinite.clean(v), cu_q, cu_k, 5, 6, spec)[0]
+    want_out = tiled.attention_varlen(q, nonfinite.clean(k), nonfinite.clean(v), cu_q, cu_k, max_q, max_k, spec)[0]
     torch.testing.assert_close(out[~poisoned], want_out[~poisoned])
     w = torch.linspace(-1, 1, 6, dtype=F64)
     got = torch.autograd.grad((torch.where(poisoned[..., None], 0, out) * w).sum(), (q, k, v))
