@@ -24,13 +24,20 @@ def _seed():
     yield
 
 
-def make_qkv(B=2, Hq=4, Hk=2, Lq=37, Lk=53, D=16, Dv=None, *, dtype=torch.float64, grad=False):
-    """Random ``q (B, Hq, Lq, D)``, ``k (B, Hk, Lk, D)``, ``v (B, Hk, Lk, Dv)`` (``Dv`` defaults to ``D``)."""
+def make_qkv(B=2, Hq=4, Hk=2, Lq=37, Lk=53, D=16, Dv=None, *, dtype=torch.float64, grad=False, seed=None):
+    """Random ``q (B, Hq, Lq, D)``, ``k (B, Hk, Lk, D)``, ``v (B, Hk, Lk, Dv)`` (``Dv`` defaults to ``D``).
+
+    With ``seed``: drawn from a generator of their own, in fp64 and then cast to ``dtype`` (the same
+    values at every precision, whatever the global seed).
+    """
     Dv = D if Dv is None else Dv
-    q = torch.randn(B, Hq, Lq, D, dtype=dtype)
-    k = torch.randn(B, Hk, Lk, D, dtype=dtype)
-    v = torch.randn(B, Hk, Lk, Dv, dtype=dtype)
-    return [t.requires_grad_(grad) for t in (q, k, v)]
+    shapes = ((B, Hq, Lq, D), (B, Hk, Lk, D), (B, Hk, Lk, Dv))
+    if seed is None:
+        tensors = [torch.randn(s, dtype=dtype) for s in shapes]
+    else:
+        g = torch.Generator().manual_seed(seed)
+        tensors = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
+    return [t.requires_grad_(grad) for t in tensors]
 
 
 def grads(out, inputs, seed=1):

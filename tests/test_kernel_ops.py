@@ -27,6 +27,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from attnkit.functional import build_spec, build_varlen_spec
 from attnkit.kernels import nonfinite, ops, packed, reference, tiled
 from attnkit.spec import AttentionSpec
+from tests.conftest import make_qkv
 
 F64 = torch.float64
 ARG_NAMES = (
@@ -41,9 +42,7 @@ SPEC_FIELDS = (
 
 def _qkv(B=2, Hq=4, Hk=2, Lq=5, Lk=7, D=8, Dv=6, dtype=F64, seed=0):
     """``q (B, Hq, Lq, D)``, ``k (B, Hk, Lk, D)``, ``v (B, Hk, Lk, Dv)`` requiring grad (GQA, Lq != Lk, Dv != D)."""
-    g = torch.Generator().manual_seed(seed)
-    shapes = ((B, Hq, Lq, D), (B, Hk, Lk, D), (B, Hk, Lk, Dv))
-    return [torch.randn(s, generator=g, dtype=dtype).requires_grad_() for s in shapes]
+    return make_qkv(B, Hq, Hk, Lq, Lk, D, Dv, dtype=dtype, grad=True, seed=seed)
 
 
 def _bool_mask():

@@ -19,16 +19,13 @@ from attnkit.functional import build_spec
 from attnkit.kernels import flash_cpu, reference, tiled
 from attnkit.spec import AttentionSpec
 from attnkit.stats import pool_segments
+from tests.conftest import make_qkv
 
 TOL = {"rtol": 1e-9, "atol": 1e-11}
 
 
 def _tensors(B, Hq, Hk, Lq, Lk, D=8, Dv=8, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Hq, Lq, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
-    k = torch.randn(B, Hk, Lk, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
-    v = torch.randn(B, Hk, Lk, Dv, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
-    return q, k, v
+    return make_qkv(B, Hq, Hk, Lq, Lk, D, Dv, dtype=dtype, grad=True, seed=seed)
 
 
 def _case(name, dtype=torch.float64):
