@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -116,8 +117,12 @@ def _init(rank: int, world: int, port: int, timeout_s: float) -> None:
     )
 
 
-def _run_case(opts: dict, rank: int, world: int) -> dict[str, float]:
-    """Errors of this rank's shard of ``out``, ``dq``, ``dk``, ``dv`` against float64 attention."""
+def _run_case(opts: dict, rank: int, world: int, counter: Callable | None = None) -> dict[str, float]:
+    """Errors of this rank's shard of ``out``, ``dq``, ``dk``, ``dv`` against float64 attention.
+
+    ``counter()`` starts counting the bytes this rank sends (``.stop()``, then ``.bytes``);
+    default: `_count_sent_bytes`, which wraps ``torch.distributed``'s calls.
+    """
     layout = opts["layout"]
     B, Hq, Hk, D, Dv = 2, opts.get("hq", 4), opts["hk"], 8, opts.get("dv", 8)
     L = padded_length(6 * world, world, layout) - opts.get("short", 0)  # the true length
@@ -154,7 +159,7 @@ def _run_case(opts: dict, rank: int, world: int) -> dict[str, float]:
         }
     qs, ks, vs = (sh(x).to(dtype).requires_grad_() for x in (q, k, v))
     fn = ring_attention if opts["fn"] == "ring" else ulysses_attention
-    sent = _count_sent_bytes()
+    sent = (counter or _count_sent_bytes)()
     try:
         out = fn(qs, ks, vs, layout=layout, seq_len=L, **kw)
         out.backward(sh(dout).to(dtype))  # zero at padded positions
@@ -253,24 +258,25 @@ def _run_sharding(rank: int, world: int) -> dict[str, bool]:
     return out
 
 
+def timed_call(fn, *args, **kwargs) -> dict:
+    """``fn(*args, **kwargs)``'s error (None if it returned), whether a PeerError, its cause's classes, seconds."""
+    start = time.monotonic()
+    try:
+        fn(*args, **kwargs)
+        return {"error": None}
+    except Exception as e:
+        cause = e.__cause__
+        return {
+            "error": f"{type(e).__name__}: {e}",
+            "peer_error": isinstance(e, PeerError),
+            "cause": None if cause is None else [c.__name__ for c in type(cause).__mro__],
+            "elapsed": time.monotonic() - start,
+        }
+
+
 def _run_peer_suite(rank: int, world: int) -> dict[str, dict]:
     """Every PEER_CASES case, then a correct call (the group still works), then a late call after rank 0 gave up."""
     results: dict[str, dict] = {}
-
-    def call(fn, *args, **kwargs) -> dict:
-        start = time.monotonic()
-        try:
-            fn(*args, **kwargs)
-            return {"error": None}
-        except Exception as e:
-            cause = e.__cause__
-            return {
-                "error": f"{type(e).__name__}: {e}",
-                "peer_error": isinstance(e, PeerError),
-                "cause": None if cause is None else [c.__name__ for c in type(cause).__mro__],
-                "elapsed": time.monotonic() - start,
-            }
-
     for name, opts in PEER_CASES.items():
         odd = rank == opts["odd"]
         dtype = getattr(torch, opts["dtype"]) if odd and "dtype" in opts else torch.float32
@@ -278,10 +284,10 @@ def _run_peer_suite(rank: int, world: int) -> dict[str, dict]:
         x.requires_grad_(odd and opts.get("grad", False))
         method = opts["other"] if odd and "other" in opts else opts["fn"]
         fn = ring_attention if method == "ring" else ulysses_attention
-        results[name] = call(fn, x, x, x, **(opts.get("kw", {}) if odd else {}))
+        results[name] = timed_call(fn, x, x, x, **(opts.get("kw", {}) if odd else {}))
     # One rank rejects its own arguments: it raises its ValueError, its peers learn it at once.
     x = torch.randn(PEER_SHAPE)
-    results["rejected"] = call(ring_attention, x, x, x, seq_len=0 if rank == 1 else None)
+    results["rejected"] = timed_call(ring_attention, x, x, x, seq_len=0 if rank == 1 else None)
 
     # After all that, agreeing ranks compute the right answer on the same group.
     gen = torch.Generator().manual_seed(5)
@@ -294,7 +300,7 @@ def _run_peer_suite(rank: int, world: int) -> dict[str, dict]:
     if rank == 0:
         return results
     time.sleep(1.0)
-    results["late"] = call(ring_attention, x, x, x)
+    results["late"] = timed_call(ring_attention, x, x, x)
     return results
 
 
@@ -335,12 +341,7 @@ def _worker(args: argparse.Namespace) -> int:
             time.sleep(WORKER_TIMEOUT_S)  # hangs (the test kills it)
         x = torch.randn(1, 2, 4, 8)
         fn = ring_attention if method == "ring" else ulysses_attention
-        start = time.monotonic()
-        try:
-            fn(x, x, x, group=pairs[pair])
-            results["fault"] = {"error": None}
-        except Exception as e:
-            results["fault"] = {"error": f"{type(e).__name__}: {e}", "elapsed": time.monotonic() - start}
+        results["fault"] = timed_call(fn, x, x, x, group=pairs[pair])
     out_path.write_text(json.dumps(results))
     return 0
 
@@ -390,7 +391,11 @@ def equal_results(tmp_path_factory) -> dict[int, dict[int, dict]]:
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_single_process(equal_results, world, case):
-    ranks = equal_results[world]
+    check_matches(equal_results[world], world, case)
+
+
+def check_matches(ranks: dict[int, dict], world: int, case: str) -> None:
+    """Every rank's ``_run_case`` errors within the case's tolerance of the float64 single-process result."""
     assert sorted(ranks) == list(range(world)), f"workers that wrote no results: {set(range(world)) - set(ranks)}"
     for rank, res in ranks.items():
         assert "init_error" not in res, res
@@ -415,14 +420,18 @@ def test_matches_single_process(equal_results, world, case):
 @pytest.mark.parametrize("case", [c for c in CASES if "padded" not in c and "-dv" not in c])
 def test_bytes_sent_match_the_formula(equal_results, world, case):
     """What the benchmark and docs/distributed.md compute is what the ranks actually send."""
+    check_bytes(equal_results[world], world, case)
+
+
+def check_bytes(ranks: dict[int, dict], world: int, case: str) -> None:
     from attnkit.apps.bench.distributed import computed_bytes
 
-    B, Hq, Hk, L, D, _ = equal_results[world][0][case]["shape"]
-    itemsize = equal_results[world][0][case]["itemsize"]
+    B, Hq, Hk, L, D, _ = ranks[0][case]["shape"]
+    itemsize = ranks[0][case]["itemsize"]
     want = computed_bytes(
         CASES[case]["fn"], world, batch=B, heads=Hq, kv_heads=Hk, length=L, head_dim=D, itemsize=itemsize
     )
-    for rank, res in equal_results[world].items():
+    for rank, res in ranks.items():
         assert res[case]["sent_bytes"] == want, f"rank {rank}: sent {res[case]['sent_bytes']} bytes, formula {want}"
 
 
@@ -457,13 +466,17 @@ def test_dead_or_hung_peer_fails_fast(tmp_path, suite):
     """
     results = _spawn_until(4, suite, tmp_path, ranks=(0, 2), limit=WORKER_TIMEOUT_S)
     for rank, (fault, method) in zip((0, 2), FAULT_SUITES[suite]):
-        got = results[rank]["fault"]
-        assert got["error"] is not None, f"{method} returned although its peer {fault}"
-        assert got["error"].startswith(f"PeerError: {method}_attention"), got
-        assert f"Process-group timeout: {FAULT_TIMEOUT_S} s" in got["error"], got
-        assert got["elapsed"] <= FAULT_TIMEOUT_S + 5, f"{method}, peer {fault}: failed after {got['elapsed']:.1f} s"
-        if fault == "dies":  # a closed connection is noticed at once, not at the timeout
-            assert got["elapsed"] < FAULT_TIMEOUT_S, got
+        check_fault(results[rank]["fault"], fault, method, FAULT_TIMEOUT_S)
+
+
+def check_fault(got: dict, fault: str, method: str, timeout_s: float) -> None:
+    """The survivor of a peer that died or hangs raised PeerError naming the group's timeout, and in time."""
+    assert got["error"] is not None, f"{method} returned although its peer {fault}"
+    assert got["error"].startswith(f"PeerError: {method}_attention"), got
+    assert f"Process-group timeout: {timeout_s:g} s" in got["error"], got
+    assert got["elapsed"] <= timeout_s + 5, f"{method}, peer {fault}: failed after {got['elapsed']:.1f} s"
+    if fault == "dies":  # a closed connection is noticed at once, not at the timeout
+        assert got["elapsed"] < timeout_s, got
 
 
 def _spawn_until(world: int, suite: str, tmp: Path, *, ranks: tuple[int, ...], limit: float) -> dict[int, dict]:
@@ -495,6 +508,25 @@ def _holders(ranks: list[int]) -> str:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("case", list(PEER_CASES))
 def test_mismatched_peers_all_raise_peer_error(peer_results, case):
+    check_mismatched_peers(peer_results, case)
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_that_rejects_its_arguments_fails_its_peers_at_once(peer_results):
+    check_rejected(peer_results)
+
+
+@pytest.mark.timeout(120)
+def test_agreeing_peers_still_compute_after_peer_errors(peer_results):
+    check_agreeing(peer_results)
+
+
+@pytest.mark.timeout(120)
+def test_a_late_rank_after_its_peer_gave_up_gets_peer_error(peer_results):
+    check_late(peer_results)
+
+
+def check_mismatched_peers(peer_results: dict[int, dict], case: str) -> None:
     """Every rank raises PeerError naming the field, which ranks hold which value; none hangs, aborts or computes."""
     opts = PEER_CASES[case]
     assert sorted(peer_results) == list(range(PEER_WORLD)), f"ranks without results: {peer_results.keys()}"
@@ -509,8 +541,7 @@ def test_mismatched_peers_all_raise_peer_error(peer_results, case):
         assert want in err, f"rank {rank}: {err!r} lacks {want!r}"
 
 
-@pytest.mark.timeout(120)
-def test_a_rank_that_rejects_its_arguments_fails_its_peers_at_once(peer_results):
+def check_rejected(peer_results: dict[int, dict]) -> None:
     assert peer_results[1]["rejected"]["error"].startswith("ValueError: ring_attention: seq_len must be"), peer_results
     for rank in (0, 2):
         err = peer_results[rank]["rejected"]["error"]
@@ -518,14 +549,12 @@ def test_a_rank_that_rejects_its_arguments_fails_its_peers_at_once(peer_results)
         assert "(ValueError, raised there)" in err, err
 
 
-@pytest.mark.timeout(120)
-def test_agreeing_peers_still_compute_after_peer_errors(peer_results):
+def check_agreeing(peer_results: dict[int, dict]) -> None:
     for rank, res in peer_results.items():
         assert res["agreeing"]["error"] <= TOL, f"rank {rank}: {res['agreeing']}"
 
 
-@pytest.mark.timeout(120)
-def test_a_late_rank_after_its_peer_gave_up_gets_peer_error(peer_results):
+def check_late(peer_results: dict[int, dict]) -> None:
     """Rank 0 is gone when ranks 1 and 2 call: PeerError chained to gloo's RuntimeError, at once (no timeout)."""
     for rank in (1, 2):
         got = peer_results[rank]["late"]

@@ -1,13 +1,17 @@
-"""The distributed pieces in one process: a gloo group of one (world size 1), and no group at all.
+"""The distributed pieces in one process: a gloo group of one, no group at all, and ranks as threads.
 
 A group of one runs every code path a rank runs except the messages: sharding through the group
 (`shard_sequence` / `unshard_sequence`), `context_parallel`'s handle and its refusals, and the
-`PeerError` a failed collective becomes. The multi-rank behaviour is tests/test_distributed.py's.
+`PeerError` a failed collective becomes. Ranks as threads (tests/threaded_group.py) run ring and
+Ulysses attention's messages: tests/test_distributed.py's worker functions and checks, every
+case at 2, 3 and 4 ranks, the disagreeing peers and the dead or hung peer, in seconds, which
+makes them cheap enough for the mutation run. The process suites stay: they are the real gloo.
 """
 
 from __future__ import annotations
 
 import datetime
+import time
 import typing
 
 import pytest
@@ -23,12 +27,31 @@ from attnkit.distributed import (
     context_parallel,
     merge_shards,
     padded_length,
+    ring_attention,
     shard,
     shard_sequence,
+    ulysses_attention,
     unshard_sequence,
 )
 from attnkit.distributed.ring import peer_failed
 from attnkit.nn import LanguageModel, SelfAttention
+from tests.test_distributed import (
+    CASES,
+    PEER_CASES,
+    PEER_WORLD,
+    WORLDS,
+    _run_case,
+    _run_peer_suite,
+    check_agreeing,
+    check_bytes,
+    check_fault,
+    check_late,
+    check_matches,
+    check_mismatched_peers,
+    check_rejected,
+    timed_call,
+)
+from tests.threaded_group import ThreadGroup
 
 
 @pytest.fixture
@@ -148,3 +171,80 @@ def test_cross_attention_alone_is_no_context_parallel_model(group_of_one):
         context_parallel(attnkit.nn.CrossAttention(8, 2))
     assert not attnkit.hooks.active()
     context_parallel(SelfAttention(8, 2)).restore()  # a bare module is a model of one
+
+
+# ------------------------------------------------------- ranks as threads of one process
+# The process suites' own worker functions and checks (tests/test_distributed.py), over
+# tests/threaded_group.py's group of threads: every message of ring and Ulysses attention,
+# in seconds, without processes. (Sharding and context_parallel stay with the process suites.)
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_ranks_as_threads_match_single_process_and_send_the_formulas_bytes(monkeypatch, world, case):
+    group = ThreadGroup(world)
+    results = group.run(lambda rank: {case: _run_case(CASES[case], rank, world, counter=group.counter)}, monkeypatch)
+    check_matches(results, world, case)
+    if "padded" not in case and "-dv" not in case:
+        check_bytes(results, world, case)
+
+
+@pytest.fixture
+def thread_peer_results(monkeypatch) -> dict[int, dict]:
+    return ThreadGroup(PEER_WORLD).run(lambda rank: _run_peer_suite(rank, PEER_WORLD), monkeypatch)
+
+
+def test_ranks_as_threads_that_disagree_or_reject_all_raise_and_then_still_compute(thread_peer_results):
+    for case in PEER_CASES:
+        check_mismatched_peers(thread_peer_results, case)
+    check_rejected(thread_peer_results)
+    check_agreeing(thread_peer_results)
+    check_late(thread_peer_results)
+
+
+@pytest.mark.parametrize("method", ["ring", "ulysses"])
+@pytest.mark.parametrize("fault", ["dies", "hangs"])
+def test_ranks_as_threads_fail_fast_when_a_peer_dies_or_hangs(monkeypatch, method, fault):
+    timeout_s = 1.0
+    fn = ring_attention if method == "ring" else ulysses_attention
+
+    def rank_main(rank: int) -> dict | None:
+        if rank == 1:  # the faulty peer: gone at once (as a process that exited), or silent past the timeout
+            if fault == "hangs":
+                time.sleep(timeout_s + 1.0)
+            return None
+        x = torch.randn(1, 2, 4, 8)
+        return timed_call(fn, x, x, x)
+
+    check_fault(ThreadGroup(2, timeout_s).run(rank_main, monkeypatch)[0], fault, method, timeout_s)
+
+
+def test_the_thread_group_refuses_what_gloo_refuses(monkeypatch):
+    """The stand-in is only worth its checks if it fails where gloo does: wrong sizes, gone peers, silence."""
+    group = ThreadGroup(2, timeout_s=0.5)
+
+    def rank_main(rank: int) -> str:
+        if rank == 0:
+            group.batch_isend_irecv([group.P2POp(group.isend, torch.zeros(3), 1)])
+            return "sent"
+        got = torch.empty(4)
+        (work,) = group.batch_isend_irecv([group.P2POp(group.irecv, got, 0)])
+        with pytest.raises(RuntimeError, match="message of 3 elements into a buffer of 4"):
+            work.wait()
+        (work,) = group.batch_isend_irecv([group.P2POp(group.irecv, got, 0)])
+        with pytest.raises(RuntimeError, match="Connection closed by peer: rank 0"):
+            work.wait()  # rank 0 returned without sending again
+        with pytest.raises(RuntimeError, match="Connection closed by peer: rank 0"):
+            group.batch_isend_irecv([group.P2POp(group.isend, got, 0)])
+        return "refused"
+
+    assert group.run(rank_main, monkeypatch) == {0: "sent", 1: "refused"}
+    silent = ThreadGroup(2, timeout_s=0.3)
+
+    def wait_for_silence(rank: int) -> None:
+        if rank == 1:
+            (work,) = silent.batch_isend_irecv([silent.P2POp(silent.irecv, torch.empty(1), 0)])
+            work.wait()
+        else:
+            time.sleep(0.5)  # silent past rank 1's timeout, home before the run's limit (3 x 0.3 s)
+
+    with pytest.raises(AssertionError, match=r"rank 1 of 2 raised RuntimeError: .*Timed out waiting 0.3 s for rank 0"):
+        silent.run(wait_for_silence, monkeypatch)
