@@ -95,6 +95,19 @@ PEER_CASES: dict[str, dict] = {
     "function": dict(
         fn="ring", odd=1, field="function", other="ulysses", values=("ring_attention", "ulysses_attention")
     ),
+    # k and v are described apart from q: one rank's GQA keys or narrower values differ from its peers'
+    "key-heads": dict(
+        fn="ring",
+        odd=2,
+        field="k shape",
+        k_shape=(1, 1, 4, 8),
+        v_shape=(1, 1, 4, 8),
+        values=("(1, 3, 4, 8)", "(1, 1, 4, 8)"),
+    ),
+    "value-width": dict(
+        fn="ring", odd=1, field="v shape", v_shape=(1, 3, 4, 6), values=("(1, 3, 4, 8)", "(1, 3, 4, 6)")
+    ),
+    "seq_len": dict(fn="ring", odd=2, field="seq_len", kw=dict(seq_len=11), values=("12", "11")),
 }
 # Each fault suite runs 4 ranks as two pairs: (what rank 1 does, method of pair 0), (rank 3, pair 1).
 FAULT_SUITES = {
@@ -282,9 +295,11 @@ def _run_peer_suite(rank: int, world: int) -> dict[str, dict]:
         dtype = getattr(torch, opts["dtype"]) if odd and "dtype" in opts else torch.float32
         x = torch.randn(opts["shape"] if odd and "shape" in opts else PEER_SHAPE, dtype=dtype)
         x.requires_grad_(odd and opts.get("grad", False))
+        k = torch.randn(opts["k_shape"]) if odd and "k_shape" in opts else x
+        v = torch.randn(opts["v_shape"]) if odd and "v_shape" in opts else x
         method = opts["other"] if odd and "other" in opts else opts["fn"]
         fn = ring_attention if method == "ring" else ulysses_attention
-        results[name] = timed_call(fn, x, x, x, **(opts.get("kw", {}) if odd else {}))
+        results[name] = timed_call(fn, x, k, v, **(opts.get("kw", {}) if odd else {}))
     # One rank rejects its own arguments: it raises its ValueError, its peers learn it at once.
     x = torch.randn(PEER_SHAPE)
     results["rejected"] = timed_call(ring_attention, x, x, x, seq_len=0 if rank == 1 else None)
@@ -537,7 +552,14 @@ def check_mismatched_peers(peer_results: dict[int, dict], case: str) -> None:
         err = res[case]["error"]
         assert err is not None, f"rank {rank} computed although rank {opts['odd']} passed another {opts['field']}"
         assert err.startswith("PeerError: ") and res[case]["peer_error"], f"rank {rank}: {err}"
-        assert "the ranks of the group disagree, so no rank computes" in err, f"rank {rank}: {err}"
+        head = (
+            f"PeerError: {opts['fn']}_attention: rank {rank} of {PEER_WORLD}: the ranks of the group disagree, so no "
+            "rank computes (every rank must pass q, k and v shards of the same shapes and dtypes, and the same "
+            "options):"
+        )
+        if case == "function" and rank == opts["odd"]:
+            head = head.replace(opts["fn"], opts["other"], 1)
+        assert err.startswith(head), f"rank {rank}: {err!r} does not start with {head!r}"
         assert want in err, f"rank {rank}: {err!r} lacks {want!r}"
 
 
@@ -682,7 +704,7 @@ def test_descriptor_fields_in_one_process():
         return peers._describe("ring_attention", x, x, x, spec, layout, seq_len, error)
 
     a = words(causal=True, alibi=True)
-    assert len(a) == peers.DESCRIPTOR_WORDS
+    assert len(a) == peers.DESCRIPTOR_WORDS and a[0] == peers._PROTOCOL  # the version leads
     assert peers._disagreements([a, words(causal=True, alibi=alibi_slopes(4), scale=1 / math.sqrt(8))]) == []
     assert peers._disagreements([a, a, words(causal=True, alibi=True, window=(3, None), softcap=2.0)]) == [
         "window: ranks 0, 1: None; rank 2: (3, None)",
@@ -704,6 +726,10 @@ def test_overlap_model_balances_compute_and_transfer(causal, backward):
     transfer = 2 * B * Hk * n * D * (e + (4 if backward else 0)) / BW
     assert compute == pytest.approx(transfer, rel=1e-12)
     assert overlap_block_length(450e9, 400e12) == pytest.approx(400e12 / 450e9)  # MHA, bf16, forward: F / BW
+    assert overlap_block_length(450e9, 400e12, kv_heads=1) == pytest.approx(400e12 / 450e9)  # heads defaults to 1
+    # without a latency the batch, heads and head size cancel; with one they do not
+    assert overlap_block_length(BW, F, batch_heads_dim=B * H * D) == pytest.approx(overlap_block_length(BW, F))
+    assert overlap_block_length(BW, F, latency_s=1.0, batch_heads_dim=B * H * D) > 10 * overlap_block_length(BW, F)
     # A per-hop latency raises the threshold, and then compute = latency + transfer exactly.
     alpha = 10e-6
     m = overlap_block_length(BW, F, heads=H, kv_heads=Hk, causal=causal, backward=backward, latency_s=alpha,

@@ -11,7 +11,9 @@ makes them cheap enough for the mutation run. The process suites stay: they are 
 from __future__ import annotations
 
 import datetime
+import re
 import time
+import types
 import typing
 
 import pytest
@@ -206,15 +208,17 @@ def test_ranks_as_threads_fail_fast_when_a_peer_dies_or_hangs(monkeypatch, metho
     timeout_s = 1.0
     fn = ring_attention if method == "ring" else ulysses_attention
 
+    group = ThreadGroup(2, timeout_s)
+
     def rank_main(rank: int) -> dict | None:
-        if rank == 1:  # the faulty peer: gone at once (as a process that exited), or silent past the timeout
-            if fault == "hangs":
-                time.sleep(timeout_s + 1.0)
+        if rank == 1:  # the faulty peer: gone at once (as a process that exited), or silent until rank 0 gave up
+            while fault == "hangs" and 0 not in group.gone:
+                time.sleep(0.01)
             return None
         x = torch.randn(1, 2, 4, 8)
         return timed_call(fn, x, x, x)
 
-    check_fault(ThreadGroup(2, timeout_s).run(rank_main, monkeypatch)[0], fault, method, timeout_s)
+    check_fault(group.run(rank_main, monkeypatch)[0], fault, method, timeout_s)
 
 
 def test_the_thread_group_refuses_what_gloo_refuses(monkeypatch):
@@ -244,7 +248,271 @@ def test_the_thread_group_refuses_what_gloo_refuses(monkeypatch):
             (work,) = silent.batch_isend_irecv([silent.P2POp(silent.irecv, torch.empty(1), 0)])
             work.wait()
         else:
-            time.sleep(0.5)  # silent past rank 1's timeout, home before the run's limit (3 x 0.3 s)
+            while 1 not in silent.gone:  # silent until rank 1 gave up
+                time.sleep(0.01)
 
     with pytest.raises(AssertionError, match=r"rank 1 of 2 raised RuntimeError: .*Timed out waiting 0.3 s for rank 0"):
         silent.run(wait_for_silence, monkeypatch)
+
+
+def _inputs(shape=(1, 2, 8, 8), dtype=torch.float64, seed=0) -> tuple[torch.Tensor, ...]:
+    """Full-sequence q, k, v and an output gradient ``(B, H, L, D)``, the same on every rank."""
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(shape, generator=gen, dtype=dtype) for _ in range(4))
+
+
+def _ring_shard(q, k, v, dout, rank, world, *, group=None, layout="zigzag", **kw):
+    """This rank's shard of ring attention's output and of the gradients of q, k, v."""
+    qs, ks, vs = (shard(x, rank, world, layout=layout).requires_grad_() for x in (q, k, v))
+    out = ring_attention(qs, ks, vs, group=group, layout=layout, **kw)
+    out.backward(shard(dout, rank, world, layout=layout))
+    return out.detach(), qs.grad, ks.grad, vs.grad
+
+
+def _reference_shard(q, k, v, dout, rank, world, *, layout="zigzag", **kw):
+    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    out = attnkit.attention(qr, kr, vr, backend="reference", **kw)
+    out.backward(dout)
+    return tuple(shard(t, rank, world, layout=layout) for t in (out.detach(), qr.grad, kr.grad, vr.grad))
+
+
+def test_ranks_as_threads_on_sub_groups_use_their_group_ranks_and_global_peers(monkeypatch):
+    """Two rings in a world of 4, on groups {3, 1} and {0, 2}: group ranks place the shards, global ranks the peers.
+
+    In float64 the ring must match to 1e-12, so it also accumulates in float64 (``acc_dtype``).
+    """
+    world = ThreadGroup(4, timeout_s=5.0)
+    pairs = [world.new_group([3, 1]), world.new_group([0, 2])]
+    q, k, v, dout = _inputs()
+
+    def rank_main(rank: int):
+        group = pairs[0] if rank in (3, 1) else pairs[1]
+        r = group.ranks.index(rank)
+        got = _ring_shard(q, k, v, dout, r, 2, group=group, causal=True)
+        want = _reference_shard(q, k, v, dout, r, 2, causal=True)
+        return max((g - w).abs().max().item() for g, w in zip(got, want, strict=True))
+
+    errors = world.run(rank_main, monkeypatch)
+    assert sorted(errors) == [0, 1, 2, 3] and max(errors.values()) <= 1e-12, errors
+
+
+def test_ranks_as_threads_make_every_tensor_on_the_inputs_device(monkeypatch):
+    """Under a ``meta`` default device, a tensor made without ``device=`` lands on meta and the ring fails."""
+    q, k, v, dout = _inputs(shape=(1, 2, 9, 8), dtype=torch.float32)
+
+    def rank_main(rank: int):
+        with torch.device("meta"):
+            got = _ring_shard(q, k, v, dout, rank, 3, layout="contiguous", window=(3, 2))
+        want = _reference_shard(q, k, v, dout, rank, 3, layout="contiguous", window=(3, 2))
+        return max((g.double() - w).abs().max().item() for g, w in zip(got, want, strict=True))
+
+    errors = ThreadGroup(3).run(rank_main, monkeypatch)
+    assert max(errors.values()) <= 1e-5, errors
+
+
+def test_ranks_as_threads_seq_len_and_shard_checks(monkeypatch):
+    """The local checks, through a group of one: seq_len's bounds and type, equal q/k lengths, the layout."""
+    x = torch.randn(1, 2, 4, 8)
+
+    def rank_main(rank: int) -> None:
+        out = ring_attention(x, x, x, seq_len=1)  # only the first key is real
+        torch.testing.assert_close(out, x[:, :, :1].expand_as(out), atol=1e-6, rtol=0)
+        for bad in (True, 2.5, 0, 5):
+            with pytest.raises(ValueError, match=rf"ring_attention: seq_len must be an int in \[1, 4\] .*got {bad!r}"):
+                ring_attention(x, x, x, seq_len=bad)
+        want = (
+            r"ring_attention: q and k shards must have the same length \(self-attention over one sequence\); "
+            r"got q \(1, 2, 4, 8\), k \(1, 2, 6, 8\)"
+        )
+        with pytest.raises(ValueError, match=want):
+            ring_attention(x, torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8))
+        with pytest.raises(ValueError, match=r"ring_attention: layout must be one of \('contiguous', 'zigzag'\)"):
+            ring_attention(x, x, x, layout="striped")
+        want = r"its length must be even; got 3 \(shard with attnkit.distributed.shard_sequence, which pads\)"
+        with pytest.raises(ValueError, match=want):
+            ring_attention(x[:, :, :3], x[:, :, :3], x[:, :, :3], layout="zigzag")
+
+    ThreadGroup(1).run(rank_main, monkeypatch)
+    monkeypatch.undo()  # no group at all
+    with pytest.raises(RuntimeError, match=r"or use attnkit.attention in one process$"):
+        ring_attention(x, x, x)
+
+
+def test_ranks_as_threads_name_every_field_two_ranks_disagree_on(monkeypatch):
+    """Two ranks of group {1, 0}, four fields apart: one line each, as passed (None, 0, bfloat16, negative slopes).
+
+    The ranks are named by their rank in the group: global rank 1 is rank 0.
+    """
+    x = torch.randn(1, 2, 4, 8)
+    y = x.to(torch.bfloat16)
+    options = [
+        dict(window=(None, 0)),
+        dict(causal=True, window=(0, 2), alibi=torch.tensor([-1.0, -0.5])),
+    ]  # by group rank
+    world = ThreadGroup(2)
+    pair = world.new_group([1, 0])
+
+    def rank_main(rank: int) -> str:
+        r = pair.ranks.index(rank)
+        t = y if r == 0 else x
+        with pytest.raises(PeerError) as raised:
+            ring_attention(t, t, t, group=pair, **options[r])
+        return str(raised.value)
+
+    for rank, err in world.run(rank_main, monkeypatch).items():
+        head = (
+            f"ring_attention: rank {pair.ranks.index(rank)} of 2: the ranks of the group disagree, so no rank computes "
+            "(every rank must pass q, k and v shards of the same shapes and dtypes, and the same options):\n"
+        )
+        body = "".join(
+            f"  {name} dtype: rank 0: torch.bfloat16; rank 1: torch.float32\n" for name in ("q", "k", "v")
+        ) + ("  causal: rank 0: False; rank 1: True\n  window: rank 0: (None, 0); rank 1: (0, 2)\n")
+        crc = r"  alibi: rank 0: None; rank 1: slopes summing to -1\.5 \(crc32 [0-9a-f]{8}\)"
+        assert re.fullmatch(re.escape(head + body) + crc, err), err
+
+
+def test_ranks_as_threads_hear_which_peers_rejected_what(monkeypatch):
+    """Ranks 1 and 2 reject their own arguments (a list, a 3-D tensor): each raises its own error, rank 0 hears both."""
+    x = torch.randn(1, 2, 4, 8)
+    q = [x, [[1.0]], x[0]]
+
+    def rank_main(rank: int) -> str:
+        return timed_call(ring_attention, q[rank], x, x)["error"]
+
+    errors = ThreadGroup(3).run(rank_main, monkeypatch)
+    assert errors[0] == (
+        "PeerError: ring_attention: rank 0 of 3: ranks 1, 2 rejected their own arguments (TypeError, ValueError, "
+        "raised there), so no rank computes"
+    ), errors[0]
+    assert errors[1].startswith("TypeError: ") and errors[2].startswith("ValueError: attention: q must be 4-D"), errors
+
+
+def test_ranks_as_threads_of_another_version_say_so_before_anything_else(monkeypatch):
+    """A peer with another descriptor protocol: the protocol line, even when a third rank rejected its arguments."""
+    from attnkit.distributed import ring as peers
+
+    describe = peers._describe
+    group = ThreadGroup(3)
+
+    def other_version_on_rank_2(*args):
+        words = describe(*args)
+        return [words[0] + 1, *words[1:]] if group.get_rank() == 2 else words
+
+    monkeypatch.setattr(peers, "_describe", other_version_on_rank_2)
+    assert describe("ring_attention", *[torch.randn(1, 2, 4, 8)] * 3, None, "zigzag", 8, ValueError())[0] == 1
+    x = torch.randn(1, 2, 4, 8)
+    errors = group.run(lambda rank: timed_call(ring_attention, x, x, x, seq_len=0 if rank == 1 else None), monkeypatch)
+    assert errors[1]["error"].startswith("ValueError: ring_attention: seq_len must be"), errors[1]
+    for rank in (0, 2):
+        head = f"PeerError: ring_attention: rank {rank} of 3: the ranks of the group disagree"
+        assert errors[rank]["error"].startswith(head), errors
+        assert errors[rank]["error"].endswith(":\n  protocol: ranks 0, 1: 1; rank 2: 2"), errors[rank]
+
+
+@pytest.mark.parametrize(
+    ("post", "backward", "doing"),
+    [
+        (1, False, "waiting for the next key/value shard at step 0"),
+        (2, True, "waiting for the next key/value shard at step 0"),
+        (3, True, "waiting for the dK/dV accumulator at step 1"),
+        (4, True, "waiting for this rank's finished dK/dV at step 2"),
+    ],
+)
+def test_ranks_as_threads_name_the_ring_step_a_silent_peer_stopped_at(monkeypatch, post, backward, doing):
+    """Global rank 0 stops answering at its ``post``-th exchange; its partner in group {2, 0} names what it waited for.
+
+    Forward posts once (world 2); backward posts the next K/V, then the dK/dV accumulator twice.
+    """
+    world = ThreadGroup(3, silent={0: post})
+    pair = world.new_group([2, 0], timeout=datetime.timedelta(seconds=0.5))
+    q, k, v, dout = _inputs(dtype=torch.float32)
+
+    def rank_main(rank: int):
+        if rank == 1:
+            return None  # not in the pair
+        return timed_call(
+            _ring_shard if backward else _ring_forward, q, k, v, dout, pair.ranks.index(rank), 2, group=pair
+        )
+
+    got = world.run(rank_main, monkeypatch)[2]
+    want = (
+        f"PeerError: ring_attention: rank 0 of 2 failed {doing} (receiving from global rank 0, sending to 0): a peer "
+        "likely failed or mismatched (it died, hangs, gave up after an error of its own, or passed other shapes). "
+        "Process-group timeout: 0.5 s. Cause: [thread group] Timed out waiting 0.5 s for rank 0"
+    )
+    assert got["error"].startswith(want) and got["cause"][0] == "RuntimeError", got
+
+
+def _ring_forward(q, k, v, dout, rank, world, *, group=None, layout="zigzag"):
+    qs, ks, vs = (shard(x, rank, world, layout=layout) for x in (q, k, v))
+    return ring_attention(qs, ks, vs, group=group, layout=layout)
+
+
+def test_ranks_as_threads_name_the_exchange_a_gone_peer_refused(monkeypatch):
+    """Global rank 0 ends after the forward; its partner in group {2, 0} cannot post its backward to it."""
+    world = ThreadGroup(3)
+    pair = world.new_group([2, 0], timeout=datetime.timedelta(seconds=4))
+    q, k, v, dout = _inputs(dtype=torch.float32)
+
+    def rank_main(rank: int):
+        if rank == 1:
+            return None  # not in the pair
+        r = pair.ranks.index(rank)
+        qs, ks, vs = (shard(x, r, 2, layout="zigzag").requires_grad_() for x in (q, k, v))
+        out = ring_attention(qs, ks, vs, group=pair, layout="zigzag")
+        if rank == 0:
+            return None
+        while 0 not in world.gone:
+            time.sleep(0.01)
+        return timed_call(out.backward, shard(dout, r, 2, layout="zigzag"))
+
+    got = world.run(rank_main, monkeypatch)[2]
+    want = (
+        "PeerError: ring_attention: rank 0 of 2 failed posting a ring exchange (receiving from global rank 0, "
+        "sending to 0): a peer likely failed or mismatched (it died, hangs, gave up after an error of its own, or "
+        "passed other shapes). Process-group timeout: 4 s. Cause: [thread group] Connection closed by peer: rank 0"
+    )
+    assert got["error"].startswith(want), got
+
+
+@pytest.mark.parametrize("method", ["ring", "ulysses"])
+def test_ranks_as_threads_report_their_sub_groups_timeout(monkeypatch, method):
+    """The survivor of a pair whose peer never calls: the pair's timeout (0.5 s), not the default group's (20 s)."""
+    world = ThreadGroup(4, timeout_s=20.0)
+    pairs = [world.new_group(p, timeout=datetime.timedelta(seconds=0.5)) for p in ([0, 1], [2, 3])]
+    fn = ring_attention if method == "ring" else ulysses_attention
+
+    def rank_main(rank: int):
+        if rank % 2 == 1:
+            while len(world.gone) < 2:  # hangs until both survivors gave up
+                time.sleep(0.01)
+            return None
+        x = torch.randn(1, 2, 4, 8)
+        return timed_call(fn, x, x, x, group=pairs[rank // 2])
+
+    results = world.run(rank_main, monkeypatch)
+    for rank in (0, 2):
+        want = (
+            f"PeerError: {method}_attention: rank 0 of 2 failed exchanging argument descriptors (before any data "
+            "moved): a peer likely failed or mismatched (it died, hangs, gave up after an error of its own, or passed "
+            "other shapes). Process-group timeout: 0.5 s. Cause: [thread group] Timed out waiting 0.5 s for rank "
+            f"{rank + 1}"
+        )
+        assert results[rank]["error"].startswith(want), results[rank]
+
+
+def test_group_timeout_and_descriptor_device_follow_the_groups_backend(monkeypatch):
+    """gloo groups serve the CPU, NCCL groups CUDA; the descriptor travels where the group can send it."""
+    from attnkit.distributed import ring as peers
+
+    world = ThreadGroup(1, timeout_s=7.0)
+    monkeypatch.setattr(peers, "dist", world)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    seconds = datetime.timedelta(seconds=3)
+    assert peers.group_timeout(None) == "7 s"
+    assert peers.group_timeout(world.new_group([0], timeout=seconds)) == "3 s"
+    assert peers.group_timeout(world.new_group([0], timeout=seconds, backend="nccl")) == "3 s"
+    assert peers.group_timeout(types.SimpleNamespace()) == "the timeout given to init_process_group"
+    q = torch.randn(1, 2, 4, 8)
+    for backend, device in (("gloo", "cpu"), ("cpu:gloo,cuda:nccl", "cpu"), ("nccl", "cuda:0")):
+        assert peers._descriptor_device(world.new_group([0], backend=backend), q) == torch.device(device), backend

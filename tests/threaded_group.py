@@ -16,8 +16,15 @@ world queries and the group's timeout), with gloo's semantics where the library 
 * a wait for a rank that is alive but silent raises ``RuntimeError`` after the group's timeout,
   which the group reports where ``attnkit.distributed.ring.group_timeout`` looks for it.
 
+* sub-groups (`ThreadGroup.new_group`) have their own ranks, timeout and messages: a receive
+  posted on one group never matches a send on another, and ``P2POp`` peers are global ranks;
+* a group knows its backend's devices, so a timeout looked up for a device the group does not
+  serve fails as gloo's does.
+
 ``ThreadGroup(world).run(fn, monkeypatch)`` patches the ``dist`` of ``attnkit.distributed.ring``
 and ``attnkit.distributed.ulysses`` for the call and runs ``fn(rank)`` on ``world`` threads.
+``silent={rank: n}`` makes that rank hang at its ``n``-th ``batch_isend_irecv`` (until its peers
+have given up), so a test can choose the step at which a peer stops answering.
 CPU autograd runs a backward on the thread that called it, so each rank's backward sees its own
 rank. Sharding through a group and ``context_parallel`` import ``torch.distributed`` elsewhere
 and stay with the process suites.
@@ -63,13 +70,21 @@ class P2POp:
 
 
 class _Handle:
-    """The group object callers pass around (``dist.group.WORLD``), with gloo's timeout where ring looks."""
+    """A group (``dist.group.WORLD`` or `ThreadGroup.new_group`'s): its global ranks, backend and timeout."""
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, ranks: list[int], timeout_s: float, backend: str = "gloo") -> None:
+        self.ranks, self.timeout_s, self.backend = list(ranks), timeout_s, backend
         self._options = types.SimpleNamespace(_timeout=datetime.timedelta(seconds=timeout_s))
 
     def _get_backend(self, device: torch.device):
+        """Where ``attnkit.distributed.ring.group_timeout`` finds the timeout: gloo serves the CPU, NCCL CUDA."""
+        if torch.device(device).type != ("cuda" if self.backend == "nccl" else "cpu"):
+            raise RuntimeError(f"[thread group] no backend for {device} in a {self.backend} group")
         return types.SimpleNamespace(options=self._options)
+
+
+class _Silenced(BaseException):
+    """Ends a rank that `ThreadGroup`'s ``silent`` made hang, once its peers have given up."""
 
 
 class _Sent:
@@ -78,11 +93,11 @@ class _Sent:
 
 
 class _Received:
-    def __init__(self, group: ThreadGroup, src: int, tag: Any, into: torch.Tensor) -> None:
-        self.group, self.src, self.tag, self.into = group, src, tag, into
+    def __init__(self, world: ThreadGroup, group: _Handle, src: int, tag: Any, into: torch.Tensor) -> None:
+        self.world, self.group, self.src, self.tag, self.into = world, group, src, tag, into
 
     def wait(self) -> bool:
-        self.into.copy_(self.group._take(self.src, self.tag, self.into))
+        self.into.copy_(self.world._take(self.group, self.src, self.tag, self.into))
         return True
 
 
@@ -104,13 +119,15 @@ class ThreadGroup:
     P2POp = P2POp
     isend, irecv = staticmethod(isend), staticmethod(irecv)
 
-    def __init__(self, world: int, timeout_s: float = 20.0) -> None:
+    def __init__(self, world: int, timeout_s: float = 20.0, *, silent: dict[int, int] | None = None) -> None:
         self.world, self.timeout_s = world, timeout_s
-        self.group = types.SimpleNamespace(WORLD=_Handle(timeout_s))
+        self.group = types.SimpleNamespace(WORLD=_Handle(list(range(world)), timeout_s))
         self.sent = [0] * world  # bytes posted by each rank (sends and all-to-alls; not all_gather)
         self.gone: set[int] = set()  # ranks whose thread has returned or raised
+        self.silent = dict(silent or {})  # rank -> the batch_isend_irecv call (1-based) at which it hangs
+        self._posts = [0] * world
         self._local = threading.local()
-        self._boxes: dict[tuple[int, int, Any], queue.Queue] = {}
+        self._boxes: dict[tuple[int, int, int, Any], queue.Queue] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ torch.distributed
@@ -120,65 +137,86 @@ class ThreadGroup:
     def is_initialized(self) -> bool:
         return True
 
+    def new_group(self, ranks: list[int], timeout: datetime.timedelta | None = None, backend: str = "gloo"):
+        """A sub-group of global ``ranks`` (every rank may create it, as with torch)."""
+        timeout_s = self.timeout_s if timeout is None else timeout.total_seconds()
+        return _Handle(ranks, timeout_s, backend)
+
     def get_rank(self, group=None) -> int:
-        return self._local.rank
+        """The caller's rank in ``group`` (-1 if not a member, as torch returns)."""
+        ranks = self._group(group).ranks
+        return ranks.index(self._me) if self._me in ranks else -1
 
     def get_world_size(self, group=None) -> int:
-        return self.world
+        return len(self._group(group).ranks)
 
     def get_global_rank(self, group, rank: int) -> int:
-        return rank
+        return self._group(group).ranks[rank]
 
     def get_backend(self, group=None) -> str:
-        return "gloo"
+        return self._group(group).backend
 
     def batch_isend_irecv(self, ops: list[P2POp]) -> list:
+        self._posts[self._me] += 1
+        if self.silent.get(self._me) == self._posts[self._me]:
+            self._hang()
         works = []
         for op in ops:
+            if not isinstance(op.tag, int):  # torch's binding takes an int tag
+                raise TypeError(f"[thread group] a message's tag must be an int, got {op.tag!r}")
+            group = self._group(op.group)
             if op.op is isend:
-                self._post(op.peer, op.tag, op.tensor)
-                self.sent[self.get_rank()] += op.tensor.numel() * op.tensor.element_size()
+                self._post(group, op.peer, op.tag, op.tensor)
+                self.sent[self._me] += op.tensor.numel() * op.tensor.element_size()
                 works.append(_Sent())
             elif op.op is irecv:
-                works.append(_Received(self, op.peer, op.tag, op.tensor))
+                works.append(_Received(self, group, op.peer, op.tag, op.tensor))
             else:
                 raise ValueError(f"P2POp.op must be isend or irecv, got {op.op!r}")
         return works
 
     def all_gather(self, rows: list[torch.Tensor], tensor: torch.Tensor, group=None) -> None:
-        me = self.get_rank()
-        for peer in range(self.world):
-            if peer != me:
-                self._post(peer, "all_gather", tensor)
-        for peer, row in enumerate(rows):
-            row.copy_(tensor if peer == me else self._take(peer, "all_gather", row))
+        group = self._group(group)
+        for peer in group.ranks:
+            if peer != self._me:
+                self._post(group, peer, "all_gather", tensor)
+        for peer, row in zip(group.ranks, rows, strict=True):
+            row.copy_(tensor if peer == self._me else self._take(group, peer, "all_gather", row))
 
     def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor, group=None) -> None:
         """Equal splits along dim 0 (the only form attnkit uses): chunk ``j`` of ``input`` goes to rank ``j``."""
-        me = self.get_rank()
-        if input.shape[0] % self.world:
-            raise RuntimeError(f"all_to_all_single: dim 0 ({input.shape[0]}) does not split into {self.world}")
-        chunks, outs = input.chunk(self.world), output.chunk(self.world)
-        for peer in range(self.world):
-            if peer != me:
-                self._post(peer, "all_to_all", chunks[peer])
-                self.sent[me] += chunks[peer].numel() * chunks[peer].element_size()
-        for peer in range(self.world):
-            outs[peer].copy_(chunks[me] if peer == me else self._take(peer, "all_to_all", outs[peer]))
+        group = self._group(group)
+        size, me = len(group.ranks), group.ranks.index(self._me)
+        if input.shape[0] % size:
+            raise RuntimeError(f"all_to_all_single: dim 0 ({input.shape[0]}) does not split into {size}")
+        chunks, outs = input.chunk(size), output.chunk(size)
+        for j, peer in enumerate(group.ranks):
+            if peer != self._me:
+                self._post(group, peer, "all_to_all", chunks[j])
+                self.sent[self._me] += chunks[j].numel() * chunks[j].element_size()
+        for j, peer in enumerate(group.ranks):
+            outs[j].copy_(chunks[me] if peer == self._me else self._take(group, peer, "all_to_all", outs[j]))
 
     # ------------------------------------------------------------------ the mail
-    def _box(self, src: int, dst: int, tag: Any) -> queue.Queue:
-        with self._lock:
-            return self._boxes.setdefault((src, dst, tag), queue.Queue())
+    @property
+    def _me(self) -> int:
+        return self._local.rank  # the caller's global rank
 
-    def _post(self, dst: int, tag: Any, tensor: torch.Tensor) -> None:
+    def _group(self, group) -> _Handle:
+        return self.group.WORLD if group is None else group
+
+    def _box(self, group: _Handle, src: int, dst: int, tag: Any) -> queue.Queue:
+        with self._lock:
+            return self._boxes.setdefault((id(group), src, dst, tag), queue.Queue())
+
+    def _post(self, group: _Handle, dst: int, tag: Any, tensor: torch.Tensor) -> None:
         if dst in self.gone:
             raise RuntimeError(f"[thread group] Connection closed by peer: rank {dst} has gone")
-        self._box(self.get_rank(), dst, tag).put(tensor.detach().clone())
+        self._box(group, self._me, dst, tag).put(tensor.detach().clone())
 
-    def _take(self, src: int, tag: Any, like: torch.Tensor) -> torch.Tensor:
-        """The next message from ``src`` with ``tag``; it must have ``like``'s number of elements."""
-        box, deadline = self._box(src, self.get_rank(), tag), time.monotonic() + self.timeout_s
+    def _take(self, group: _Handle, src: int, tag: Any, like: torch.Tensor) -> torch.Tensor:
+        """The next message from ``src`` on ``group`` with ``tag``; it must have ``like``'s number of elements."""
+        box, deadline = self._box(group, src, self._me, tag), time.monotonic() + group.timeout_s
         while True:
             try:
                 msg = box.get(timeout=_POLL_S)
@@ -188,11 +226,17 @@ class ThreadGroup:
                     raise RuntimeError(f"[thread group] Connection closed by peer: rank {src} has gone") from None
                 if time.monotonic() > deadline:
                     raise RuntimeError(
-                        f"[thread group] Timed out waiting {self.timeout_s:g} s for rank {src} (tag {tag!r})"
+                        f"[thread group] Timed out waiting {group.timeout_s:g} s for rank {src} (tag {tag!r})"
                     ) from None
         if msg.numel() != like.numel():
             raise RuntimeError(f"[thread group] message of {msg.numel()} elements into a buffer of {like.numel()}")
         return msg.view(like.shape)
+
+    def _hang(self) -> None:
+        """Stop answering: wait (alive, silent) until every other rank has gone, then end this rank."""
+        while len(self.gone | {self._me}) < self.world:
+            time.sleep(_POLL_S)
+        raise _Silenced
 
     # --------------------------------------------------------------- the threads
     def counter(self) -> _Counter:
@@ -206,6 +250,7 @@ class ThreadGroup:
         first such error is raised here once every thread has ended. ``limit_s`` (default: three
         group timeouts) bounds the whole run.
         """
+        self._posts = [0] * self.world
         monkeypatch.setattr(ring, "dist", self)
         monkeypatch.setattr(ulysses, "dist", self)
         results: dict[int, Any] = {}
@@ -215,6 +260,8 @@ class ThreadGroup:
             self._local.rank = rank
             try:
                 results[rank] = fn(rank)
+            except _Silenced:
+                results[rank] = None
             except BaseException as e:  # reported below, with the rank
                 errors[rank] = e
             finally:
