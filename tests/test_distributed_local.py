@@ -417,6 +417,7 @@ def test_ranks_as_threads_of_another_version_say_so_before_anything_else(monkeyp
         (3, True, "waiting for the dK/dV accumulator at step 1"),
         (4, True, "waiting for this rank's finished dK/dV at step 2"),
     ],
+    ids=["forward", "backward-next-kv", "backward-accumulator", "backward-finished"],
 )
 def test_ranks_as_threads_name_the_ring_step_a_silent_peer_stopped_at(monkeypatch, post, backward, doing):
     """Global rank 0 stops answering at its ``post``-th exchange; its partner in group {2, 0} names what it waited for.
