@@ -14,8 +14,8 @@ world queries and the group's timeout), with gloo's semantics where the library 
   ``RuntimeError`` at once, and so does waiting for a message that a gone rank never sent:
   gloo's "Connection closed by peer";
 * a wait for a rank that is alive but silent raises ``RuntimeError`` after the group's timeout,
-  which the group reports where ``attnkit.distributed.ring.group_timeout`` looks for it.
-
+  which the group reports where ``attnkit.distributed.ring.group_timeout`` looks for it;
+* a message's tag must be an int, as torch's binding requires;
 * sub-groups (`ThreadGroup.new_group`) have their own ranks, timeout and messages: a receive
   posted on one group never matches a send on another, and ``P2POp`` peers are global ranks;
 * a group knows its backend's devices, so a timeout looked up for a device the group does not
