@@ -261,11 +261,12 @@ def _inputs(shape=(1, 2, 8, 8), dtype=torch.float64, seed=0) -> tuple[torch.Tens
     return tuple(torch.randn(shape, generator=gen, dtype=dtype) for _ in range(4))
 
 
-def _ring_shard(q, k, v, dout, rank, world, *, group=None, layout="zigzag", **kw):
-    """This rank's shard of ring attention's output and of the gradients of q, k, v."""
+def _ring_shard(q, k, v, dout, rank, world, *, group=None, layout="zigzag", backward=True, **kw):
+    """This rank's shard of ring attention's output and of the gradients of q, k, v (None without ``backward``)."""
     qs, ks, vs = (shard(x, rank, world, layout=layout).requires_grad_() for x in (q, k, v))
     out = ring_attention(qs, ks, vs, group=group, layout=layout, **kw)
-    out.backward(shard(dout, rank, world, layout=layout))
+    if backward:
+        out.backward(shard(dout, rank, world, layout=layout))
     return out.detach(), qs.grad, ks.grad, vs.grad
 
 
@@ -431,9 +432,7 @@ def test_ranks_as_threads_name_the_ring_step_a_silent_peer_stopped_at(monkeypatc
     def rank_main(rank: int):
         if rank == 1:
             return None  # not in the pair
-        return timed_call(
-            _ring_shard if backward else _ring_forward, q, k, v, dout, pair.ranks.index(rank), 2, group=pair
-        )
+        return timed_call(_ring_shard, q, k, v, dout, pair.ranks.index(rank), 2, group=pair, backward=backward)
 
     got = world.run(rank_main, monkeypatch)[2]
     want = (
@@ -442,11 +441,6 @@ def test_ranks_as_threads_name_the_ring_step_a_silent_peer_stopped_at(monkeypatc
         "Process-group timeout: 0.5 s. Cause: [thread group] Timed out waiting 0.5 s for rank 0"
     )
     assert got["error"].startswith(want) and got["cause"][0] == "RuntimeError", got
-
-
-def _ring_forward(q, k, v, dout, rank, world, *, group=None, layout="zigzag"):
-    qs, ks, vs = (shard(x, rank, world, layout=layout) for x in (q, k, v))
-    return ring_attention(qs, ks, vs, group=group, layout=layout)
 
 
 def test_ranks_as_threads_name_the_exchange_a_gone_peer_refused(monkeypatch):
