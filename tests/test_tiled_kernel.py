@@ -30,7 +30,12 @@ def _tensors(B, Hq, Hk, Lq, Lk, D=8, Dv=8, dtype=torch.float64, seed=0):
 
 def _case(name, dtype=torch.float64):
     """``(q, k, v, opts)`` for a named case; ``opts`` go to `build_spec`."""
-    shapes = {"causal_lq_lt_lk": (9, 13), "causal_lq_gt_lk": (13, 9), "causal_square": (12, 12)}
+    shapes = {
+        "causal_lq_lt_lk": (9, 13),
+        "causal_lq_gt_lk": (13, 9),
+        "causal_square": (12, 12),
+        "two_rows_float_mask": (2, 13),
+    }
     Lq, Lk = shapes.get(name, (9, 13))
     q, k, v = _tensors(2, 4, 2, Lq, Lk, dtype=dtype, seed=len(name))
     g = torch.Generator().manual_seed(7)
@@ -44,6 +49,10 @@ def _case(name, dtype=torch.float64):
     elif name == "full_float_mask":
         opts["mask"] = torch.randn(2, 4, Lq, Lk, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
     elif name == "fixed_float_mask":  # a float mask that needs no gradient
+        opts["mask"] = torch.randn(2, 4, Lq, Lk, generator=g, dtype=torch.float64).to(dtype)
+    elif name == "heads_float_mask":  # one mask for every head, a value per (row, key)
+        opts["mask"] = torch.randn(2, 1, Lq, Lk, generator=g, dtype=torch.float64).to(dtype)
+    elif name == "two_rows_float_mask":  # a mask of two rows is one per row, not one broadcast over rows
         opts["mask"] = torch.randn(2, 4, Lq, Lk, generator=g, dtype=torch.float64).to(dtype)
     elif name == "row_float_mask":
         opts["mask"] = torch.randn(2, 1, 1, Lk, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
@@ -286,7 +295,9 @@ def test_statistics_in_one_pass_with_a_float_mask_keep_the_output_gradient(dtype
 
 
 @pytest.mark.parametrize(
-    "name", ["plain", "causal_lq_lt_lk", "window", "alibi_window", "full_float_mask", "fixed_float_mask"]
+    "name",
+    ["plain", "causal_lq_lt_lk", "window", "alibi_window", "full_float_mask", "fixed_float_mask", "heads_float_mask"]
+    + ["two_rows_float_mask"],
 )
 @pytest.mark.parametrize("engine", ["torch", "fused"])
 def test_tiles_stay_within_the_blocks_asked_for(monkeypatch, name, engine):
@@ -332,7 +343,49 @@ def test_tiles_stay_within_the_blocks_asked_for(monkeypatch, name, engine):
         return
     if name != "full_float_mask":  # the lse's gradient is zero here: the fused backward runs
         assert not seen["scores"], seen
+    if name in ("plain", "causal_lq_lt_lk"):  # nothing to add, and the causal diagonal is the kernel's own
+        assert not seen["bias"], seen
     if spec.has_structure_mask:
         assert seen["fused_rows"] and max(seen["fused_rows"]) <= 3, seen
     elif name == "plain":
         assert seen["fused_rows"] == [q.shape[-2]] * 2  # one call forward, one backward: every row, every key
+
+
+@pytest.mark.parametrize(("Lq", "Lk"), [(2, 2), (3, 2), (2, 3)])
+@pytest.mark.parametrize("mask_shape", ["full", "per_key", "per_row"])
+def test_float_mask_gradient_with_tiles_of_one_row_and_one_key(Lq, Lk, mask_shape):
+    """Tiles of 1 x 1 over two or three rows and keys: each tile adds its own cell of the mask's gradient
+    (a mask broadcast over an axis gets that axis summed; one broadcast over keys has gradient 0)."""
+    q, k, v = _tensors(1, 2, 1, Lq, Lk, D=4, Dv=4)
+    shape = {"full": (1, 2, Lq, Lk), "per_key": (1, 1, 1, Lk), "per_row": (1, 2, Lq, 1)}[mask_shape]
+    mask = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).requires_grad_()
+    spec = build_spec(q, k, v, mask=mask)
+    out, lse = tiled.attention(q, k, v, spec, True, block_q=1, block_k=1, engine="torch")
+    ref_out, ref_lse = reference.attention(q, k, v, spec, True)
+    torch.testing.assert_close(out, ref_out, **TOL)
+    got, want = _grads(out, lse, [q, k, v, mask], True), _grads(ref_out, ref_lse, [q, k, v, mask], True)
+    for which, a, b in zip("qkvm", got, want, strict=True):
+        torch.testing.assert_close(a, b, **TOL, msg=f"d{which}")
+
+
+@pytest.mark.parametrize(
+    ("name", "engine", "mask_grad"),
+    [("full_float_mask", "torch", True), ("fixed_float_mask", "fused", False), ("causal_square", "fused", False)],
+)
+def test_backward_called_directly_makes_its_buffers_on_q_device(name, engine, mask_grad):
+    """`tiled.backward` (ring attention's per-shard backward) under ``torch.device("meta")``: the gradient
+    buffers are made on ``q``'s device, not torch's default one, so the same gradients on the CPU."""
+    q, k, v, opts = _case(name)
+    spec = build_spec(q, k, v, **opts)
+    with torch.no_grad():
+        out, lse = tiled.forward(q, k, v, spec, block_q=4, block_k=4, engine=engine)
+    dout = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(2))
+    kwargs = {"mask_grad": mask_grad, "block_q": 4, "block_k": 4, "engine": engine}
+    want = tiled.backward(dout, q, k, v, out, lse, spec, **kwargs)
+    with torch.device("meta"):
+        got = tiled.backward(dout, q, k, v, out, lse, spec, **kwargs)
+    assert (got[3] is None) == (not mask_grad)
+    for which, a, b in zip("qkvm", got, want, strict=True):
+        if b is not None:
+            assert a.device.type == "cpu", which
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"d{which}")

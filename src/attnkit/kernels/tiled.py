@@ -239,7 +239,8 @@ def backward(
     fused = _choose_engine(q, spec, engine) and dlse is None and not mask_grad
     if fused:
         k_e, v_e = flash_cpu.expand_heads(k, spec.group), flash_cpu.expand_heads(v, spec.group)
-        dk_e, dv_e = torch.zeros(k_e.shape, dtype=acc), torch.zeros(v_e.shape, dtype=acc)
+        dk_e = torch.zeros(k_e.shape, dtype=acc, device=q.device)  # (B, Hq, Lk, D): per query head
+        dv_e = torch.zeros(v_e.shape, dtype=acc, device=q.device)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
