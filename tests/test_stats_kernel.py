@@ -9,6 +9,7 @@ documented contract (memory per strip, units on worker threads, outputs on ``q``
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -197,6 +198,7 @@ def test_units_split_the_batch_and_heads_exactly_and_run_on_single_thread_worker
 
     def spy(s, *args, **kwargs):
         seen.append((threading.current_thread().name, torch.get_num_threads(), s.shape[0]))
+        time.sleep(0.02)  # every unit is queued before one ends: a larger pool would start a thread for each
         return original(s, *args, **kwargs)
 
     monkeypatch.setattr(owner, watched, spy)
@@ -209,6 +211,7 @@ def test_units_split_the_batch_and_heads_exactly_and_run_on_single_thread_worker
     units = B * Hk if bundle == 1 else 2
     assert len(seen) == units, seen  # one strip (block of all rows) per unit
     assert all(name.startswith("attnkit-stats") and threads == 1 for name, threads, _ in seen), seen
+    assert len({name for name, *_ in seen}) <= 2, seen  # a pool of torch's thread count, not one per unit
     rows = sorted(r for *_, r in seen)  # strips of G heads, or of two (then one) whole batch elements
     assert rows == ([Hq // Hk] * units if bundle == 1 else [Hq, 2 * Hq])
     assert_reference(got, q, k, opts, topk=3, pool=5, tol=1e-12 if dtype == torch.float64 else 2e-5)
@@ -217,19 +220,49 @@ def test_units_split_the_batch_and_heads_exactly_and_run_on_single_thread_worker
     torch.testing.assert_close(got["lse"], lse, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["native", "pytorch"])
+def test_units_past_the_first_batch_element_and_head_take_their_own_mask_and_slopes(monkeypatch, dtype):
+    """A unit per (batch element, kv head) of three and two, strips of 8 causal rows: each unit scores
+    with its own rows of a per-batch key-padding mask and its own heads' ALiBi slopes."""
+    B, Hq, Hk, L = 3, 4, 2, 24
+    q, k, v = make_qkv(B, Hq, Hk, L, L, 4, dtype=dtype)
+    mask = torch.arange(L) < torch.tensor([24, 13, 19])[:, None]  # (B, L): a different length per element
+    opts = {"causal": True, "alibi": True, "mask": mask[:, None, None, :]}
+    monkeypatch.setattr(stats_kernel, "BUNDLE_BYTES", 1)  # one (batch element, kv head) per unit
+    got = one_pass(q, k, v, opts, topk=3, pool=5, block_q=8)  # strips [0, 8) and [8, 16) see fewer than L keys
+    assert_reference(got, q, k, opts, topk=3, pool=5, tol=1e-12 if dtype == torch.float64 else 2e-5)
+    out = attnkit.attention(q, k, v, **opts, backend="reference")
+    torch.testing.assert_close(got["output"], out, rtol=1e-5, atol=1e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("topk", [native.MAX_TOPK, native.MAX_TOPK + 1], ids=["max_topk", "above"])
+def test_native_rows_take_top_k_up_to_max_topk(monkeypatch, topk):
+    """fp32 on CPU, the helper reduces the rows for ``topk <= MAX_TOPK``; above it, PyTorch's ``topk`` does."""
+    q, k, v = make_qkv(1, 2, 1, 12, 80, 4, dtype=torch.float32)
+    calls = []
+    original = native.strip_rows
+    monkeypatch.setattr(native, "strip_rows", lambda *a, **kw: calls.append(a[2]) or original(*a, **kw))
+    got = one_pass(q, k, v, {}, topk=topk, pool=3)
+    assert calls == ([topk] if topk <= native.MAX_TOPK else []), calls
+    assert_reference(got, q, k, {}, topk=topk, pool=3, tol=2e-5)
+
+
 # ------------------------------------------------------------------ memory: the default strip height
 @pytest.mark.parametrize(
     ("strip_bytes", "Lq", "want"),
     [
         (64 * 40 * 4, 100, 64),  # STRIP_BYTES // (G * Lk * 4) rows
+        (64 * 40 * 8, 100, 64),  # fp64: the accumulation dtype's 8 bytes, not the default dtype's 4
         (20 * 40 * 4, 100, 32),  # at least 32 rows
         (2**30, 300, 256),  # at most 256 rows
     ],
-    ids=["from_bytes", "floor_32", "cap_256"],
+    ids=["from_bytes", "fp64_from_bytes", "floor_32", "cap_256"],
 )
 def test_default_strip_height_follows_strip_bytes(monkeypatch, strip_bytes, Lq, want):
     """Without ``block_q``, a strip holds ``max(32, min(256, STRIP_BYTES // (G * Lk * itemsize)))`` rows."""
-    q, k, v = make_qkv(1, 1, 1, Lq, 40, 2, dtype=torch.float32)
+    dtype = torch.float64 if strip_bytes == 64 * 40 * 8 else torch.float32
+    q, k, v = make_qkv(1, 1, 1, Lq, 40, 2, dtype=dtype)
     monkeypatch.setattr(stats_kernel, "STRIP_BYTES", strip_bytes)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the dispatch mode that watches is thread-local
@@ -240,6 +273,36 @@ def test_default_strip_height_follows_strip_bytes(monkeypatch, strip_bytes, Lq, 
         torch.set_num_threads(threads)
     assert biggest[0] == want * 40
     torch.testing.assert_close(got["output"], attnkit.attention(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+@needs_native
+def test_native_strips_of_a_unit_share_one_scores_buffer():
+    """Five strips of one unit score into one buffer allocated once, not a strip-sized tensor per strip."""
+    q, k, v = make_qkv(1, 2, 1, 40, 40, 4, dtype=torch.float32)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    fresh = []  # outputs the size of the last (widest) strip's scores sharing storage with no input: allocations
+
+    class Allocations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            given = [*args, *(kwargs or {}).values()]
+            ins = {a.untyped_storage().data_ptr() for a in given if isinstance(a, torch.Tensor)}
+            for t in out if isinstance(out, tuple | list) else [out]:
+                new = isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in ins
+                if new and t.numel() >= 2 * 8 * 40:
+                    fresh.append((str(func), tuple(t.shape)))
+            return out
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the dispatch mode is thread-local: the unit runs on this thread
+    try:
+        with Allocations():
+            got = one_pass(q, k, v, {"causal": True}, topk=2, pool=4, block_q=8)
+    finally:
+        torch.set_num_threads(threads)
+    assert fresh == [("aten.empty.memory_format", (2 * 8 * 40,))], fresh
+    torch.testing.assert_close(got["output"], attnkit.attention(q, k, v, causal=True), rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------ devices and dtypes
