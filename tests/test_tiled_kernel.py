@@ -296,8 +296,10 @@ def test_statistics_in_one_pass_with_a_float_mask_keep_the_output_gradient(dtype
 
 @pytest.mark.parametrize(
     "name",
-    ["plain", "causal_lq_lt_lk", "window", "alibi_window", "full_float_mask", "fixed_float_mask", "heads_float_mask"]
-    + ["two_rows_float_mask"],
+    [
+        *("plain", "causal_lq_lt_lk", "window", "alibi_window"),
+        *("full_float_mask", "fixed_float_mask", "heads_float_mask", "two_rows_float_mask"),
+    ],
 )
 @pytest.mark.parametrize("engine", ["torch", "fused"])
 def test_tiles_stay_within_the_blocks_asked_for(monkeypatch, name, engine):
@@ -389,3 +391,19 @@ def test_backward_called_directly_makes_its_buffers_on_q_device(name, engine, ma
         if b is not None:
             assert a.device.type == "cpu", which
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"d{which}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: on a CPU the tiles' device cannot go wrong")
+def test_dropout_gradients_on_cuda_equal_the_cpu():
+    """The counter-based keep masks are the same on every device: CUDA inputs give the CPU's output and
+    gradients (fp64), with every tile's mask drawn on the inputs' device in the forward and the backward."""
+    results = []
+    for device in ("cpu", "cuda"):
+        q, k, v, opts = _case("dropout")  # seeds torch's generator: the same dropout seed on both
+        q, k, v = (x.detach().to(device).requires_grad_() for x in (q, k, v))
+        spec = build_spec(q, k, v, **opts)
+        out, lse = tiled.attention(q, k, v, spec, True, block_q=4, block_k=4, engine="torch")
+        results.append([out, *_grads(out, lse, [q, k, v], with_lse=False)])
+    for which, a, b in zip(["out", "dq", "dk", "dv"], *results, strict=True):
+        assert b.device.type == "cuda", which
+        torch.testing.assert_close(b.cpu(), a, **TOL, msg=which)
