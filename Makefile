@@ -40,13 +40,21 @@ test: $(STAMP) browser lint
 	if [ $$rc -ne 0 ]; then exit $$rc; fi; exit $$cov
 
 # Mutation testing of the kernels, functional, stats, roles and ring ([tool.mutmut]); slow, not part of
-# `make test`. MUTANTS narrows it to globs of mutant names, e.g. MUTANTS='attnkit.kernels.merge*'.
+# `make test`. MUTANTS narrows it to globs of mutant names, e.g. MUTANTS='attnkit.kernels.merge*': once
+# mutants/ exists, only those not decided yet, passed by name (mutmut reruns every mutant it is given;
+# RERUN=1 passes the globs themselves, to decide them all again).
 # mutmut keeps its first copy of non-Python sources in mutants/: refresh the C helper's, or the mutants
 # would call a stale build. One torch thread per worker: two workers share the cores without spinning,
 # and a worker's CPU time (what mutmut's timeout counts) stays its own.
 mutate: $(STAMP)
 	if [ -d mutants/src ]; then cd src && find . -name '*.c' -exec cp --parents {} ../mutants/src/ \; ; fi
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS) $(MUTANTS)
+	@set -f; names="$(MUTANTS)"; \
+	if [ -n "$$names" ] && [ -d mutants/src ] && [ -z "$(RERUN)" ]; then \
+		names=$$($(PY) tools/mutant_names.py $(MUTANTS)); \
+		if [ -z "$$names" ]; then echo "every mutant matching $(MUTANTS) is decided (RERUN=1 runs them again)"; exit 0; fi; \
+	fi; \
+	echo "mutmut run: $$(echo $$names | wc -w) mutant names or globs"; \
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS) $$names
 	$(VENV)/bin/mutmut results
 
 demo: $(STAMP)
