@@ -25,6 +25,16 @@ def test_reproducible_under_manual_seed():
     assert not torch.equal(a, c)
 
 
+def test_no_dropout_leaves_the_global_generator_alone():
+    # An eval-mode call (dropout_p=0) must not draw a seed: it would shift every later draw.
+    q, k, v = make_qkv(Lq=4, Lk=5, D=8)
+    torch.manual_seed(11)
+    attnkit.attention(q, k, v, dropout_p=0.0)
+    after_call = torch.rand(4)
+    torch.manual_seed(11)
+    assert torch.equal(after_call, torch.rand(4))
+
+
 def test_same_pattern_in_tiled_and_reference_any_tiling():
     q, k, v = make_qkv(Lq=40, Lk=50, D=8, grad=True)
     torch.manual_seed(5)

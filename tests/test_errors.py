@@ -29,7 +29,8 @@ def test_mismatched_batch_heads_and_dims():
     q, k, v = make_qkv(**SMALL)
     with pytest.raises(ValueError, match=r"batch sizes differ: q \(2, 4, 5, 8\), k \(1, 2, 6, 8\)"):
         attnkit.attention(q, k[:1], v)
-    with pytest.raises(ValueError, match=r"head dims differ"):
+    # k's own head dim in the message, not another of its axes (k is (2, 2, 6, 4) here)
+    with pytest.raises(ValueError, match=r"head dims differ: q \(2, 4, 5, 8\) \(D=8\), k \(2, 2, 6, 4\) \(D=4\)$"):
         attnkit.attention(q, k[..., :4], v)
     with pytest.raises(ValueError, match=r"k and v must have the same heads and length"):
         attnkit.attention(q, k, v[:, :, :3])
@@ -67,7 +68,11 @@ def test_options():
     check(r"scale must be a finite number", scale=float("nan"))
     check(r"dropout_p must lie in \[0, 1\), got 1.0", dropout_p=1.0)
     check(r"dropout_p must lie in \[0, 1\), got -0.1", dropout_p=-0.1)
+    check(r"dropout_p must lie in \[0, 1\), got False", dropout_p=False)  # a bool is not a rate
+    check(r"dropout_p must lie in \[0, 1\), got '0.1'", dropout_p="0.1")
     check(r"alibi must be True or float slopes of shape \(Hq,\) = \(4,\)", alibi=torch.ones(3))
+    # Python ints are not promoted to float slopes, as an int tensor is not
+    check(r"alibi must be True or float slopes .* got torch.int64 of shape \(4,\)", alibi=[1, 2, 3, 4])
     check(r"causal must be a bool", TypeError, causal=1)
     check(r"backend must be 'auto' or one of", backend="flash9")
 

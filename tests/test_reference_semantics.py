@@ -101,6 +101,14 @@ def test_order_softcap_then_biases_then_masks():
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("softcap", [0.25, 1.0])
+def test_softcap_at_or_below_one_is_a_cap_like_any_other(softcap):
+    # Only softcap <= 0 is refused: a cap under 1 squeezes every score into (-cap, cap).
+    q, k, v = rand(1, 2, 5, 4) * 3, rand(1, 2, 6, 4) * 3, rand(1, 2, 6, 4)
+    out = attnkit.attention(q, k, v, softcap=softcap, backend="reference")
+    torch.testing.assert_close(out, naive(q, k, v, softcap=softcap)[0], atol=1e-12, rtol=0)
+
+
 def test_grouped_query_attention_reads_head_h_div_group():
     q, k, v = rand(2, 6, 5, 4), rand(2, 2, 7, 4), rand(2, 2, 7, 3)
     out = attnkit.attention(q, k, v, backend="reference")
